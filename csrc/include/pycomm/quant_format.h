@@ -1,0 +1,175 @@
+// The pycomm quantized byte format, shared by the CPU and CUDA kernels.
+//
+// A tensor of n elements, quantized with `bits` b in [1, 8] and bucket size B
+// (a positive multiple of 8), is a sequence of fixed-size bucket records:
+//
+//   payload : uint8[num_buckets][record_bytes(b, B)]
+//   record  : bytes 0..3  min  (float32, little-endian)
+//             bytes 4..7  unit (float32, little-endian)
+//             bytes 8..   B levels of b bits, packed
+//
+// Levels are packed in groups of 8: the 8 levels of a group form the 8*b-bit
+// little-endian integer sum(level[j] << (j * b)), written as b bytes. Group g
+// of a record starts at byte 8 + g * b. A bucket holds at most B elements; the
+// unused levels of a short bucket are zero, so every record has the same size
+// and a run of buckets is one contiguous slice that can be sent as it is.
+//
+// Value x of a bucket with minimum m and unit u = (max - m) / (2^b - 1) is
+// encoded as level = clamp(floor((x - m) * (1 / u) + r), 0, 2^b - 1) with
+// r = 1/2 (nearest) or r ~ U[0, 1) from Philox (stochastic, unbiased), and
+// decoded as m + level * u. A bucket whose elements are all equal has u = 0.
+// A bucket that holds a NaN or an infinity is written as min = unit = NaN with
+// all levels 0: it decodes to NaN, so an overflow is never hidden.
+#pragma once
+
+#include "pycomm/common.h"
+#include "pycomm/philox.h"
+
+#include <type_traits>
+
+namespace pycomm {
+namespace quant {
+
+constexpr int kHeaderBytes = 8;
+constexpr int kGroup = 8;
+constexpr int kMinBits = 1;
+constexpr int kMaxBits = 8;
+constexpr float kFloatMax = 3.402823466e+38f;
+
+PYCOMM_HD int64_t record_bytes(int bits, int64_t bucket_size) {
+  return kHeaderBytes + bucket_size * bits / 8;
+}
+
+PYCOMM_HD uint32_t max_level(int bits) { return (1u << bits) - 1u; }
+
+struct BucketScale {
+  float min;
+  float unit;
+  float inv_unit;  // 0 when unit == 0, so every element maps to level 0
+};
+
+// `nonfinite` is nonzero when the bucket held a NaN or an infinity.
+PYCOMM_HD BucketScale make_scale(float mn, float mx, bool nonfinite, int bits) {
+  BucketScale s;
+  if (nonfinite) {
+    const float nan = bits_float(0x7fc00000u);
+    s.min = nan;
+    s.unit = nan;
+    s.inv_unit = 0.0f;
+    return s;
+  }
+  float unit = sub_rn(mx, mn) / static_cast<float>(max_level(bits));
+  if (!(unit <= kFloatMax)) unit = kFloatMax;  // range wider than float32 holds
+  s.min = mn;
+  s.unit = unit;
+  s.inv_unit = unit > 0.0f ? 1.0f / unit : 0.0f;
+  return s;
+}
+
+// Written so that NaN maps to level 0 and the float->int conversion is always
+// defined (its operand is in [0, max_level]).
+PYCOMM_HD uint32_t encode_level(float x, const BucketScale& s, float r, float max_lev) {
+  float t = add_rn(mul_rn(sub_rn(x, s.min), s.inv_unit), r);
+  t = t > 0.0f ? t : 0.0f;
+  t = t < max_lev ? t : max_lev;
+  return static_cast<uint32_t>(t);
+}
+
+PYCOMM_HD float decode_level(uint32_t level, float mn, float unit) {
+  return add_rn(mn, mul_rn(static_cast<float>(level), unit));
+}
+
+PYCOMM_HD void write_header(uint8_t* record, float mn, float unit) {
+  const uint32_t a = float_bits(mn), b = float_bits(unit);
+  for (int i = 0; i < 4; ++i) {
+    record[i] = static_cast<uint8_t>(a >> (8 * i));
+    record[4 + i] = static_cast<uint8_t>(b >> (8 * i));
+  }
+}
+
+PYCOMM_HD void read_header(const uint8_t* record, float& mn, float& unit) {
+  uint32_t a = 0, b = 0;
+  for (int i = 0; i < 4; ++i) {
+    a |= static_cast<uint32_t>(record[i]) << (8 * i);
+    b |= static_cast<uint32_t>(record[4 + i]) << (8 * i);
+  }
+  mn = bits_float(a);
+  unit = bits_float(b);
+}
+
+// True for a record that decodes to exact zeros (min 0, unit 0): used for the
+// empty buckets of padding and for a rank's own chunk, which it keeps in full
+// precision. Reducers skip such records.
+PYCOMM_HD bool is_zero_record(const uint8_t* record) {
+  uint32_t any = 0;
+  for (int i = 0; i < kHeaderBytes; ++i) any |= record[i];
+  return any == 0;
+}
+
+PYCOMM_HD void store_group(uint8_t* dst, uint64_t word, int bits) {
+  for (int i = 0; i < bits; ++i) dst[i] = static_cast<uint8_t>(word >> (8 * i));
+}
+
+PYCOMM_HD uint64_t load_group(const uint8_t* src, int bits) {
+  uint64_t word = 0;
+  for (int i = 0; i < bits; ++i) word |= static_cast<uint64_t>(src[i]) << (8 * i);
+  return word;
+}
+
+PYCOMM_HD uint32_t level_in_group(uint64_t word, int j, int bits) {
+  return static_cast<uint32_t>(word >> (j * bits)) & max_level(bits);
+}
+
+// The rounding offsets r of the 8 elements of group `group` of payload bucket
+// `bucket`. Stochastic rounding draws element j of bucket k from the Philox
+// stochastic-rounding stream at index k * B + j (its position in the payload),
+// so a group of 8 is exactly two Philox blocks.
+PYCOMM_HD void rounding_offsets(bool stochastic, uint64_t seed, int64_t bucket, int64_t bucket_size,
+                                int64_t group, float (&r)[kGroup]) {
+  if (!stochastic) {
+    for (int j = 0; j < kGroup; ++j) r[j] = 0.5f;
+    return;
+  }
+  const uint64_t first = (static_cast<uint64_t>(bucket) * static_cast<uint64_t>(bucket_size) +
+                          static_cast<uint64_t>(group) * kGroup) >> 2;
+  const philox::Block lo = philox::block_at(seed, philox::kStreamStochasticRounding, first);
+  const philox::Block hi = philox::block_at(seed, philox::kStreamStochasticRounding, first + 1);
+  for (int j = 0; j < 4; ++j) {
+    r[j] = philox::uint32_to_unit_float(lo.v[j]);
+    r[4 + j] = philox::uint32_to_unit_float(hi.v[j]);
+  }
+}
+
+// Encodes up to 8 values (n <= 8; the rest of the group is level 0) into one
+// group word and returns it; `decoded` receives what the receiver will see.
+template <int kBits>
+PYCOMM_HD uint64_t encode_group(const float (&v)[kGroup], int n, const BucketScale& s, const float (&r)[kGroup],
+                                float (&decoded)[kGroup]) {
+  const float max_lev = static_cast<float>(max_level(kBits));
+  uint64_t word = 0;
+  for (int j = 0; j < kGroup; ++j) {
+    const uint32_t level = j < n ? encode_level(v[j], s, r[j], max_lev) : 0u;
+    decoded[j] = decode_level(level, s.min, s.unit);
+    word |= static_cast<uint64_t>(level) << (j * kBits);
+  }
+  return word;
+}
+
+// Calls f(std::integral_constant<int, bits>) so kernels get the bit width as a
+// compile-time constant (constant shifts, unrolled packing). Host code only.
+template <typename F>
+inline void dispatch_bits(int bits, F&& f) {
+  switch (bits) {
+    case 1: f(std::integral_constant<int, 1>{}); break;
+    case 2: f(std::integral_constant<int, 2>{}); break;
+    case 3: f(std::integral_constant<int, 3>{}); break;
+    case 4: f(std::integral_constant<int, 4>{}); break;
+    case 5: f(std::integral_constant<int, 5>{}); break;
+    case 6: f(std::integral_constant<int, 6>{}); break;
+    case 7: f(std::integral_constant<int, 7>{}); break;
+    default: f(std::integral_constant<int, 8>{}); break;
+  }
+}
+
+}  // namespace quant
+}  // namespace pycomm

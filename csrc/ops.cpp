@@ -1,0 +1,35 @@
+// Schemas of the pycomm operators (torch.ops.pycomm.*). Device kernels are
+// registered beside their implementations (cpu/, cuda/); fake kernels for
+// torch.compile live in pycomm/ops.py.
+#include <Python.h>
+#include <torch/library.h>
+
+extern "C" {
+// Importing pycomm._C loads this library, which runs the registrations below.
+// The module itself has no Python functions: everything is a torch op.
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
+namespace pycomm {
+
+TORCH_LIBRARY(pycomm, m) {
+  // Quantizes x (flattened) into bucket records; see quant_format.h. With a
+  // residual, quantizes x + residual and stores the new error in residual.
+  // Buckets in [skip_begin, skip_end) are written as zero records.
+  m.def(
+      "quantize(Tensor x, Tensor(a!)? residual, Tensor? bucket_table, int num_buckets, int bits, "
+      "int bucket_size, bool stochastic, int seed, int skip_begin, int skip_end) -> Tensor");
+  // Decodes payload [num_buckets, record_bytes] into out (flat, any float dtype).
+  m.def("dequantize_into(Tensor payload, Tensor(a!) out, Tensor? bucket_table, int bits, int bucket_size) -> ()");
+  // Sums the decoded payloads [sources, num_buckets, record_bytes] (plus init,
+  // read through bucket_table rows starting at init_bucket_begin) into a new
+  // float32 tensor of num_buckets * bucket_size elements.
+  m.def(
+      "dequantize_sum(Tensor payloads, Tensor? init, Tensor? bucket_table, int init_bucket_begin, int bits, "
+      "int bucket_size) -> Tensor");
+}
+
+}  // namespace pycomm

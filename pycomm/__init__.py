@@ -1,0 +1,19 @@
+"""pycomm: compressed gradient communication for PyTorch data-parallel training.
+
+One line on a DDP model::
+
+    state = pycomm.register(ddp_model, "quant", bits=4)
+
+Kernels are in :mod:`pycomm.ops`, collectives in :mod:`pycomm.distributed`,
+DDP hooks in :mod:`pycomm.hooks`.
+"""
+
+from pycomm import ops  # noqa: F401  (loads the kernels)
+from pycomm import distributed, hooks, traffic  # noqa: F401
+from pycomm.registry import available_methods, register, register_method
+
+register_method("quant", hooks.QuantState, hooks.quantized_allreduce_hook,
+                "bucketed max-min quantization (1-8 bits), scatter-reduce-allgather, error feedback")
+
+__version__ = "0.1.0"
+__all__ = ["register", "register_method", "available_methods", "ops", "distributed", "hooks", "traffic"]

@@ -1,0 +1,494 @@
+"""End-to-end demo: train a byte-level transformer LM with DDP under several
+gradient-communication methods and compare convergence, traffic and speed.
+
+:func:`run_demo` starts ``workers`` CPU processes (``torch.multiprocessing``,
+spawn start method, Gloo backend on 127.0.0.1). Inside one process group each
+method in turn trains the same :class:`~pycomm.models.CharTransformer`, from the
+same initial weights, on the same batches (see :mod:`pycomm.data`), for the
+same number of steps. For every method it reports
+
+* the final training loss (mean over the last few steps and over ranks),
+* the loss on a fixed held-out set,
+* the bytes each worker sent per step, counted by
+  :class:`~pycomm.traffic.CollectiveByteCounter` around the backward pass and
+  optimizer step,
+* the compression ratio against an uncompressed fp32 ring all-reduce of all
+  gradients,
+* the median wall time of a training step.
+
+Methods are looked up by name in :data:`METHODS`; a new method is one line
+there, made with :func:`torch_hook` (a PyTorch DDP communication hook) or
+:func:`pycomm_method` (``pycomm.register(ddp, name, **kwargs)``).
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import socket
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass, field, replace
+from datetime import timedelta
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, TextIO, Union
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pycomm.data import eval_batches, load_corpus, train_batch, train_generator
+from pycomm.models import CharTransformer, ModelConfig
+from pycomm.traffic import CollectiveByteCounter
+
+__all__ = [
+    "MethodSpec",
+    "torch_hook",
+    "pycomm_method",
+    "METHODS",
+    "DEFAULT_METHODS",
+    "DemoConfig",
+    "run_demo",
+    "format_table",
+]
+
+logger = logging.getLogger(__name__)
+
+
+# --------------------------------------------------------------------------- methods
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How to attach one gradient-communication method to a DDP model.
+
+    Attributes:
+        attach: called as ``attach(ddp_model)`` on every rank right after DDP
+            construction; registers the communication hook and returns its
+            state (kept alive for the run), or None. It is sent to the worker
+            processes, so it must be picklable (a module-level function or a
+            :func:`functools.partial` of one).
+        description: one line for reports.
+        needs_pycomm: whether it needs ``pycomm.register``.
+    """
+
+    attach: Callable[[DDP], Any]
+    description: str
+    needs_pycomm: bool = False
+
+
+def _attach_torch_hook(hook: Callable[..., Any], ddp: DDP) -> None:
+    ddp.register_comm_hook(state=None, hook=hook)
+    return None
+
+
+def _attach_pycomm(name: str, kwargs: Mapping[str, Any], ddp: DDP) -> Any:
+    import pycomm
+
+    return pycomm.register(ddp, name, **dict(kwargs))
+
+
+def torch_hook(hook: Callable[..., Any], description: Optional[str] = None) -> MethodSpec:
+    """A method that registers a PyTorch DDP communication hook with ``state=None``.
+
+    Args:
+        hook: a hook such as ``default_hooks.allreduce_hook``.
+        description: report text; defaults to the hook's name.
+    """
+    return MethodSpec(
+        attach=functools.partial(_attach_torch_hook, hook),
+        description=description or f"torch {hook.__name__}",
+    )
+
+
+def pycomm_method(name: str, **kwargs: Any) -> MethodSpec:
+    """A method that calls ``pycomm.register(ddp_model, name, **kwargs)``.
+
+    Args:
+        name: the pycomm method name, e.g. ``"quant"``.
+        **kwargs: its options, e.g. ``bits=4``.
+    """
+    options = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return MethodSpec(
+        attach=functools.partial(_attach_pycomm, name, dict(kwargs)),
+        description=f"pycomm {name}({options})",
+        needs_pycomm=True,
+    )
+
+
+#: Method name -> :class:`MethodSpec`. Add a method with one line here.
+METHODS: Mapping[str, MethodSpec] = MappingProxyType(
+    {
+        "allreduce": torch_hook(default_hooks.allreduce_hook, "fp32 ring all-reduce (torch allreduce_hook)"),
+        "fp16": torch_hook(default_hooks.fp16_compress_hook, "fp16 all-reduce (torch fp16_compress_hook)"),
+        "quant8": pycomm_method("quant", bits=8),
+        "quant4": pycomm_method("quant", bits=4),
+        "quant2": pycomm_method("quant", bits=2),
+    }
+)
+
+#: Methods run by ``pycomm demo`` when none are named.
+DEFAULT_METHODS: tuple[str, ...] = ("allreduce", "quant8", "quant4", "quant2")
+
+
+# --------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    """Everything that defines a demo run except the methods.
+
+    Attributes:
+        workers: number of DDP processes.
+        steps: optimizer steps per method.
+        batch_size: sequences per worker per step.
+        model: the model shape (its ``context`` is the sequence length).
+        lr: peak AdamW learning rate (linear warm-up, cosine decay to 10%).
+        warmup_steps: warm-up length; defaults to 10% of ``steps``.
+        weight_decay: AdamW weight decay.
+        grad_clip: gradient-norm clipping threshold (0 disables).
+        seed: seeds the initial weights (same for all methods) and the data
+            (``seed + rank`` per worker).
+        corpus_bytes: size of the stdlib-source corpus.
+        eval_batches: number of held-out batches (split across workers).
+        eval_batch_size: sequences per held-out batch.
+        final_window: the final training loss averages this many last steps;
+            defaults to ``max(1, min(10, steps // 5))``.
+        timeout_s: process-group timeout.
+    """
+
+    workers: int = 4
+    steps: int = 250
+    batch_size: int = 16
+    model: ModelConfig = field(default_factory=lambda: ModelConfig(context=64, n_layer=2, n_head=4, d_model=128))
+    lr: float = 3e-3
+    warmup_steps: Optional[int] = None
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    seed: int = 0
+    corpus_bytes: int = 2_000_000
+    eval_batches: int = 8
+    eval_batch_size: int = 32
+    final_window: Optional[int] = None
+    timeout_s: float = 300.0
+
+    def __post_init__(self) -> None:
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.steps < 1:
+            raise ValueError(f"steps must be >= 1, got {self.steps}")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
+
+    @property
+    def warmup(self) -> int:
+        """Effective warm-up length in steps."""
+        return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
+
+    @property
+    def window(self) -> int:
+        """Effective number of final steps averaged for the final training loss."""
+        return self.final_window if self.final_window is not None else max(1, min(10, self.steps // 5))
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of ``step`` (0-based): linear warm-up, then cosine to 10% of ``lr``."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return self.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The configuration as a JSON-friendly dict."""
+        return asdict(self)
+
+
+def fp32_allreduce_bytes(model: torch.nn.Module, workers: int) -> int:
+    """Bytes one worker sends per step in an fp32 ring all-reduce of all gradients.
+
+    Uses the same ``2 * (W - 1) / W * bytes`` rule as
+    :class:`~pycomm.traffic.CollectiveByteCounter`, per parameter.
+    """
+    return sum(2 * (workers - 1) * p.numel() * 4 // workers for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _param_checksum(model: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().abs().sum() + p.double().sum() for p in model.parameters()))
+
+
+def _train_one(
+    name: str,
+    spec: MethodSpec,
+    cfg: DemoConfig,
+    corpus: Any,
+    eval_set: list[tuple[torch.Tensor, torch.Tensor]],
+    rank: int,
+    world: int,
+) -> Optional[dict[str, Any]]:
+    """Train one method on this rank; return the merged result on rank 0."""
+    torch.manual_seed(cfg.seed)
+    model = CharTransformer(cfg.model)
+    fp32_bytes = fp32_allreduce_bytes(model, world)
+    ddp = DDP(model)
+    state = spec.attach(ddp)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    generator = train_generator(cfg.seed, rank)
+    counter = CollectiveByteCounter()
+
+    losses: list[float] = []
+    step_bytes: list[int] = []
+    step_calls: list[int] = []
+    step_times: list[float] = []
+    dist.barrier()
+    wall_start = time.perf_counter()
+    for step in range(cfg.steps):
+        inputs, targets = train_batch(corpus, cfg.batch_size, cfg.model.context, generator)
+        for group in optimizer.param_groups:
+            group["lr"] = cfg.lr_at(step)
+        start = time.perf_counter()
+        logits = ddp(inputs)
+        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+        optimizer.zero_grad(set_to_none=True)
+        counter.reset()
+        with counter:
+            loss.backward()
+            if cfg.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+        step_times.append(time.perf_counter() - start)
+        step_bytes.append(counter.bytes_sent)
+        step_calls.append(sum(counter.calls.values()))
+        losses.append(float(loss.detach()))
+        if not math.isfinite(losses[-1]):
+            logger.warning("%s: rank %d loss is %s at step %d", name, rank, losses[-1], step)
+    wall = time.perf_counter() - wall_start
+
+    # held-out loss: the eval batches are split across ranks, then summed
+    model.eval()
+    eval_sum, eval_count = 0.0, 0
+    with torch.no_grad():
+        for inputs, targets in eval_set[rank::world]:
+            eval_sum += float(model.loss(inputs, targets)) * targets.numel()
+            eval_count += targets.numel()
+
+    local = {
+        "losses": losses,
+        "bytes": step_bytes,
+        "calls": step_calls,
+        "times": step_times,
+        "wall": wall,
+        "eval_sum": eval_sum,
+        "eval_count": eval_count,
+        "checksum": _param_checksum(model),
+    }
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, local)
+    del ddp, state, optimizer
+    if rank != 0:
+        return None
+
+    steps = cfg.steps
+    mean_loss = [sum(g["losses"][s] for g in gathered) / world for s in range(steps)]
+    window = cfg.window
+    bytes_per_step = sum(sum(g["bytes"]) for g in gathered) / (world * steps)
+    eval_count_total = sum(g["eval_count"] for g in gathered)
+    # a step ends for everyone at the same all-reduce, so take the slowest rank
+    step_ms = [1000.0 * max(g["times"][s] for g in gathered) for s in range(steps)]
+    checksums = [g["checksum"] for g in gathered]
+    return {
+        "method": name,
+        "description": spec.description,
+        "workers": world,
+        "steps": steps,
+        "initial_loss": mean_loss[0],
+        "final_train_loss": sum(mean_loss[-window:]) / len(mean_loss[-window:]),
+        "eval_loss": sum(g["eval_sum"] for g in gathered) / max(1, eval_count_total),
+        "bytes_per_worker_per_step": bytes_per_step,
+        "fp32_allreduce_bytes_per_step": fp32_bytes,
+        "compression": fp32_bytes / bytes_per_step if bytes_per_step > 0 else float("inf"),
+        "collective_calls_per_step": sum(sum(g["calls"]) for g in gathered) / (world * steps),
+        "ms_per_step": statistics.median(step_ms),
+        "wall_s": max(g["wall"] for g in gathered),
+        "replicas_in_sync": max(checksums) - min(checksums) <= 1e-9 * max(1.0, abs(checksums[0])),
+        "train_loss_curve": mean_loss,
+    }
+
+
+def _worker(
+    rank: int,
+    world: int,
+    port: int,
+    cfg: DemoConfig,
+    methods: list[tuple[str, MethodSpec]],
+    messages: Any,
+) -> None:
+    """Entry point of one spawned DDP process."""
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=cfg.timeout_s))
+    try:
+        corpus = load_corpus(cfg.corpus_bytes)
+        eval_set = eval_batches(corpus, cfg.eval_batches, cfg.eval_batch_size, cfg.model.context, seed=cfg.seed + 1234)
+        for name, spec in methods:
+            result = _train_one(name, spec, cfg, corpus, eval_set, rank, world)
+            if result is not None:
+                messages.put(("result", result))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------- driver
+
+
+def _resolve(methods: Union[Iterable[str], Mapping[str, MethodSpec]]) -> list[tuple[str, MethodSpec]]:
+    if isinstance(methods, Mapping):
+        resolved = list(methods.items())
+    else:
+        names = [methods] if isinstance(methods, str) else list(methods)
+        unknown = [n for n in names if n not in METHODS]
+        if unknown:
+            raise ValueError(f"unknown method(s) {unknown}; known: {sorted(METHODS)}")
+        resolved = [(n, METHODS[n]) for n in names]
+    if not resolved:
+        raise ValueError("no methods given")
+    if any(spec.needs_pycomm for _, spec in resolved):
+        import pycomm
+
+        if not callable(getattr(pycomm, "register", None)):
+            raise RuntimeError("pycomm.register is not available; run only the torch methods (e.g. allreduce, fp16)")
+    return resolved
+
+
+def _progress_line(index: int, total: int, r: Mapping[str, Any]) -> str:
+    sync = "" if r["replicas_in_sync"] else ", REPLICAS DIVERGED"
+    return (
+        f"[{index}/{total}] {r['method']:<10} loss {r['initial_loss']:.3f} -> {r['final_train_loss']:.3f} "
+        f"(eval {r['eval_loss']:.3f}), {r['bytes_per_worker_per_step']:,.0f} B/worker/step "
+        f"({r['compression']:.1f}x vs fp32), {r['ms_per_step']:.1f} ms/step, {r['wall_s']:.1f} s{sync}"
+    )
+
+
+def format_table(results: Sequence[Mapping[str, Any]]) -> str:
+    """The results as a Markdown table.
+
+    Columns: method | final train loss | eval loss | bytes/worker/step |
+    compression vs fp32 | ms/step.
+    """
+    lines = [
+        "| method | final train loss | eval loss | bytes/worker/step | compression vs fp32 | ms/step |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for r in results:
+        lines.append(
+            f"| {r['method']} | {r['final_train_loss']:.3f} | {r['eval_loss']:.3f} | "
+            f"{r['bytes_per_worker_per_step']:,.0f} | {r['compression']:.2f}x | {r['ms_per_step']:.1f} |"
+        )
+    return "\n".join(lines)
+
+
+def run_demo(
+    methods: Union[Iterable[str], Mapping[str, MethodSpec]] = DEFAULT_METHODS,
+    workers: int = 4,
+    steps: int = DemoConfig.steps,
+    *,
+    config: Optional[DemoConfig] = None,
+    json_path: Optional[str] = None,
+    out: Optional[TextIO] = None,
+    verbose: bool = True,
+) -> list[dict[str, Any]]:
+    """Train the demo model under each method with DDP and compare them.
+
+    Args:
+        methods: names in :data:`METHODS`, or a mapping from name to
+            :class:`MethodSpec` for methods not registered there.
+        workers: number of DDP worker processes.
+        steps: training steps per method.
+        config: further settings; its ``workers`` and ``steps`` are replaced
+            by the arguments above.
+        json_path: if given, write ``{"config": ..., "results": ...}`` there.
+        out: stream for the progress lines and the table (default stdout).
+        verbose: print progress lines and the table.
+
+    Returns:
+        One dict per method, in order, with keys ``method``, ``description``,
+        ``workers``, ``steps``, ``initial_loss``, ``final_train_loss``,
+        ``eval_loss``, ``bytes_per_worker_per_step``,
+        ``fp32_allreduce_bytes_per_step``, ``compression``,
+        ``collective_calls_per_step``, ``ms_per_step``, ``wall_s``,
+        ``replicas_in_sync`` and ``train_loss_curve`` (mean loss per step).
+
+    Raises:
+        ValueError: on an unknown method or bad settings.
+        RuntimeError: if a pycomm method is asked for and ``pycomm.register``
+            is missing.
+        torch.multiprocessing.ProcessRaisedException: if a worker fails.
+    """
+    cfg = replace(config or DemoConfig(), workers=workers, steps=steps)
+    resolved = _resolve(methods)
+    stream = out if out is not None else sys.stdout
+    if verbose:
+        n_params = CharTransformer(cfg.model).num_parameters()
+        print(
+            f"pycomm demo: {len(resolved)} method(s), {cfg.workers} workers, {cfg.steps} steps, "
+            f"batch {cfg.batch_size}x{cfg.model.context} bytes/worker, {n_params:,} parameters",
+            file=stream,
+            flush=True,
+        )
+
+    mp_ctx = mp.get_context("spawn")
+    messages = mp_ctx.SimpleQueue()
+    port = _free_port()
+    logger.info("starting %d workers on 127.0.0.1:%d", cfg.workers, port)
+    procs = mp.start_processes(
+        _worker,
+        args=(cfg.workers, port, cfg, resolved, messages),
+        nprocs=cfg.workers,
+        join=False,
+        start_method="spawn",
+    )
+    results: list[dict[str, Any]] = []
+
+    def drain() -> None:
+        while not messages.empty():
+            kind, payload = messages.get()
+            if kind == "result":
+                results.append(payload)
+                if verbose:
+                    print(_progress_line(len(results), len(resolved), payload), file=stream, flush=True)
+
+    try:
+        while not procs.join(timeout=0.2):
+            drain()
+    finally:
+        drain()
+        for proc in procs.processes:  # only reached with live workers if join raised
+            if proc.is_alive():
+                proc.terminate()
+    if len(results) != len(resolved):
+        raise RuntimeError(f"expected {len(resolved)} results, got {len(results)}")
+
+    if verbose:
+        print("", file=stream)
+        print(format_table(results), file=stream, flush=True)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as fh:
+            json.dump({"config": cfg.to_dict(), "results": results}, fh, indent=2)
+        logger.info("wrote %s", json_path)
+    return results

@@ -1,0 +1,174 @@
+"""Compressed collectives built on ``torch.distributed`` (Gloo on CPU, NCCL on GPU).
+
+:func:`quantized_all_reduce` is a scatter-reduce-allgather in quantized form:
+
+1. the tensor is split into W chunks of whole buckets; each rank quantizes the
+   W-1 chunks owned by its peers (one kernel launch) and sends them with one
+   ``all_to_all_single``;
+2. the owner of a chunk sums its own full-precision values with the W-1
+   decoded contributions (one fused pass), then re-quantizes the sum once;
+3. one ``all_gather_into_tensor`` spreads the reduced chunks and every rank,
+   the owner included, decodes all of them, so every rank ends with the same
+   bits.
+
+Each value is quantized twice in all, whatever W is (a ring that re-quantizes
+at every hop would compound W-1 errors). Each rank sends about
+``2 (W-1)/W * payload`` bytes, the same volume as a ring all-reduce of the
+payload: at 4 bits and buckets of 512 that is 7.8x less than fp32.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from pycomm import ops
+
+__all__ = ["quantized_all_reduce", "mix_seed", "chunk_layout"]
+
+_MASK64 = (1 << 64) - 1
+
+
+def mix_seed(*words: int) -> int:
+    """Hash integers into a 64-bit seed (SplitMix64 finalizer), e.g. (seed, step, rank, phase)."""
+    h = 0x9E3779B97F4A7C15
+    for w in words:
+        h = (h ^ (int(w) & _MASK64)) & _MASK64
+        h = (h + 0x9E3779B97F4A7C15) & _MASK64
+        h = ((h ^ (h >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 27)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 31
+    # torch's int64 schema argument is signed; the kernels use the same 64 bits.
+    return h - (1 << 64) if h >= (1 << 63) else h
+
+
+def chunk_layout(numel: int, bucket_size: int, world_size: int,
+                 bucket_table: Optional[torch.Tensor] = None) -> tuple[int, int]:
+    """Return (total buckets padded to a multiple of W, buckets per chunk)."""
+    total = bucket_table.shape[0] if bucket_table is not None else ops.num_buckets(numel, bucket_size)
+    padded = -(-total // world_size) * world_size
+    if bucket_table is not None and padded != total:
+        raise ValueError(f"bucket_table has {total} rows; pad it to a multiple of the world size ({world_size})")
+    return padded, padded // world_size
+
+
+def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: Optional[dist.ProcessGroup] = None,
+                           async_op: bool = False):
+    """``dist.all_gather_single`` where torch has it (2.13+), else ``dist.all_gather_into_tensor``."""
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    return gather(output, input, group=group, async_op=async_op)
+
+
+def _completed(value: torch.Tensor) -> torch.futures.Future:
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(value)
+    return fut
+
+
+def _headers_nonfinite(payload: torch.Tensor) -> bool:
+    header = payload[:, : ops.HEADER_BYTES].contiguous().view(torch.float32)
+    return not bool(torch.isfinite(header).all())
+
+
+def quantized_all_reduce(
+    tensor: torch.Tensor,
+    bits: int = 4,
+    bucket_size: int = 512,
+    op: dist.ReduceOp = dist.ReduceOp.SUM,
+    group: Optional[dist.ProcessGroup] = None,
+    async_op: bool = False,
+    stochastic: bool = True,
+    seed: int = 0,
+    worker_residual: Optional[torch.Tensor] = None,
+    server_residual: Optional[torch.Tensor] = None,
+    bucket_table: Optional[torch.Tensor] = None,
+) -> Optional[torch.futures.Future]:
+    """All-reduce ``tensor`` in place, sending it quantized to ``bits`` bits.
+
+    The semantics are those of ``dist.all_reduce``: on return (or when the
+    future completes) every rank holds the same reduced tensor, bit for bit.
+
+    Args:
+        tensor: contiguous float32/float16/bfloat16 tensor, the same shape on every rank.
+        bits: 1..8 bits per element.
+        bucket_size: elements per quantization bucket (a multiple of 8).
+        op: ``ReduceOp.SUM`` or ``ReduceOp.AVG``.
+        group: the process group (default: the world).
+        async_op: return a ``torch.futures.Future`` holding ``tensor`` instead of waiting.
+            The all-to-all phase has completed when the call returns; the all-gather and the
+            decode run asynchronously on CUDA. On CPU the whole collective completes before returning.
+        stochastic: unbiased stochastic rounding (else round to nearest).
+        seed: seed for stochastic rounding; mixed with the rank and phase, so pass e.g. ``mix_seed(seed, step)``.
+        worker_residual: float32 tensor of ``tensor.numel()`` elements for error feedback of the
+            first quantization (updated in place), or None.
+        server_residual: float32 tensor of ``buckets_per_chunk * bucket_size`` elements for error
+            feedback of the re-quantization of this rank's chunk (updated in place), or None.
+        bucket_table: optional layout from :func:`pycomm.ops.bucket_table` (padded to a multiple of W);
+            elements not covered by it are left untouched.
+
+    Non-finite values: on CPU, if any bucket held a NaN or Inf on any rank (every rank sees this in
+    the gathered payload, so all agree), the tensor is all-reduced again uncompressed, so the
+    overflow reaches AMP's GradScaler exactly. On CUDA, where that check would need a host-device
+    synchronisation, the affected buckets decode as NaN, which GradScaler also detects.
+    """
+    if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
+        raise ValueError(f"op must be ReduceOp.SUM or ReduceOp.AVG, got {op}")
+    ops._check_float(tensor, "tensor")
+    ops._check_bits_bucket(bits, bucket_size)
+    if not tensor.is_contiguous():
+        raise ValueError("tensor must be contiguous (it is reduced in place)")
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    flat = tensor.view(-1)
+    if world == 1 or flat.numel() == 0:
+        return _completed(tensor) if async_op else None
+    if bucket_table is not None and bucket_table.device != tensor.device:
+        raise ValueError(f"bucket_table is on {bucket_table.device} but tensor is on {tensor.device}")
+
+    total, per_chunk = chunk_layout(flat.numel(), bucket_size, world, bucket_table)
+    if worker_residual is not None and (worker_residual.dtype != torch.float32 or worker_residual.numel() != flat.numel()):
+        raise ValueError(f"worker_residual must be float32 with {flat.numel()} elements")
+    if server_residual is not None and (server_residual.dtype != torch.float32
+                                        or server_residual.numel() != per_chunk * bucket_size):
+        raise ValueError(f"server_residual must be float32 with {per_chunk * bucket_size} elements")
+    first = rank * per_chunk
+
+    # Phase 1: quantize the peers' chunks (ours is written as zero records and
+    # kept in full precision), exchange, and reduce our chunk.
+    send = torch.ops.pycomm.quantize(flat, worker_residual, bucket_table, total, bits, bucket_size, stochastic,
+                                     mix_seed(seed, rank, 1), first, first + per_chunk)
+    recv = torch.empty_like(send)
+    dist.all_to_all_single(recv, send, group=group)
+    reduced = torch.ops.pycomm.dequantize_sum(recv.view(world, per_chunk, -1), flat, bucket_table, first, bits,
+                                              bucket_size)
+    if op == dist.ReduceOp.AVG:
+        reduced.div_(world)
+
+    # Phase 2: re-quantize the reduced chunk once and gather every chunk.
+    own = torch.ops.pycomm.quantize(reduced, server_residual, None, per_chunk, bits, bucket_size, stochastic,
+                                    mix_seed(seed, rank, 2), 0, 0)
+    gathered = torch.empty_like(send)
+
+    def decode(_: object = None) -> torch.Tensor:
+        torch.ops.pycomm.dequantize_into(gathered, flat, bucket_table, bits, bucket_size)
+        return tensor
+
+    if tensor.is_cuda:
+        work = all_gather_into_tensor(gathered, own, group=group, async_op=True)
+        fut = work.get_future().then(decode)
+        if async_op:
+            return fut
+        fut.wait()
+        return None
+
+    all_gather_into_tensor(gathered, own, group=group)
+    if _headers_nonfinite(gathered):
+        # Every rank sees the same gathered bytes, so every rank takes this branch.
+        dist.all_reduce(flat, group=group)
+        if op == dist.ReduceOp.AVG:
+            flat.div_(world)
+    else:
+        decode()
+    return _completed(tensor) if async_op else None

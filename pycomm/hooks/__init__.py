@@ -1,0 +1,9 @@
+"""DDP communication hooks, one file per method.
+
+Each hook is ``hook(state, bucket) -> Future[Tensor]`` for
+``DistributedDataParallel.register_comm_hook``; :func:`pycomm.register` does it in one line.
+"""
+
+from pycomm.hooks.quantized_allreduce import QuantState, quantized_allreduce_hook
+
+__all__ = ["QuantState", "quantized_allreduce_hook"]

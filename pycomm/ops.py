@@ -1,0 +1,269 @@
+"""Thin, documented wrappers over the ``torch.ops.pycomm`` kernels.
+
+The quantized byte format (bucket records of ``[min f32][unit f32][levels]``)
+is specified in ``csrc/include/pycomm/quant_format.h``. CPU and CUDA produce
+the same bytes for the same input and seed.
+
+Example::
+
+    import torch, pycomm
+    x = torch.randn(10_000)
+    q = pycomm.ops.quantize(x, bits=4, bucket_size=512)
+    x_hat = pycomm.ops.dequantize(q)               # same shape and dtype as x
+    print(q.nbytes, x.numel() * 4)                 # 5280 vs 40000 bytes
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional, Sequence, Union
+
+import torch
+
+from pycomm import _C  # noqa: F401  (loads the library that registers torch.ops.pycomm)
+
+__all__ = [
+    "QuantizedTensor",
+    "quantize",
+    "quantize_with_error_feedback",
+    "dequantize",
+    "dequantize_sum",
+    "record_bytes",
+    "num_buckets",
+    "bucket_table",
+    "SUPPORTED_DTYPES",
+]
+
+SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+HEADER_BYTES = 8
+MAX_BUCKET_SIZE = 1 << 24
+
+
+def _check_bits_bucket(bits: int, bucket_size: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer in [1, 8], got {bits!r}")
+    if not isinstance(bucket_size, int) or bucket_size < 8 or bucket_size % 8 or bucket_size > MAX_BUCKET_SIZE:
+        raise ValueError(f"bucket_size must be a positive multiple of 8 and at most 2^24, got {bucket_size!r}")
+
+
+def _check_float(x: torch.Tensor, name: str) -> None:
+    if not isinstance(x, torch.Tensor):
+        raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+
+
+def record_bytes(bits: int, bucket_size: int) -> int:
+    """Bytes of one bucket record: 8 header bytes plus ``bucket_size * bits / 8`` packed bytes."""
+    _check_bits_bucket(bits, bucket_size)
+    return HEADER_BYTES + bucket_size * bits // 8
+
+
+def num_buckets(numel: int, bucket_size: int) -> int:
+    """Buckets needed for ``numel`` elements."""
+    return -(-numel // bucket_size)
+
+
+@dataclass(frozen=True)
+class QuantizedTensor:
+    """A quantized tensor: the payload of bucket records and what is needed to decode it.
+
+    Attributes:
+        payload: uint8 ``[num_buckets, record_bytes(bits, bucket_size)]``; the bytes sent on the wire.
+        bits: bits per element, 1..8.
+        bucket_size: elements per bucket (a multiple of 8).
+        numel: number of elements encoded.
+        dtype: dtype of the original tensor (what :func:`dequantize` returns).
+        shape: shape of the original tensor.
+    """
+
+    payload: torch.Tensor
+    bits: int
+    bucket_size: int
+    numel: int
+    dtype: torch.dtype
+    shape: torch.Size
+
+    def __post_init__(self) -> None:
+        _check_bits_bucket(self.bits, self.bucket_size)
+        if self.dtype not in SUPPORTED_DTYPES:
+            raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
+        if math.prod(self.shape) != self.numel:
+            raise ValueError(f"shape {tuple(self.shape)} does not hold numel={self.numel} elements")
+        p = self.payload
+        expected_record = record_bytes(self.bits, self.bucket_size)
+        if p.dtype != torch.uint8 or p.dim() != 2 or p.shape[1] != expected_record:
+            raise ValueError(
+                f"payload must be uint8 of shape [num_buckets, {expected_record}] for bits={self.bits}, "
+                f"bucket_size={self.bucket_size}; got {p.dtype} {tuple(p.shape)}")
+        if p.shape[0] * self.bucket_size < self.numel:
+            raise ValueError(
+                f"payload holds {p.shape[0]} buckets of {self.bucket_size} elements, fewer than numel={self.numel}")
+
+    @property
+    def num_buckets(self) -> int:
+        return self.payload.shape[0]
+
+    @property
+    def meta(self) -> torch.Tensor:
+        """float32 ``[num_buckets, 2]``: each bucket's (min, unit) (a copy)."""
+        return self.payload[:, :HEADER_BYTES].contiguous().view(torch.float32)
+
+    @property
+    def data(self) -> torch.Tensor:
+        """uint8 ``[num_buckets, bucket_size * bits / 8]``: the packed levels (a view)."""
+        return self.payload[:, HEADER_BYTES:]
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the payload: what sending this tensor costs."""
+        return self.payload.numel()
+
+    def dequantize(self) -> torch.Tensor:
+        return dequantize(self)
+
+
+def _quantize(x: torch.Tensor, residual: Optional[torch.Tensor], bits: int, bucket_size: int,
+              stochastic: bool, seed: int) -> QuantizedTensor:
+    _check_float(x, "x")
+    _check_bits_bucket(bits, bucket_size)
+    payload = torch.ops.pycomm.quantize(x.reshape(-1), residual, None, -1, bits, bucket_size, bool(stochastic),
+                                        int(seed), 0, 0)
+    return QuantizedTensor(payload, bits, bucket_size, x.numel(), x.dtype, x.shape)
+
+
+def quantize(x: torch.Tensor, bits: int = 4, bucket_size: int = 512, stochastic: bool = True,
+             seed: int = 0) -> QuantizedTensor:
+    """Quantize ``x`` (flattened) with per-bucket max-min scaling.
+
+    Args:
+        x: float32, float16 or bfloat16 tensor of any shape, CPU or CUDA.
+        bits: bits per element, 1..8.
+        bucket_size: elements per bucket, a positive multiple of 8.
+        stochastic: unbiased stochastic rounding (Philox keyed by ``seed`` and the
+            element's position) instead of round-to-nearest.
+        seed: 64-bit seed for stochastic rounding; the same seed gives the same bytes on CPU and CUDA.
+
+    Returns:
+        A :class:`QuantizedTensor`. Per element, ``|x - dequantize(q)| <= unit / 2``
+        (nearest) or ``< unit`` (stochastic), with ``unit = (max - min) / (2^bits - 1)`` of its bucket.
+    """
+    return _quantize(x, None, bits, bucket_size, stochastic, seed)
+
+
+def quantize_with_error_feedback(x: torch.Tensor, residual: torch.Tensor, bits: int = 4, bucket_size: int = 512,
+                                 stochastic: bool = True, seed: int = 0) -> QuantizedTensor:
+    """Fused error feedback: ``x' = x + residual; q = Q(x'); residual = x' - dequantize(q)``, in one pass.
+
+    ``residual`` is a contiguous float32 tensor with as many elements as ``x`` and is updated in place.
+    Buckets holding NaN or Inf are encoded as NaN and leave their residual unchanged.
+    """
+    _check_float(x, "x")
+    if not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32 or residual.numel() != x.numel():
+        raise ValueError(f"residual must be a float32 tensor with {x.numel()} elements")
+    if not residual.is_contiguous():
+        raise ValueError("residual must be contiguous (it is updated in place)")
+    return _quantize(x, residual.view(-1), bits, bucket_size, stochastic, seed)
+
+
+def dequantize(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Decode ``q`` into a tensor of its original dtype and shape (or into ``out``, any float dtype)."""
+    if not isinstance(q, QuantizedTensor):
+        raise ValueError(f"dequantize expects a QuantizedTensor, got {type(q).__name__}")
+    if out is None:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.payload.device)
+    else:
+        _check_float(out, "out")
+        if out.numel() != q.numel or not out.is_contiguous():
+            raise ValueError(f"out must be contiguous with {q.numel} elements, got shape {tuple(out.shape)}")
+    torch.ops.pycomm.dequantize_into(q.payload, out.view(-1), None, q.bits, q.bucket_size)
+    return out
+
+
+def dequantize_sum(payloads: Union[Sequence[QuantizedTensor], torch.Tensor], bits: Optional[int] = None,
+                   bucket_size: Optional[int] = None, numel: Optional[int] = None,
+                   init: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Sum W quantized tensors (plus an optional ``init``) into one float32 tensor, in a single pass.
+
+    Args:
+        payloads: a sequence of :class:`QuantizedTensor` with equal bits, bucket_size and numel,
+            or a uint8 tensor ``[W, num_buckets, record_bytes]`` (then ``bits``, ``bucket_size``
+            and ``numel`` are required).
+        init: optional float tensor of ``numel`` elements added to the sum.
+
+    Returns:
+        float32 tensor of ``numel`` elements: ``init + sum_w dequantize(payloads[w])``, summed in that order.
+    """
+    if isinstance(payloads, torch.Tensor):
+        if bits is None or bucket_size is None or numel is None:
+            raise ValueError("bits, bucket_size and numel are required when payloads is a tensor")
+        _check_bits_bucket(bits, bucket_size)
+        stacked = payloads
+        if stacked.dim() != 3 or stacked.dtype != torch.uint8:
+            raise ValueError(f"payloads must be uint8 [W, num_buckets, record_bytes], got {stacked.dtype} "
+                             f"{tuple(stacked.shape)}")
+        if stacked.shape[1] * bucket_size < numel:
+            raise ValueError(f"payloads hold {stacked.shape[1]} buckets of {bucket_size}, fewer than numel={numel}")
+    else:
+        qs = list(payloads)
+        if not qs:
+            raise ValueError("dequantize_sum needs at least one payload")
+        first = qs[0]
+        for q in qs:
+            if (q.bits, q.bucket_size, q.numel, q.num_buckets) != (first.bits, first.bucket_size, first.numel,
+                                                                   first.num_buckets):
+                raise ValueError("all payloads must share bits, bucket_size, numel and num_buckets")
+        bits, bucket_size, numel = first.bits, first.bucket_size, first.numel
+        stacked = torch.stack([q.payload for q in qs])
+    if init is not None:
+        _check_float(init, "init")
+        if init.numel() != numel:
+            raise ValueError(f"init must have numel={numel} elements, got {init.numel()}")
+        init = init.reshape(-1)
+    out = torch.ops.pycomm.dequantize_sum(stacked, init, None, 0, bits, bucket_size)
+    return out[:numel]
+
+
+def bucket_table(segments: Sequence[tuple[int, int]], bucket_size: int, pad_to_multiple: int = 1,
+                 device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """Build a bucket table: each (offset, length) segment of a flat tensor gets its own buckets.
+
+    Segments must not overlap. The table has one ``(offset, length)`` row per bucket, padded with
+    empty rows to a multiple of ``pad_to_multiple`` (for splitting into equal chunks). Built once per
+    layout; pass it to the ``torch.ops.pycomm`` kernels as ``bucket_table``.
+    """
+    _check_bits_bucket(1, bucket_size)
+    rows: list[tuple[int, int]] = []
+    end = -1
+    for offset, length in sorted(segments):
+        if offset < 0 or length < 0:
+            raise ValueError(f"segment ({offset}, {length}) must have a non-negative offset and length")
+        if offset < end:
+            raise ValueError(f"segment ({offset}, {length}) overlaps the previous one")
+        end = offset + length
+        for start in range(offset, offset + length, bucket_size):
+            rows.append((start, min(bucket_size, offset + length - start)))
+    while len(rows) % pad_to_multiple:
+        rows.append((0, 0))
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 2)
+
+
+# ---- fake kernels (shape propagation for torch.compile / meta tensors) ----
+
+@torch.library.register_fake("pycomm::quantize")
+def _quantize_fake(x, residual, bucket_table, num_buckets, bits, bucket_size, stochastic, seed, skip_begin,
+                   skip_end):
+    if num_buckets < 0:
+        num_buckets = bucket_table.shape[0] if bucket_table is not None else (x.numel() + bucket_size - 1) // bucket_size
+    return x.new_empty((num_buckets, HEADER_BYTES + bucket_size * bits // 8), dtype=torch.uint8)
+
+
+@torch.library.register_fake("pycomm::dequantize_into")
+def _dequantize_into_fake(payload, out, bucket_table, bits, bucket_size):
+    return None
+
+
+@torch.library.register_fake("pycomm::dequantize_sum")
+def _dequantize_sum_fake(payloads, init, bucket_table, init_bucket_begin, bits, bucket_size):
+    return payloads.new_empty((payloads.shape[1] * bucket_size,), dtype=torch.float32)
