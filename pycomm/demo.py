@@ -11,7 +11,9 @@ same number of steps. For every method it reports
 * the loss on a fixed held-out set,
 * the bytes each worker sent per step, counted by
   :class:`~pycomm.traffic.CollectiveByteCounter` around the backward pass and
-  optimizer step,
+  optimizer step: the median over steps, i.e. the steady state (pycomm's
+  methods all-reduce uncompressed for their first ``start_iter`` steps); the
+  mean over all steps is in the returned dicts too,
 * the compression ratio against an uncompressed fp32 ring all-reduce of all
   gradients,
 * the median wall time of a training step.
@@ -305,7 +307,11 @@ def _train_one(
     steps = cfg.steps
     mean_loss = [sum(g["losses"][s] for g in gathered) / world for s in range(steps)]
     window = cfg.window
-    bytes_per_step = sum(sum(g["bytes"]) for g in gathered) / (world * steps)
+    # steady state: the median over steps of the mean over ranks (a method may
+    # send uncompressed warm-up steps); the mean over all steps is kept too
+    rank_mean_bytes = [sum(g["bytes"][s] for g in gathered) / world for s in range(steps)]
+    bytes_per_step = statistics.median(rank_mean_bytes)
+    mean_bytes_per_step = sum(rank_mean_bytes) / steps
     eval_count_total = sum(g["eval_count"] for g in gathered)
     # a step ends for everyone at the same all-reduce, so take the slowest rank
     step_ms = [1000.0 * max(g["times"][s] for g in gathered) for s in range(steps)]
@@ -319,8 +325,10 @@ def _train_one(
         "final_train_loss": sum(mean_loss[-window:]) / len(mean_loss[-window:]),
         "eval_loss": sum(g["eval_sum"] for g in gathered) / max(1, eval_count_total),
         "bytes_per_worker_per_step": bytes_per_step,
+        "mean_bytes_per_worker_per_step": mean_bytes_per_step,
         "fp32_allreduce_bytes_per_step": fp32_bytes,
         "compression": fp32_bytes / bytes_per_step if bytes_per_step > 0 else float("inf"),
+        "mean_compression": fp32_bytes / mean_bytes_per_step if mean_bytes_per_step > 0 else float("inf"),
         "collective_calls_per_step": sum(sum(g["calls"]) for g in gathered) / (world * steps),
         "ms_per_step": statistics.median(step_ms),
         "wall_s": max(g["wall"] for g in gathered),
@@ -336,8 +344,11 @@ def _worker(
     cfg: DemoConfig,
     methods: list[tuple[str, MethodSpec]],
     messages: Any,
+    log_level: Optional[int],
 ) -> None:
     """Entry point of one spawned DDP process."""
+    if log_level is not None:
+        logging.basicConfig(level=log_level, format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
@@ -389,7 +400,7 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
     """The results as a Markdown table.
 
     Columns: method | final train loss | eval loss | bytes/worker/step |
-    compression vs fp32 | ms/step.
+    compression vs fp32 | ms/step (bytes are the steady-state median).
     """
     lines = [
         "| method | final train loss | eval loss | bytes/worker/step | compression vs fp32 | ms/step |",
@@ -429,9 +440,10 @@ def run_demo(
     Returns:
         One dict per method, in order, with keys ``method``, ``description``,
         ``workers``, ``steps``, ``initial_loss``, ``final_train_loss``,
-        ``eval_loss``, ``bytes_per_worker_per_step``,
-        ``fp32_allreduce_bytes_per_step``, ``compression``,
-        ``collective_calls_per_step``, ``ms_per_step``, ``wall_s``,
+        ``eval_loss``, ``bytes_per_worker_per_step`` (median over steps),
+        ``mean_bytes_per_worker_per_step``, ``fp32_allreduce_bytes_per_step``,
+        ``compression`` and ``mean_compression`` (fp32 bytes over the median
+        and the mean), ``collective_calls_per_step``, ``ms_per_step``, ``wall_s``,
         ``replicas_in_sync`` and ``train_loss_curve`` (mean loss per step).
 
     Raises:
@@ -452,13 +464,16 @@ def run_demo(
             flush=True,
         )
 
+    # workers re-create the parent's logging set-up, if it has one
+    root = logging.getLogger()
+    log_level = root.getEffectiveLevel() if root.handlers else None
     mp_ctx = mp.get_context("spawn")
     messages = mp_ctx.SimpleQueue()
     port = _free_port()
     logger.info("starting %d workers on 127.0.0.1:%d", cfg.workers, port)
     procs = mp.start_processes(
         _worker,
-        args=(cfg.workers, port, cfg, resolved, messages),
+        args=(cfg.workers, port, cfg, resolved, messages, log_level),
         nprocs=cfg.workers,
         join=False,
         start_method="spawn",

@@ -1,6 +1,6 @@
 """DDP communication hook: quantized scatter-reduce-allgather with error feedback."""
 
-from __future__ import annotations
+# No `from __future__ import annotations`: DDP inspects the hook's real annotations.
 
 import logging
 from dataclasses import dataclass

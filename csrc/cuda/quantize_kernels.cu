@@ -1,0 +1,220 @@
+// CUDA kernels of the quantization ops: byte-identical to the CPU kernels in
+// csrc/cpu/quantize_cpu.cpp (format: pycomm/quant_format.h).
+//
+// quantize: threads_per_bucket threads (one warp for the usual bucket sizes,
+// up to a block of 8 warps for very large buckets) share a bucket. Each thread
+// owns groups of 8 consecutive elements (16-byte vector loads when a group is
+// full and aligned). Phase 1 reduces the bucket's min / max / non-finite flag
+// with warp shuffles (and shared memory across warps); phase 2 encodes with
+// Philox stochastic or nearest rounding, packs the levels and writes the
+// error-feedback residual. When a thread owns at most kCacheGroups groups, the
+// loaded values stay in registers between the phases, so x and the residual
+// are read once.
+//
+// dequantize_into / dequantize_sum: one thread per (bucket, group), flat over
+// the whole payload; dequantize_sum adds the sources in order, per element, as
+// the CPU does, so the float32 sums are identical too.
+//
+// One launch per op for the whole tensor; no synchronisation, no allocation.
+#include "quantize_kernels.h"
+
+#include "quantize_device.cuh"
+
+namespace pycomm {
+namespace {
+
+using quant::kGroup;
+
+constexpr int kBlock = 256;
+constexpr int kWarp = 32;
+constexpr int kCacheGroups = 2;                 // groups per thread kept in registers
+constexpr int64_t kMaxGrid = int64_t(1) << 22;  // grid-stride beyond this many blocks
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+unsigned grid_size(int64_t blocks) { return static_cast<unsigned>(blocks < kMaxGrid ? blocks : kMaxGrid); }
+
+// log2(v) if v is a power of two, else -1.
+int pow2_shift(int64_t v) {
+  if (v <= 0 || (v & (v - 1)) != 0) return -1;
+  int s = 0;
+  while ((int64_t(1) << s) < v) ++s;
+  return s;
+}
+
+__device__ __forceinline__ int64_t div_groups(int64_t i, int64_t groups, int shift) {
+  return shift >= 0 ? (i >> shift) : (i / groups);
+}
+
+// Butterfly reduction: every lane ends with the warp's range.
+__device__ __forceinline__ void warp_reduce(qdev::RangePartial& r) {
+#pragma unroll
+  for (int m = kWarp / 2; m > 0; m >>= 1) {
+    qdev::RangePartial o;
+    o.mn = __shfl_xor_sync(0xffffffffu, r.mn, m);
+    o.mx = __shfl_xor_sync(0xffffffffu, r.mx, m);
+    o.bad = __shfl_xor_sync(0xffffffffu, r.bad, m);
+    o.zkey = __shfl_xor_sync(0xffffffffu, r.zkey, m);
+    qdev::range_combine(r, o);
+  }
+}
+
+// Block of kBlock threads = kBlock / tpb buckets; a bucket's threads are whole
+// warps. The loop over blocks is uniform within a block, so __syncthreads is
+// safe; threads of buckets past the end take part in the reductions only.
+template <DType D, int kBits, int kCache>
+__global__ void __launch_bounds__(kBlock) quantize_kernel(const qdev::QuantizeParams p, int64_t block_count) {
+  __shared__ qdev::RangePartial warp_ranges[kBlock / kWarp];
+  const int tpb = p.threads_per_bucket;
+  const int slot = static_cast<int>(threadIdx.x) / tpb;
+  const int tid = static_cast<int>(threadIdx.x) - slot * tpb;
+  const int warps_per_bucket = tpb / kWarp;
+  for (int64_t blk = blockIdx.x; blk < block_count; blk += gridDim.x) {
+    const int64_t k = blk * (kBlock / tpb) + slot;
+    const bool active = k < p.num_buckets;
+    const qdev::BucketJob job = qdev::make_job(p, active ? k : 0);
+    qdev::RangePartial range;
+    qdev::range_init(range);
+    float cache[kCache > 0 ? kCache : 1][kGroup];
+    if (active) qdev::quantize_phase1<D, kCache>(p, job, tid, tpb, range, cache);
+    warp_reduce(range);
+    if (warps_per_bucket > 1) {
+      const int warp = static_cast<int>(threadIdx.x) / kWarp;
+      if ((threadIdx.x & (kWarp - 1)) == 0) warp_ranges[warp] = range;
+      __syncthreads();
+      const int first = slot * warps_per_bucket;
+      range = warp_ranges[first];
+      for (int w = 1; w < warps_per_bucket; ++w) qdev::range_combine(range, warp_ranges[first + w]);
+      __syncthreads();  // warp_ranges is reused by the next block of buckets
+    }
+    if (active) qdev::quantize_phase2<D, kBits, kCache>(p, job, tid, tpb, range, cache);
+  }
+}
+
+template <DType D, int kBits>
+__global__ void __launch_bounds__(kBlock)
+    dequantize_into_kernel(const qdev::DequantizeParams p, int64_t groups, int shift) {
+  const int64_t total = p.num_buckets * groups;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlock;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; i < total; i += stride) {
+    const int64_t k = div_groups(i, groups, shift);
+    qdev::dequantize_group<D, kBits>(p, k, i - k * groups);
+  }
+}
+
+template <DType D, int kBits>
+__global__ void __launch_bounds__(kBlock)
+    dequantize_sum_kernel(const qdev::DequantizeSumParams p, int64_t groups, int shift) {
+  const int64_t total = p.num_buckets * groups;
+  const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlock;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; i < total; i += stride) {
+    const int64_t k = div_groups(i, groups, shift);
+    qdev::dequantize_sum_group<D, kBits>(p, k, i - k * groups);
+  }
+}
+
+// Calls f(std::integral_constant<DType, D>) for the runtime dtype.
+template <typename F>
+void dispatch_dtype(DType dtype, F&& f) {
+  switch (dtype) {
+    case DType::Float16: f(std::integral_constant<DType, DType::Float16>{}); break;
+    case DType::BFloat16: f(std::integral_constant<DType, DType::BFloat16>{}); break;
+    default: f(std::integral_constant<DType, DType::Float32>{}); break;
+  }
+}
+
+}  // namespace
+
+void launch_quantize(const void* x, DType dtype, float* residual, const int64_t* table, int64_t numel,
+                     int64_t num_buckets, int bits, int64_t bucket_size, bool stochastic, uint64_t seed,
+                     int64_t skip_begin, int64_t skip_end, uint8_t* payload, cudaStream_t stream) {
+  if (num_buckets <= 0) return;
+  const int64_t groups = bucket_size / kGroup;
+  // Enough threads per bucket that each owns at most kCacheGroups groups, up
+  // to a whole block; beyond that, threads loop over more groups and re-read.
+  int tpb = kWarp;
+  while (tpb < kBlock && groups > static_cast<int64_t>(tpb) * kCacheGroups) tpb *= 2;
+  const bool cached = groups <= static_cast<int64_t>(tpb) * kCacheGroups;
+
+  qdev::QuantizeParams p;
+  p.x = x;
+  p.residual = residual;
+  p.layout.table = table;
+  p.layout.numel = numel;
+  p.layout.bucket_size = bucket_size;
+  p.layout.first_bucket = 0;
+  p.payload = payload;
+  p.num_buckets = num_buckets;
+  p.record_size = quant::record_bytes(bits, bucket_size);
+  p.skip_begin = skip_begin;
+  p.skip_end = skip_end;
+  p.seed = seed;
+  p.stochastic = stochastic ? 1 : 0;
+  p.threads_per_bucket = tpb;
+
+  const int64_t blocks = ceil_div(num_buckets, kBlock / tpb);
+  const unsigned grid = grid_size(blocks);
+  dispatch_dtype(dtype, [&](auto dtype_c) {
+    constexpr DType D = decltype(dtype_c)::value;
+    quant::dispatch_bits(bits, [&](auto bits_c) {
+      constexpr int kBits = decltype(bits_c)::value;
+      if (cached)
+        quantize_kernel<D, kBits, kCacheGroups><<<grid, kBlock, 0, stream>>>(p, blocks);
+      else
+        quantize_kernel<D, kBits, 0><<<grid, kBlock, 0, stream>>>(p, blocks);
+    });
+  });
+}
+
+void launch_dequantize_into(const uint8_t* payload, int64_t num_buckets, const int64_t* table, void* out,
+                            DType dtype, int64_t out_numel, int bits, int64_t bucket_size, cudaStream_t stream) {
+  if (num_buckets <= 0) return;
+  const int64_t groups = bucket_size / kGroup;
+  qdev::DequantizeParams p;
+  p.payload = payload;
+  p.out = out;
+  p.layout.table = table;
+  p.layout.numel = out_numel;
+  p.layout.bucket_size = bucket_size;
+  p.layout.first_bucket = 0;
+  p.num_buckets = num_buckets;
+  p.record_size = quant::record_bytes(bits, bucket_size);
+  const unsigned grid = grid_size(ceil_div(num_buckets * groups, kBlock));
+  const int shift = pow2_shift(groups);
+  dispatch_dtype(dtype, [&](auto dtype_c) {
+    constexpr DType D = decltype(dtype_c)::value;
+    quant::dispatch_bits(bits, [&](auto bits_c) {
+      constexpr int kBits = decltype(bits_c)::value;
+      dequantize_into_kernel<D, kBits><<<grid, kBlock, 0, stream>>>(p, groups, shift);
+    });
+  });
+}
+
+void launch_dequantize_sum(const uint8_t* payloads, int64_t sources, int64_t num_buckets, const void* init,
+                           DType init_dtype, int64_t init_numel, const int64_t* table, int64_t init_bucket_begin,
+                           int bits, int64_t bucket_size, float* out, cudaStream_t stream) {
+  if (num_buckets <= 0) return;
+  const int64_t groups = bucket_size / kGroup;
+  qdev::DequantizeSumParams p;
+  p.payloads = payloads;
+  p.init = init;
+  p.layout.table = table;
+  p.layout.numel = init != nullptr ? init_numel : 0;
+  p.layout.bucket_size = bucket_size;
+  p.layout.first_bucket = init_bucket_begin;
+  p.out = out;
+  p.sources = sources;
+  p.num_buckets = num_buckets;
+  p.record_size = quant::record_bytes(bits, bucket_size);
+  const unsigned grid = grid_size(ceil_div(num_buckets * groups, kBlock));
+  const int shift = pow2_shift(groups);
+  dispatch_dtype(init != nullptr ? init_dtype : DType::Float32, [&](auto dtype_c) {
+    constexpr DType D = decltype(dtype_c)::value;
+    quant::dispatch_bits(bits, [&](auto bits_c) {
+      constexpr int kBits = decltype(bits_c)::value;
+      dequantize_sum_kernel<D, kBits><<<grid, kBlock, 0, stream>>>(p, groups, shift);
+    });
+  });
+}
+
+}  // namespace pycomm

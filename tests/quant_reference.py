@@ -1,0 +1,74 @@
+"""Pure-numpy reference of pycomm's Philox4x32-10 and quantized byte format.
+
+Written from the format specification (csrc/include/pycomm/quant_format.h),
+independently of the kernels, so that tests compare the kernels' bytes with it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+M0, M1 = np.uint64(0xD2511F53), np.uint64(0xCD9E8D57)
+W0, W1 = np.uint32(0x9E3779B9), np.uint32(0xBB67AE85)
+STREAM_STOCHASTIC_ROUNDING = 0x51554E54
+MASK32 = np.uint64(0xFFFFFFFF)
+
+
+def philox4x32_10(counter: np.ndarray, key0: int, key1: int) -> np.ndarray:
+    """counter: uint32 [N, 4]; returns uint32 [N, 4]."""
+    c = counter.astype(np.uint64)
+    k0, k1 = np.uint64(key0), np.uint64(key1)
+    for r in range(10):
+        if r:
+            k0 = (k0 + np.uint64(W0)) & MASK32
+            k1 = (k1 + np.uint64(W1)) & MASK32
+        p0 = M0 * c[:, 0]
+        p1 = M1 * c[:, 2]
+        hi0, lo0 = p0 >> np.uint64(32), p0 & MASK32
+        hi1, lo1 = p1 >> np.uint64(32), p1 & MASK32
+        c = np.stack([hi1 ^ c[:, 1] ^ k0, lo1, hi0 ^ c[:, 3] ^ k1, lo0], axis=1)
+    return c.astype(np.uint32)
+
+
+def uniforms(seed: int, count: int, stream: int = STREAM_STOCHASTIC_ROUNDING) -> np.ndarray:
+    """float32 uniforms of stream indices 0..count-1 (count a multiple of 4)."""
+    seed &= (1 << 64) - 1
+    blocks = np.arange(count // 4, dtype=np.uint64)
+    counter = np.stack([blocks & MASK32, blocks >> np.uint64(32), np.full_like(blocks, stream),
+                        np.zeros_like(blocks)], axis=1).astype(np.uint32)
+    words = philox4x32_10(counter, seed & 0xFFFFFFFF, seed >> 32).reshape(-1)
+    return (words >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)
+
+
+def quantize_reference(x: torch.Tensor, bits: int, bucket_size: int, stochastic: bool, seed: int) -> np.ndarray:
+    """The payload bytes, uint8 [num_buckets, 8 + bucket_size * bits / 8] (identity layout)."""
+    v = x.reshape(-1).float().numpy()
+    n = v.size
+    nb = -(-n // bucket_size)
+    max_level = np.float32(2 ** bits - 1)
+    padded = np.zeros(nb * bucket_size, dtype=np.float32)
+    padded[:n] = v
+    valid = np.zeros(nb * bucket_size, dtype=bool)
+    valid[:n] = True
+    padded = padded.reshape(nb, bucket_size)
+    valid = valid.reshape(nb, bucket_size)
+    mn = np.where(valid, padded, np.inf).min(axis=1).astype(np.float32)
+    mx = np.where(valid, padded, -np.inf).max(axis=1).astype(np.float32)
+    with np.errstate(over="ignore", divide="ignore"):
+        unit = ((mx - mn) / max_level).astype(np.float32)
+        unit = np.minimum(unit, np.float32(3.402823466e38))
+        inv = np.where(unit > 0, np.float32(1.0) / np.where(unit > 0, unit, 1), np.float32(0)).astype(np.float32)
+    r = (uniforms(seed, nb * bucket_size).reshape(nb, bucket_size) if stochastic
+         else np.full((nb, bucket_size), 0.5, dtype=np.float32))
+    t = ((padded - mn[:, None]) * inv[:, None]).astype(np.float32) + r
+    t = np.clip(t, 0, max_level)
+    levels = np.where(valid, t.astype(np.uint32), 0).astype(np.uint64)
+    groups = levels.reshape(nb, bucket_size // 8, 8)
+    words = np.zeros((nb, bucket_size // 8), dtype=np.uint64)
+    for j in range(8):
+        words |= groups[:, :, j] << np.uint64(j * bits)
+    packed = np.stack([(words >> np.uint64(8 * i)) & np.uint64(0xFF) for i in range(bits)], axis=2)
+    packed = packed.astype(np.uint8).reshape(nb, -1)
+    header = np.stack([mn, unit], axis=1).astype("<f4").view(np.uint8).reshape(nb, 8)
+    return np.concatenate([header, packed], axis=1)

@@ -1,0 +1,85 @@
+"""Tests of the demo job: corpus, model, and a short end-to-end DDP run via the CLI."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pycomm.cli import build_parser, main
+from pycomm.data import VOCAB_SIZE, eval_batches, load_corpus, train_batch, train_generator
+from pycomm.demo import DEFAULT_METHODS, METHODS, format_table
+from pycomm.models import CharTransformer, ModelConfig
+
+LN_VOCAB = math.log(VOCAB_SIZE)
+
+
+@pytest.fixture(scope="module")
+def corpus():
+    return load_corpus(max_bytes=200_000)
+
+
+def test_corpus_is_deterministic_real_text(corpus):
+    again = load_corpus(max_bytes=200_000)
+    assert corpus.num_bytes == 200_000
+    assert torch.equal(corpus.train, again.train) and torch.equal(corpus.held_out, again.held_out)
+    text = bytes(corpus.train[:20_000].tolist()).decode("utf-8", errors="replace")
+    assert "def " in text and "import " in text
+
+
+def test_batches_per_rank_and_eval_set(corpus):
+    x0, y0 = train_batch(corpus, 4, 32, train_generator(seed=0, rank=0))
+    x0b, _ = train_batch(corpus, 4, 32, train_generator(seed=0, rank=0))
+    x1, _ = train_batch(corpus, 4, 32, train_generator(seed=0, rank=1))
+    assert x0.shape == y0.shape == (4, 32) and x0.dtype == torch.int64
+    assert torch.equal(x0, x0b) and not torch.equal(x0, x1)
+    assert torch.equal(x0[:, 1:], y0[:, :-1])
+    ev = eval_batches(corpus, 3, 2, 16)
+    assert len(ev) == 3 and all(torch.equal(a[0], b[0]) for a, b in zip(ev, eval_batches(corpus, 3, 2, 16)))
+
+
+def test_model_shapes_and_initial_loss(corpus):
+    torch.manual_seed(0)
+    model = CharTransformer(ModelConfig(context=32, n_layer=1, d_model=64, n_head=2))
+    x, y = train_batch(corpus, 2, 32, train_generator(0, 0))
+    assert model(x).shape == (2, 32, VOCAB_SIZE)
+    assert abs(model.loss(x, y).item() - LN_VOCAB) < 0.1
+    assert any(p.dim() == 2 and p.numel() >= 64 * 64 for p in model.parameters())
+    assert any(p.dim() == 1 for p in model.parameters())
+
+
+def test_cli_parser_defaults():
+    args = build_parser().parse_args(["demo"])
+    assert args.workers == 4 and args.methods == list(DEFAULT_METHODS) and args.json is None
+    assert set(DEFAULT_METHODS) <= set(METHODS)
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["demo", "--methods", "no_such_method"])
+
+
+def test_demo_end_to_end(tmp_path, capsys):
+    out = tmp_path / "demo.json"
+    rc = main(["demo", "--workers", "2", "--steps", "30", "--methods", "allreduce,quant4", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert "| method | final train loss | eval loss | bytes/worker/step | compression vs fp32 | ms/step |" in printed
+    assert "| allreduce |" in printed and "| quant4 |" in printed
+
+    report = json.loads(out.read_text())
+    results = {r["method"]: r for r in report["results"]}
+    assert list(results) == ["allreduce", "quant4"]
+    assert format_table(report["results"]).count("\n") == 3
+    for r in results.values():
+        assert r["workers"] == 2 and r["steps"] == 30
+        assert abs(r["initial_loss"] - LN_VOCAB) < 0.1
+        for key in ("final_train_loss", "eval_loss", "ms_per_step"):
+            assert math.isfinite(r[key]) and r[key] > 0
+        assert r["final_train_loss"] < LN_VOCAB - 1.5
+        assert r["eval_loss"] < LN_VOCAB - 1.5
+        assert r["replicas_in_sync"]
+    allreduce, quant4 = results["allreduce"], results["quant4"]
+    # the hook sees every gradient byte: fp32 all-reduce is exactly the analytic figure
+    assert allreduce["bytes_per_worker_per_step"] == pytest.approx(allreduce["fp32_allreduce_bytes_per_step"], rel=0.01)
+    assert 0 < quant4["bytes_per_worker_per_step"] < allreduce["bytes_per_worker_per_step"] / 5
+    assert quant4["compression"] > 5

@@ -1,0 +1,112 @@
+"""pycomm.distributed.quantized_all_reduce on 2 and 4 Gloo ranks."""
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_utils import run_distributed
+
+
+def _inputs(rank, n, dtype, seed=0):
+    return (torch.randn(n, generator=torch.Generator().manual_seed(seed * 100 + rank)) * (rank + 1)).to(dtype)
+
+
+def _reduce_worker(rank, world, cases):
+    import pycomm
+    from pycomm.traffic import CollectiveByteCounter
+
+    results = []
+    for n, bits, dtype, op_name, stochastic in cases:
+        y = _inputs(rank, n, dtype)
+        op = getattr(dist.ReduceOp, op_name)
+        with CollectiveByteCounter() as counter:
+            pycomm.distributed.quantized_all_reduce(y, bits=bits, bucket_size=512, op=op, stochastic=stochastic,
+                                                    seed=7)
+        results.append({"y": y, "bytes": counter.bytes_sent, "calls": dict(counter.calls)})
+    return results
+
+
+def _error_bound(world, n, bits, dtype, op_name):
+    """Per-element bound: each peer's contribution is off by < one unit of its bucket
+    (stochastic) and the re-quantized sum by < one unit of the sum's bucket."""
+    from test_quantize_ops import bucket_units
+
+    xs = [_inputs(r, n, dtype).double() for r in range(world)]
+    exact = torch.stack(xs).sum(0)
+    units = sum(bucket_units(x, bits, 512) for x in xs)
+    # The reduced chunk's range is at most the exact sum's range plus the phase-1 errors.
+    sum_units = bucket_units(exact, bits, 512) + 2 * units / (2**bits - 1)
+    bound = units + sum_units
+    if op_name == "AVG":
+        exact, bound = exact / world, bound / world
+    return exact, bound
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_within_error_bound_and_bit_identical(world):
+    cases = [(10001, 4, torch.float32, "SUM", True), (3000, 2, torch.float16, "AVG", True),
+             (517, 8, torch.bfloat16, "SUM", False), (5, 3, torch.float32, "AVG", True)]
+    per_rank = run_distributed(_reduce_worker, world, cases)
+    for i, (n, bits, dtype, op_name, stochastic) in enumerate(cases):
+        ys = [r[i]["y"] for r in per_rank]
+        for y in ys[1:]:
+            assert torch.equal(y, ys[0]), "ranks differ"
+        exact, bound = _error_bound(world, n, bits, dtype, op_name)
+        out_eps = {torch.float32: 0, torch.float16: 2**-10, torch.bfloat16: 2**-7}[dtype]
+        err = (ys[0].double() - exact).abs()
+        assert torch.all(err <= bound * 1.0001 + exact.abs() * out_eps + 1e-5), (n, bits, dtype)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_bytes_sent_at_4_bits_are_under_a_seventh_of_fp32(world):
+    n = 1 << 20
+    quant = run_distributed(_reduce_worker, world, [(n, 4, torch.float32, "SUM", True)])
+    fp32_ring = 2 * (world - 1) / world * n * 4
+    for (r,) in quant:
+        assert r["calls"] == {"all_to_all_single": 1, "all_gather_single": 1} or \
+            r["calls"] == {"all_to_all_single": 1, "all_gather_into_tensor": 1}
+        assert r["bytes"] <= fp32_ring / 7, (r["bytes"], fp32_ring)
+
+
+def _overflow_worker(rank, world):
+    import pycomm
+
+    x = torch.randn(4096)
+    if rank == 1:
+        x[1000] = float("inf")
+    y = x.clone()
+    pycomm.distributed.quantized_all_reduce(y, bits=4)
+    plain = x.clone()
+    dist.all_reduce(plain)
+    return y, plain
+
+
+def test_nonfinite_falls_back_to_uncompressed():
+    results = run_distributed(_overflow_worker, 4)
+    for y, plain in results:
+        assert torch.equal(y, plain)  # the uncompressed result, inf included
+        assert torch.isinf(y[1000])
+
+
+def _async_worker(rank, world):
+    import pycomm
+
+    x = torch.ones(2000) * (rank + 1)
+    fut = pycomm.distributed.quantized_all_reduce(x, bits=8, async_op=True, op=dist.ReduceOp.AVG)
+    out = fut.wait()
+    return out is x, x
+
+
+def test_async_returns_future_of_the_tensor():
+    for same, x in run_distributed(_async_worker, 2):
+        assert same
+        assert torch.allclose(x, torch.full((2000,), 1.5), atol=1e-6)
+
+
+def test_rejects_bad_arguments():
+    import pycomm
+
+    with pytest.raises(ValueError, match="op must be"):
+        pycomm.distributed.quantized_all_reduce(torch.zeros(8), op=dist.ReduceOp.MAX)
+    with pytest.raises(ValueError, match="contiguous"):
+        pycomm.distributed.quantized_all_reduce(torch.zeros(8, 8).t())
