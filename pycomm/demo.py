@@ -45,7 +45,7 @@ import torch.multiprocessing as mp
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pycomm.data import eval_batches, load_corpus, train_batch, train_generator
+from pycomm.data import Corpus, eval_batches, load_corpus, train_batch, train_generator
 from pycomm.models import CharTransformer, ModelConfig
 from pycomm.traffic import CollectiveByteCounter
 
@@ -155,6 +155,8 @@ class DemoConfig:
         warmup_steps: warm-up length; defaults to 10% of ``steps``.
         weight_decay: AdamW weight decay.
         grad_clip: gradient-norm clipping threshold (0 disables).
+        bucket_cap_mb: DDP bucket size; None keeps DDP's default (25 MB, with
+            a 1 MB first bucket).
         seed: seeds the initial weights (same for all methods) and the data
             (``seed + rank`` per worker).
         corpus_bytes: size of the stdlib-source corpus.
@@ -173,6 +175,7 @@ class DemoConfig:
     warmup_steps: Optional[int] = None
     weight_decay: float = 0.01
     grad_clip: float = 1.0
+    bucket_cap_mb: Optional[float] = None
     seed: int = 0
     corpus_bytes: int = 2_000_000
     eval_batches: int = 8
@@ -237,7 +240,7 @@ def _train_one(
     name: str,
     spec: MethodSpec,
     cfg: DemoConfig,
-    corpus: Any,
+    corpus: Corpus,
     eval_set: list[tuple[torch.Tensor, torch.Tensor]],
     rank: int,
     world: int,
@@ -246,7 +249,7 @@ def _train_one(
     torch.manual_seed(cfg.seed)
     model = CharTransformer(cfg.model)
     fp32_bytes = fp32_allreduce_bytes(model, world)
-    ddp = DDP(model)
+    ddp = DDP(model, bucket_cap_mb=cfg.bucket_cap_mb)
     state = spec.attach(ddp)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
     generator = train_generator(cfg.seed, rank)

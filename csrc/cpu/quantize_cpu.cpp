@@ -9,6 +9,11 @@
 
 #include <cstring>
 #include <limits>
+#include <type_traits>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "../quantize_checks.h"
 #include "pycomm/bucket_layout.h"
@@ -18,6 +23,8 @@ namespace pycomm {
 namespace {
 
 using quant::kGroup;
+constexpr int kTileGroups = 32;
+constexpr int kTile = kTileGroups * kGroup;
 
 // Buckets per parallel task: enough elements that scheduling is negligible.
 int64_t bucket_grain(int64_t bucket_size) { return std::max<int64_t>(1, 16384 / bucket_size); }
@@ -27,6 +34,62 @@ inline float load_value(const T* x, const float* residual, int64_t i) {
   float v = static_cast<float>(x[i]);
   if (kResidual) v = add_rn(v, residual[i]);
   return v;
+}
+
+// Per-lane range of the first n (a multiple of 8) elements of x (+ residual),
+// eight lanes at a time. Plain loops with ?: min/max do not vectorize without
+// -ffast-math, so x86 gets SSE min/max, which have exactly the ?: semantics
+// (minps(a, b) = a < b ? a : b).
+template <typename T, bool kResidual>
+inline void range8(const T* x, const float* residual, int64_t n, float (&mn)[kGroup], float (&mx)[kGroup],
+                   float (&bad)[kGroup]) {
+  const float inf = std::numeric_limits<float>::infinity();
+#if defined(__SSE2__)
+  __m128 min0 = _mm_set1_ps(inf), min1 = min0, max0 = _mm_set1_ps(-inf), max1 = max0;
+  __m128 bad0 = _mm_setzero_ps(), bad1 = bad0;
+  for (int64_t i = 0; i < n; i += kGroup) {
+    __m128 v0, v1;
+    if constexpr (std::is_same<T, float>::value) {
+      v0 = _mm_loadu_ps(x + i);
+      v1 = _mm_loadu_ps(x + i + 4);
+    } else {
+      alignas(16) float tmp[kGroup];
+      for (int j = 0; j < kGroup; ++j) tmp[j] = static_cast<float>(x[i + j]);
+      v0 = _mm_load_ps(tmp);
+      v1 = _mm_load_ps(tmp + 4);
+    }
+    if constexpr (kResidual) {
+      v0 = _mm_add_ps(v0, _mm_loadu_ps(residual + i));
+      v1 = _mm_add_ps(v1, _mm_loadu_ps(residual + i + 4));
+    }
+    min0 = _mm_min_ps(v0, min0);
+    min1 = _mm_min_ps(v1, min1);
+    max0 = _mm_max_ps(v0, max0);
+    max1 = _mm_max_ps(v1, max1);
+    bad0 = _mm_add_ps(bad0, _mm_sub_ps(v0, v0));
+    bad1 = _mm_add_ps(bad1, _mm_sub_ps(v1, v1));
+  }
+  _mm_storeu_ps(mn, min0);
+  _mm_storeu_ps(mn + 4, min1);
+  _mm_storeu_ps(mx, max0);
+  _mm_storeu_ps(mx + 4, max1);
+  _mm_storeu_ps(bad, bad0);
+  _mm_storeu_ps(bad + 4, bad1);
+#else
+  for (int j = 0; j < kGroup; ++j) {
+    mn[j] = inf;
+    mx[j] = -inf;
+    bad[j] = 0.0f;
+  }
+  for (int64_t i = 0; i < n; i += kGroup) {
+    for (int j = 0; j < kGroup; ++j) {
+      const float v = load_value<T, kResidual>(x, residual, i + j);
+      mn[j] = v < mn[j] ? v : mn[j];
+      mx[j] = v > mx[j] ? v : mx[j];
+      bad[j] += v - v;
+    }
+  }
+#endif
 }
 
 template <typename T, int kBits, bool kResidual>
@@ -40,23 +103,11 @@ void quantize_bucket(const T* x, float* residual, int64_t offset, int64_t length
   const T* xb = x + offset;
   float* rb = kResidual ? residual + offset : nullptr;
 
-  // Pass 1: range. Eight independent lanes keep the reduction vectorizable;
-  // v - v is NaN exactly for NaN and +-Inf, so `bad` flags non-finite input.
+  // Pass 1: range. v - v is NaN exactly for NaN and +-Inf, so `bad` flags
+  // non-finite input; min/max use `v < m ? v : m`, which ignores NaN.
   float lane_min[kGroup], lane_max[kGroup], lane_bad[kGroup];
-  for (int j = 0; j < kGroup; ++j) {
-    lane_min[j] = std::numeric_limits<float>::infinity();
-    lane_max[j] = -std::numeric_limits<float>::infinity();
-    lane_bad[j] = 0.0f;
-  }
   const int64_t full = length / kGroup * kGroup;
-  for (int64_t i = 0; i < full; i += kGroup) {
-    for (int j = 0; j < kGroup; ++j) {
-      const float v = load_value<T, kResidual>(xb, rb, i + j);
-      lane_min[j] = v < lane_min[j] ? v : lane_min[j];
-      lane_max[j] = v > lane_max[j] ? v : lane_max[j];
-      lane_bad[j] += v - v;
-    }
-  }
+  range8<T, kResidual>(xb, rb, full, lane_min, lane_max, lane_bad);
   for (int64_t i = full; i < length; ++i) {
     const float v = load_value<T, kResidual>(xb, rb, i);
     lane_min[0] = v < lane_min[0] ? v : lane_min[0];
@@ -80,21 +131,31 @@ void quantize_bucket(const T* x, float* residual, int64_t offset, int64_t length
     return;
   }
 
-  // Pass 2: encode, pack and (optionally) carry the error.
-  const int64_t groups = (length + kGroup - 1) / kGroup;
-  for (int64_t g = 0; g < groups; ++g) {
-    const int64_t base = g * kGroup;
-    const int n = static_cast<int>(std::min<int64_t>(kGroup, length - base));
-    float v[kGroup], r[kGroup], decoded[kGroup];
-    for (int j = 0; j < kGroup; ++j) v[j] = j < n ? load_value<T, kResidual>(xb, rb, base + j) : 0.0f;
-    quant::rounding_offsets(stochastic, seed, bucket, bucket_size, g, r);
-    const uint64_t word = quant::encode_group<kBits>(v, n, scale, r, decoded);
-    quant::store_group(data + g * kBits, word, kBits);
-    if (kResidual) {
-      for (int j = 0; j < n; ++j) rb[base + j] = sub_rn(v[j], decoded[j]);
+  // Pass 2, one tile of 256 elements at a time so that every loop is a plain
+  // vectorizable loop: rounding offsets (Philox, 64 blocks at once), levels and
+  // residuals, then packing with compile-time shifts.
+  const float max_lev = static_cast<float>(quant::max_level(kBits));
+  for (int64_t tile = 0; tile < length; tile += kTile) {
+    const int m = static_cast<int>(std::min<int64_t>(kTile, length - tile));
+    float r[kTile];
+    if (stochastic) quant::rounding_offsets_groups<kTileGroups>(true, seed, bucket, bucket_size, tile / kGroup, r);
+    uint8_t levels[kTile];
+    for (int i = 0; i < m; ++i) {
+      const float v = load_value<T, kResidual>(xb, rb, tile + i);
+      const uint32_t level = quant::encode_level(v, scale, stochastic ? r[i] : 0.5f, max_lev);
+      levels[i] = static_cast<uint8_t>(level);
+      if (kResidual) rb[tile + i] = sub_rn(v, quant::decode_level(level, scale.min, scale.unit));
+    }
+    for (int i = m; i < kTile; ++i) levels[i] = 0;
+    uint8_t* dst = data + (tile / kGroup) * kBits;
+    const int groups = (m + kGroup - 1) / kGroup;
+    for (int g = 0; g < groups; ++g) {
+      uint64_t word = 0;
+      for (int j = 0; j < kGroup; ++j) word |= static_cast<uint64_t>(levels[g * kGroup + j]) << (j * kBits);
+      quant::store_group(dst + g * kBits, word, kBits);
     }
   }
-  const int64_t used = groups * kBits;
+  const int64_t used = (length + kGroup - 1) / kGroup * kBits;
   std::memset(data + used, 0, record_size - quant::kHeaderBytes - used);
 }
 
@@ -133,23 +194,9 @@ void accumulate_bucket(const uint8_t* record, float* acc, int64_t bucket_size) {
 at::Tensor quantize_cpu(const at::Tensor& x_in, c10::optional<at::Tensor> residual,
                         const c10::optional<at::Tensor>& bucket_table, int64_t num_buckets, int64_t bits,
                         int64_t bucket_size, bool stochastic, int64_t seed, int64_t skip_begin, int64_t skip_end) {
-  check_bits_and_bucket(bits, bucket_size);
-  to_dtype(x_in, "x");
+  num_buckets = check_quantize_args(x_in, residual, bucket_table, num_buckets, bits, bucket_size);
   const at::Tensor x = x_in.contiguous();
   const int64_t numel = x.numel();
-  const int64_t table_rows = check_bucket_table(bucket_table, x);
-  const int64_t needed = table_rows >= 0 ? table_rows : (numel + bucket_size - 1) / bucket_size;
-  if (num_buckets < 0) num_buckets = needed;
-  TORCH_CHECK(table_rows < 0 || num_buckets == table_rows, "pycomm: num_buckets (", num_buckets,
-              ") must equal the number of bucket_table rows (", table_rows, ")");
-  TORCH_CHECK(num_buckets >= needed, "pycomm: num_buckets=", num_buckets, " cannot hold ", numel,
-              " elements in buckets of ", bucket_size, " (need at least ", needed, ")");
-  if (residual.has_value()) {
-    check_same_device(x, *residual, "residual");
-    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->is_contiguous() && residual->numel() == numel,
-                "pycomm: residual must be a contiguous float32 tensor with as many elements as x (", numel,
-                "), got ", residual->scalar_type(), " with ", residual->numel(), " elements");
-  }
   const int64_t record_size = quant::record_bytes(static_cast<int>(bits), bucket_size);
   at::Tensor payload = at::empty({num_buckets, record_size}, x.options().dtype(at::kByte));
   const BucketLayout layout = make_layout(bucket_table, numel, bucket_size, 0);
@@ -184,21 +231,8 @@ at::Tensor quantize_cpu(const at::Tensor& x_in, c10::optional<at::Tensor> residu
 
 void dequantize_into_cpu(const at::Tensor& payload, at::Tensor out, const c10::optional<at::Tensor>& bucket_table,
                          int64_t bits, int64_t bucket_size) {
-  check_bits_and_bucket(bits, bucket_size);
-  check_payload(payload, bits, bucket_size, 2, "payload");
-  to_dtype(out, "out");
-  check_same_device(payload, out, "out");
-  TORCH_CHECK(out.is_contiguous(), "pycomm: out must be contiguous");
+  check_dequantize_into_args(payload, out, bucket_table, bits, bucket_size);
   const int64_t num_buckets = payload.size(0);
-  const int64_t table_rows = check_bucket_table(bucket_table, out);
-  if (table_rows >= 0) {
-    TORCH_CHECK(table_rows == num_buckets, "pycomm: the payload has ", num_buckets,
-                " buckets but bucket_table has ", table_rows, " rows");
-  } else {
-    TORCH_CHECK(out.numel() <= num_buckets * bucket_size, "pycomm: the payload holds ", num_buckets,
-                " buckets of ", bucket_size, " elements (", num_buckets * bucket_size, ") but out has ",
-                out.numel(), " elements");
-  }
   const int64_t record_size = payload.size(1);
   const BucketLayout layout = make_layout(bucket_table, out.numel(), bucket_size, 0);
   const uint8_t* in = payload.data_ptr<uint8_t>();
@@ -220,24 +254,14 @@ void dequantize_into_cpu(const at::Tensor& payload, at::Tensor out, const c10::o
 at::Tensor dequantize_sum_cpu(const at::Tensor& payloads, const c10::optional<at::Tensor>& init_in,
                               const c10::optional<at::Tensor>& bucket_table, int64_t init_bucket_begin, int64_t bits,
                               int64_t bucket_size) {
-  check_bits_and_bucket(bits, bucket_size);
-  check_payload(payloads, bits, bucket_size, 3, "payloads");
+  check_dequantize_sum_args(payloads, init_in, bucket_table, init_bucket_begin, bits, bucket_size);
   const int64_t sources = payloads.size(0), num_buckets = payloads.size(1), record_size = payloads.size(2);
   at::Tensor out = at::empty({num_buckets * bucket_size}, payloads.options().dtype(at::kFloat));
   at::Tensor init;
   BucketLayout layout{};
   if (init_in.has_value()) {
     init = init_in->contiguous();
-    to_dtype(init, "init");
-    check_same_device(payloads, init, "init");
-    const int64_t table_rows = check_bucket_table(bucket_table, init);
-    TORCH_CHECK(init_bucket_begin >= 0, "pycomm: init_bucket_begin must be >= 0, got ", init_bucket_begin);
-    if (table_rows >= 0)
-      TORCH_CHECK(init_bucket_begin + num_buckets <= table_rows, "pycomm: buckets [", init_bucket_begin, ", ",
-                  init_bucket_begin + num_buckets, ") are outside bucket_table's ", table_rows, " rows");
     layout = make_layout(bucket_table, init.numel(), bucket_size, init_bucket_begin);
-  } else {
-    TORCH_CHECK(!bucket_table.has_value(), "pycomm: bucket_table is only used together with init");
   }
   const uint8_t* in = payloads.data_ptr<uint8_t>();
   float* op = out.data_ptr<float>();

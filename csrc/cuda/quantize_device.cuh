@@ -91,10 +91,11 @@ PYCOMM_HD float decode_value(uint32_t level, float mn, float unit) {
   return x86_nan_result(mn, m);
 }
 
-// add_rn with the CPU's NaN bits.
+// acc + d (add_rn) with the CPU's NaN bits. When both are NaN the CPU build
+// returns d's (its vectorized loop computes d + acc), so d is tried first.
 PYCOMM_HD float accumulate(float acc, float d) {
   const float s = add_rn(acc, d);
-  return is_nan(s) ? x86_nan_result(acc, d) : s;
+  return is_nan(s) ? x86_nan_result(d, acc) : s;
 }
 
 // ---------------------------------------------------------------------------

@@ -26,27 +26,39 @@ PYCOMM_HD void mulhilo(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
   lo = static_cast<uint32_t>(product);
 }
 
-// Philox4x32 with kRounds rounds; the key is bumped between rounds.
-PYCOMM_HD Block philox4x32_10(Block counter, uint32_t key0, uint32_t key1) {
-  uint32_t c0 = counter.v[0], c1 = counter.v[1], c2 = counter.v[2], c3 = counter.v[3];
+// Philox4x32 with kRounds rounds on N independent blocks (structure of
+// arrays, updated in place); the key is bumped between rounds. With N > 1 the
+// loops over blocks vectorize on CPUs; the single-block form below is N = 1.
+template <int N>
+PYCOMM_HD void philox4x32_10_lanes(uint32_t (&c0)[N], uint32_t (&c1)[N], uint32_t (&c2)[N], uint32_t (&c3)[N],
+                                   uint32_t key0, uint32_t key1) {
   for (int round = 0; round < kRounds; ++round) {
     if (round > 0) {
       key0 += kWeyl0;
       key1 += kWeyl1;
     }
-    uint32_t hi0, lo0, hi1, lo1;
-    mulhilo(kMul0, c0, hi0, lo0);
-    mulhilo(kMul1, c2, hi1, lo1);
-    c0 = hi1 ^ c1 ^ key0;
-    c1 = lo1;
-    c2 = hi0 ^ c3 ^ key1;
-    c3 = lo0;
+    for (int i = 0; i < N; ++i) {
+      uint32_t hi0, lo0, hi1, lo1;
+      mulhilo(kMul0, c0[i], hi0, lo0);
+      mulhilo(kMul1, c2[i], hi1, lo1);
+      const uint32_t n0 = hi1 ^ c1[i] ^ key0;
+      const uint32_t n2 = hi0 ^ c3[i] ^ key1;
+      c0[i] = n0;
+      c1[i] = lo1;
+      c2[i] = n2;
+      c3[i] = lo0;
+    }
   }
+}
+
+PYCOMM_HD Block philox4x32_10(Block counter, uint32_t key0, uint32_t key1) {
+  uint32_t c0[1] = {counter.v[0]}, c1[1] = {counter.v[1]}, c2[1] = {counter.v[2]}, c3[1] = {counter.v[3]};
+  philox4x32_10_lanes<1>(c0, c1, c2, c3, key0, key1);
   Block out;
-  out.v[0] = c0;
-  out.v[1] = c1;
-  out.v[2] = c2;
-  out.v[3] = c3;
+  out.v[0] = c0[0];
+  out.v[1] = c1[0];
+  out.v[2] = c2[0];
+  out.v[3] = c3[0];
   return out;
 }
 
@@ -75,6 +87,27 @@ PYCOMM_HD uint32_t uint32_at(uint64_t seed, uint32_t stream, uint64_t index) {
 // the conversion cannot round differently on different devices.
 PYCOMM_HD float uint32_to_unit_float(uint32_t u) {
   return static_cast<float>(u >> 8) * (1.0f / 16777216.0f);
+}
+
+// Uniforms of stream indices [4 * first_block, 4 * (first_block + N)), in
+// index order: the same numbers as uint32_at, N blocks at a time.
+template <int N>
+PYCOMM_HD void unit_floats(uint64_t seed, uint32_t stream, uint64_t first_block, float (&out)[4 * N]) {
+  uint32_t c0[N], c1[N], c2[N], c3[N];
+  for (int i = 0; i < N; ++i) {
+    const uint64_t block = first_block + static_cast<uint64_t>(i);
+    c0[i] = static_cast<uint32_t>(block);
+    c1[i] = static_cast<uint32_t>(block >> 32);
+    c2[i] = stream;
+    c3[i] = 0u;
+  }
+  philox4x32_10_lanes<N>(c0, c1, c2, c3, static_cast<uint32_t>(seed), static_cast<uint32_t>(seed >> 32));
+  for (int i = 0; i < N; ++i) {
+    out[4 * i + 0] = uint32_to_unit_float(c0[i]);
+    out[4 * i + 1] = uint32_to_unit_float(c1[i]);
+    out[4 * i + 2] = uint32_to_unit_float(c2[i]);
+    out[4 * i + 3] = uint32_to_unit_float(c3[i]);
+  }
 }
 
 }  // namespace philox

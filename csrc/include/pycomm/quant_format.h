@@ -72,7 +72,8 @@ PYCOMM_HD uint32_t encode_level(float x, const BucketScale& s, float r, float ma
   float t = add_rn(mul_rn(sub_rn(x, s.min), s.inv_unit), r);
   t = t > 0.0f ? t : 0.0f;
   t = t < max_lev ? t : max_lev;
-  return static_cast<uint32_t>(t);
+  // Through int32: the same value for t in [0, 255], and it vectorizes on CPUs.
+  return static_cast<uint32_t>(static_cast<int32_t>(t));
 }
 
 PYCOMM_HD float decode_level(uint32_t level, float mn, float unit) {
@@ -120,24 +121,26 @@ PYCOMM_HD uint32_t level_in_group(uint64_t word, int j, int bits) {
   return static_cast<uint32_t>(word >> (j * bits)) & max_level(bits);
 }
 
-// The rounding offsets r of the 8 elements of group `group` of payload bucket
-// `bucket`. Stochastic rounding draws element j of bucket k from the Philox
-// stochastic-rounding stream at index k * B + j (its position in the payload),
-// so a group of 8 is exactly two Philox blocks.
-PYCOMM_HD void rounding_offsets(bool stochastic, uint64_t seed, int64_t bucket, int64_t bucket_size,
-                                int64_t group, float (&r)[kGroup]) {
+// The rounding offsets r of kGroups consecutive groups of 8 elements, from
+// group `first_group` of payload bucket `bucket`. Stochastic rounding draws
+// element j of bucket k from the Philox stochastic-rounding stream at index
+// k * B + j (its position in the payload), so a group of 8 is exactly two
+// Philox blocks. Round to nearest uses r = 1/2.
+template <int kGroups>
+PYCOMM_HD void rounding_offsets_groups(bool stochastic, uint64_t seed, int64_t bucket, int64_t bucket_size,
+                                       int64_t first_group, float (&r)[kGroups * kGroup]) {
   if (!stochastic) {
-    for (int j = 0; j < kGroup; ++j) r[j] = 0.5f;
+    for (int j = 0; j < kGroups * kGroup; ++j) r[j] = 0.5f;
     return;
   }
-  const uint64_t first = (static_cast<uint64_t>(bucket) * static_cast<uint64_t>(bucket_size) +
-                          static_cast<uint64_t>(group) * kGroup) >> 2;
-  const philox::Block lo = philox::block_at(seed, philox::kStreamStochasticRounding, first);
-  const philox::Block hi = philox::block_at(seed, philox::kStreamStochasticRounding, first + 1);
-  for (int j = 0; j < 4; ++j) {
-    r[j] = philox::uint32_to_unit_float(lo.v[j]);
-    r[4 + j] = philox::uint32_to_unit_float(hi.v[j]);
-  }
+  const uint64_t first_block = (static_cast<uint64_t>(bucket) * static_cast<uint64_t>(bucket_size) +
+                                static_cast<uint64_t>(first_group) * kGroup) >> 2;
+  philox::unit_floats<2 * kGroups>(seed, philox::kStreamStochasticRounding, first_block, r);
+}
+
+PYCOMM_HD void rounding_offsets(bool stochastic, uint64_t seed, int64_t bucket, int64_t bucket_size,
+                                int64_t group, float (&r)[kGroup]) {
+  rounding_offsets_groups<1>(stochastic, seed, bucket, bucket_size, group, r);
 }
 
 // Encodes up to 8 values (n <= 8; the rest of the group is level 0) into one

@@ -1,0 +1,84 @@
+// CUDA implementation of the quantization ops: validation (shared with the
+// CPU ops, quantize_checks.h) and launches of the kernels in
+// quantize_kernels.cu on the current stream. Built only when torch has CUDA
+// (setup.py adds csrc/cuda/ and -DPYCOMM_WITH_CUDA then). The bytes and values
+// are identical to the CPU ops' for the same inputs and seed.
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+
+#include "../quantize_checks.h"
+#include "pycomm/quant_format.h"
+#include "quantize_kernels.h"
+
+namespace pycomm {
+namespace {
+
+void check_cuda(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.is_cuda(), "pycomm: ", what, " must be a CUDA tensor, got one on ", t.device());
+}
+
+at::Tensor quantize_cuda(const at::Tensor& x_in, c10::optional<at::Tensor> residual,
+                         const c10::optional<at::Tensor>& bucket_table, int64_t num_buckets, int64_t bits,
+                         int64_t bucket_size, bool stochastic, int64_t seed, int64_t skip_begin, int64_t skip_end) {
+  num_buckets = check_quantize_args(x_in, residual, bucket_table, num_buckets, bits, bucket_size);
+  check_cuda(x_in, "x");
+  const c10::cuda::CUDAGuard guard(x_in.device());
+  const at::Tensor x = x_in.contiguous();
+  const int64_t numel = x.numel();
+  const int64_t record_size = quant::record_bytes(static_cast<int>(bits), bucket_size);
+  at::Tensor payload = at::empty({num_buckets, record_size}, x.options().dtype(at::kByte));
+  if (num_buckets == 0) return payload;
+  launch_quantize(x.data_ptr(), to_dtype(x, "x"), residual.has_value() ? residual->data_ptr<float>() : nullptr,
+                  bucket_table.has_value() ? bucket_table->data_ptr<int64_t>() : nullptr, numel, num_buckets,
+                  static_cast<int>(bits), bucket_size, stochastic, static_cast<uint64_t>(seed), skip_begin, skip_end,
+                  payload.data_ptr<uint8_t>(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return payload;
+}
+
+void dequantize_into_cuda(const at::Tensor& payload, at::Tensor out, const c10::optional<at::Tensor>& bucket_table,
+                          int64_t bits, int64_t bucket_size) {
+  check_dequantize_into_args(payload, out, bucket_table, bits, bucket_size);
+  check_cuda(payload, "payload");
+  const c10::cuda::CUDAGuard guard(payload.device());
+  const int64_t num_buckets = payload.size(0);
+  if (num_buckets == 0 || out.numel() == 0) return;
+  launch_dequantize_into(payload.data_ptr<uint8_t>(), num_buckets,
+                         bucket_table.has_value() ? bucket_table->data_ptr<int64_t>() : nullptr, out.data_ptr(),
+                         to_dtype(out, "out"), out.numel(), static_cast<int>(bits), bucket_size,
+                         at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+at::Tensor dequantize_sum_cuda(const at::Tensor& payloads, const c10::optional<at::Tensor>& init_in,
+                               const c10::optional<at::Tensor>& bucket_table, int64_t init_bucket_begin, int64_t bits,
+                               int64_t bucket_size) {
+  check_dequantize_sum_args(payloads, init_in, bucket_table, init_bucket_begin, bits, bucket_size);
+  check_cuda(payloads, "payloads");
+  const c10::cuda::CUDAGuard guard(payloads.device());
+  const int64_t sources = payloads.size(0), num_buckets = payloads.size(1);
+  at::Tensor out = at::empty({num_buckets * bucket_size}, payloads.options().dtype(at::kFloat));
+  if (num_buckets == 0) return out;
+  at::Tensor init;
+  if (init_in.has_value()) init = init_in->contiguous();
+  launch_dequantize_sum(payloads.data_ptr<uint8_t>(), sources, num_buckets,
+                        init.defined() ? init.data_ptr() : nullptr,
+                        init.defined() ? to_dtype(init, "init") : DType::Float32, init.defined() ? init.numel() : 0,
+                        bucket_table.has_value() ? bucket_table->data_ptr<int64_t>() : nullptr, init_bucket_begin,
+                        static_cast<int>(bits), bucket_size, out.data_ptr<float>(), at::cuda::getCurrentCUDAStream());
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pycomm, CUDA, m) {
+  m.impl("quantize", &quantize_cuda);
+  m.impl("dequantize_into", &dequantize_into_cuda);
+  m.impl("dequantize_sum", &dequantize_sum_cuda);
+}
+
+}  // namespace pycomm
