@@ -168,7 +168,7 @@ class DemoConfig:
     """
 
     workers: int = 4
-    steps: int = 250
+    steps: int = 200
     batch_size: int = 16
     model: ModelConfig = field(default_factory=lambda: ModelConfig(context=64, n_layer=2, n_head=4, d_model=128))
     lr: float = 3e-3

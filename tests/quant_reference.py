@@ -55,6 +55,7 @@ def quantize_reference(x: torch.Tensor, bits: int, bucket_size: int, stochastic:
     valid = valid.reshape(nb, bucket_size)
     mn = np.where(valid, padded, np.inf).min(axis=1).astype(np.float32)
     mx = np.where(valid, padded, -np.inf).max(axis=1).astype(np.float32)
+    mn, mx = mn + np.float32(0), mx + np.float32(0)  # -0 -> +0, as the format specifies
     with np.errstate(over="ignore", divide="ignore"):
         unit = ((mx - mn) / max_level).astype(np.float32)
         unit = np.minimum(unit, np.float32(3.402823466e38))

@@ -193,3 +193,13 @@ def test_opcheck():
 def test_compression_ratio():
     q = ops.quantize(torch.randn(1 << 20), bits=4, bucket_size=512)
     assert (1 << 20) * 4 / q.nbytes == pytest.approx(32 * 512 / (4 * 512 + 64))
+
+
+def test_signed_zero_extremes_are_canonical():
+    # +0 and -0 compare equal, so the header must not depend on which one a scan keeps.
+    a = torch.tensor([-0.0, 0.0, 1.0, 2.0, 0.5, 0.25, 0.0, -0.0])
+    b = torch.tensor([0.0, -0.0, 1.0, 2.0, 0.5, 0.25, -0.0, 0.0])
+    qa = ops.quantize(a, bits=4, bucket_size=8, stochastic=False)
+    qb = ops.quantize(b, bits=4, bucket_size=8, stochastic=False)
+    assert torch.equal(qa.payload, qb.payload)
+    assert qa.meta[0, 0].item() == 0.0 and not torch.signbit(qa.meta[0, 0])

@@ -261,44 +261,29 @@ PYCOMM_HD BucketJob make_job(const QuantizeParams& p, int64_t k) {
   return job;
 }
 
-// The range of a bucket, reduced over threads. The CPU scans the bucket in a
-// fixed order and keeps the first of equal extremes, which only matters for
-// +0 and -0 (the only distinct floats that compare equal): a minimum or
-// maximum of zero takes the sign of the first zero in the CPU's scan order.
-// That order is: lane j = i % 8 of the full groups (lanes in order, groups in
-// order within a lane), the elements of a short last group in lane 0 after
-// lane 0's full groups. zkey = (position in that order) << 1 | sign bit of the
-// zero, so the smallest zkey is that first zero.
+// The range of a bucket, reduced over threads with the CPU's comparisons
+// (NaN never replaces an extreme). Which of +0/-0 wins does not matter:
+// make_scale canonicalizes both to +0.
 struct RangePartial {
   float mn;
   float mx;
   uint32_t bad;   // nonzero if any element is NaN or +-Inf
-  uint32_t zkey;  // 0xFFFFFFFF: no zero seen
 };
 
 PYCOMM_HD void range_init(RangePartial& r) {
   r.mn = bits_float(0x7F800000u);   // +inf
   r.mx = bits_float(0xFF800000u);   // -inf
   r.bad = 0;
-  r.zkey = 0xFFFFFFFFu;
 }
 
 // Same comparisons as the CPU: NaN never replaces an extreme.
-PYCOMM_HD void range_group(RangePartial& r, const float (&v)[kGroup], int n, int64_t g) {
-  const bool full = n == kGroup;
+PYCOMM_HD void range_group(RangePartial& r, const float (&v)[kGroup], int n) {
   for (int j = 0; j < kGroup; ++j) {
     if (j >= n) continue;
     const float x = v[j];
     r.mn = x < r.mn ? x : r.mn;
     r.mx = x > r.mx ? x : r.mx;
     r.bad |= sub_rn(x, x) == 0.0f ? 0u : 1u;  // x - x is NaN exactly for NaN and +-Inf
-    if (x == 0.0f) {
-      // g < 2^21 and j < 8, so the position fits in 28 bits.
-      const uint32_t pos = full ? (static_cast<uint32_t>(j) << 25) | static_cast<uint32_t>(g)
-                                : static_cast<uint32_t>(g) + static_cast<uint32_t>(j);
-      const uint32_t key = (pos << 1) | (float_bits(x) >> 31);
-      r.zkey = key < r.zkey ? key : r.zkey;
-    }
   }
 }
 
@@ -306,15 +291,10 @@ PYCOMM_HD void range_combine(RangePartial& a, const RangePartial& b) {
   a.mn = b.mn < a.mn ? b.mn : a.mn;
   a.mx = b.mx > a.mx ? b.mx : a.mx;
   a.bad |= b.bad;
-  a.zkey = b.zkey < a.zkey ? b.zkey : a.zkey;
 }
 
 PYCOMM_HD quant::BucketScale range_scale(const RangePartial& r, int bits) {
-  float mn = r.mn, mx = r.mx;
-  const float first_zero = (r.zkey & 1u) ? bits_float(0x80000000u) : 0.0f;
-  if (mn == 0.0f) mn = first_zero;  // a zero extreme implies a zero was seen
-  if (mx == 0.0f) mx = first_zero;
-  return quant::make_scale(mn, mx, r.bad != 0, bits);
+  return quant::make_scale(r.mn, r.mx, r.bad != 0, bits);
 }
 
 // Loads the n values of group g of the bucket: x (+ residual), as the CPU's
@@ -353,7 +333,7 @@ PYCOMM_HD void quantize_phase1(const QuantizeParams& p, const BucketJob& job, in
       if (g < job.used_groups) {
         const int n = group_count(job, g);
         load_bucket_group<D>(p, job, g, n, cache[c]);
-        range_group(part, cache[c], n, g);
+        range_group(part, cache[c], n);
       }
     }
   } else {
@@ -362,7 +342,7 @@ PYCOMM_HD void quantize_phase1(const QuantizeParams& p, const BucketJob& job, in
       const int n = group_count(job, g);
       float v[kGroup];
       load_bucket_group<D>(p, job, g, n, v);
-      range_group(part, v, n, g);
+      range_group(part, v, n);
     }
   }
 }

@@ -54,7 +54,6 @@ __device__ __forceinline__ void warp_reduce(qdev::RangePartial& r) {
     o.mn = __shfl_xor_sync(0xffffffffu, r.mn, m);
     o.mx = __shfl_xor_sync(0xffffffffu, r.mx, m);
     o.bad = __shfl_xor_sync(0xffffffffu, r.bad, m);
-    o.zkey = __shfl_xor_sync(0xffffffffu, r.zkey, m);
     qdev::range_combine(r, o);
   }
 }

@@ -58,6 +58,10 @@ PYCOMM_HD BucketScale make_scale(float mn, float mx, bool nonfinite, int bits) {
     s.inv_unit = 0.0f;
     return s;
   }
+  // +0 and -0 compare equal, so which one a min/max scan keeps depends on the
+  // scan order; adding +0 turns -0 into +0 and makes the header independent of it.
+  mn = add_rn(mn, 0.0f);
+  mx = add_rn(mx, 0.0f);
   float unit = sub_rn(mx, mn) / static_cast<float>(max_level(bits));
   if (!(unit <= kFloatMax)) unit = kFloatMax;  // range wider than float32 holds
   s.min = mn;
