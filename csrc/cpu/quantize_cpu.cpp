@@ -139,12 +139,20 @@ void quantize_bucket(const T* x, float* residual, int64_t offset, int64_t length
     const int m = static_cast<int>(std::min<int64_t>(kTile, length - tile));
     float r[kTile];
     if (stochastic) quant::rounding_offsets_groups<kTileGroups>(true, seed, bucket, bucket_size, tile / kGroup, r);
-    uint8_t levels[kTile];
-    for (int i = 0; i < m; ++i) {
-      const float v = load_value<T, kResidual>(xb, rb, tile + i);
-      const uint32_t level = quant::encode_level(v, scale, stochastic ? r[i] : 0.5f, max_lev);
-      levels[i] = static_cast<uint8_t>(level);
-      if (kResidual) rb[tile + i] = sub_rn(v, quant::decode_level(level, scale.min, scale.unit));
+    // Separate loops (values, levels, residuals) vectorize; one fused loop with
+    // a store to the residual and a narrowing store does not.
+    float v[kTile];
+    for (int i = 0; i < m; ++i) v[i] = load_value<T, kResidual>(xb, rb, tile + i);
+    int32_t levels[kTile];
+    if (stochastic) {
+      for (int i = 0; i < m; ++i) levels[i] = static_cast<int32_t>(quant::encode_level(v[i], scale, r[i], max_lev));
+    } else {
+      for (int i = 0; i < m; ++i) levels[i] = static_cast<int32_t>(quant::encode_level(v[i], scale, 0.5f, max_lev));
+    }
+    if (kResidual) {
+      float* __restrict__ out = rb + tile;
+      for (int i = 0; i < m; ++i)
+        out[i] = sub_rn(v[i], quant::decode_level(static_cast<uint32_t>(levels[i]), scale.min, scale.unit));
     }
     for (int i = m; i < kTile; ++i) levels[i] = 0;
     uint8_t* dst = data + (tile / kGroup) * kBits;
@@ -159,22 +167,28 @@ void quantize_bucket(const T* x, float* residual, int64_t offset, int64_t length
   std::memset(data + used, 0, record_size - quant::kHeaderBytes - used);
 }
 
+// Unpacks `groups` groups of levels (compile-time shifts), so that decoding
+// runs as a separate, vectorizable loop.
+template <int kBits>
+inline void unpack_levels(const uint8_t* data, int64_t groups, int32_t* levels) {
+  for (int64_t g = 0; g < groups; ++g) {
+    const uint64_t word = quant::load_group(data + g * kBits, kBits);
+    for (int j = 0; j < kGroup; ++j) levels[g * kGroup + j] = static_cast<int32_t>(quant::level_in_group(word, j, kBits));
+  }
+}
+
 template <typename T, int kBits>
 void dequantize_bucket(const uint8_t* record, T* out, int64_t offset, int64_t length) {
   float mn, unit;
   quant::read_header(record, mn, unit);
   const uint8_t* data = record + quant::kHeaderBytes;
   T* ob = out + offset;
-  const int64_t full = length / kGroup * kGroup;
-  for (int64_t i = 0; i < full; i += kGroup) {
-    const uint64_t word = quant::load_group(data + (i / kGroup) * kBits, kBits);
-    for (int j = 0; j < kGroup; ++j)
-      ob[i + j] = static_cast<T>(quant::decode_level(quant::level_in_group(word, j, kBits), mn, unit));
-  }
-  if (full < length) {
-    const uint64_t word = quant::load_group(data + (full / kGroup) * kBits, kBits);
-    for (int64_t i = full; i < length; ++i)
-      ob[i] = static_cast<T>(quant::decode_level(quant::level_in_group(word, i - full, kBits), mn, unit));
+  for (int64_t tile = 0; tile < length; tile += kTile) {
+    const int m = static_cast<int>(std::min<int64_t>(kTile, length - tile));
+    int32_t levels[kTile];
+    unpack_levels<kBits>(data + (tile / kGroup) * kBits, (m + kGroup - 1) / kGroup, levels);
+    for (int i = 0; i < m; ++i)
+      ob[tile + i] = static_cast<T>(quant::decode_level(static_cast<uint32_t>(levels[i]), mn, unit));
   }
 }
 
@@ -184,10 +198,13 @@ void accumulate_bucket(const uint8_t* record, float* acc, int64_t bucket_size) {
   float mn, unit;
   quant::read_header(record, mn, unit);
   const uint8_t* data = record + quant::kHeaderBytes;
-  for (int64_t i = 0; i < bucket_size; i += kGroup) {
-    const uint64_t word = quant::load_group(data + (i / kGroup) * kBits, kBits);
-    for (int j = 0; j < kGroup; ++j)
-      acc[i + j] = add_rn(acc[i + j], quant::decode_level(quant::level_in_group(word, j, kBits), mn, unit));
+  for (int64_t tile = 0; tile < bucket_size; tile += kTile) {
+    const int m = static_cast<int>(std::min<int64_t>(kTile, bucket_size - tile));
+    int32_t levels[kTile];
+    unpack_levels<kBits>(data + (tile / kGroup) * kBits, m / kGroup, levels);
+    float* __restrict__ a = acc + tile;
+    for (int i = 0; i < m; ++i)
+      a[i] = add_rn(a[i], quant::decode_level(static_cast<uint32_t>(levels[i]), mn, unit));
   }
 }
 

@@ -81,7 +81,8 @@ PYCOMM_HD uint32_t encode_level(float x, const BucketScale& s, float r, float ma
 }
 
 PYCOMM_HD float decode_level(uint32_t level, float mn, float unit) {
-  return add_rn(mn, mul_rn(static_cast<float>(level), unit));
+  // Through int32 (exact for levels <= 255): unsigned->float does not vectorize on x86.
+  return add_rn(mn, mul_rn(static_cast<float>(static_cast<int32_t>(level)), unit));
 }
 
 PYCOMM_HD void write_header(uint8_t* record, float mn, float unit) {
