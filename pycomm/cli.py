@@ -15,14 +15,15 @@ from __future__ import annotations
 
 import argparse
 import logging
+from dataclasses import replace
 from typing import Optional, Sequence
+
+from pycomm.demo import DEFAULT_METHODS, METHODS, DemoConfig, run_demo
 
 __all__ = ["build_parser", "main"]
 
 
 def _method_list(text: str) -> list[str]:
-    from pycomm.demo import METHODS
-
     names = [name.strip() for name in text.split(",") if name.strip()]
     if not names:
         raise argparse.ArgumentTypeError("expected a comma-separated list of method names")
@@ -40,21 +41,12 @@ def _positive_int(text: str) -> int:
 
 
 def _run_demo(args: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from pycomm.demo import DemoConfig, run_demo
-
-    config = DemoConfig()
-    if args.batch_size is not None:
-        config = replace(config, batch_size=args.batch_size)
-    config = replace(config, seed=args.seed)
+    config = replace(DemoConfig(), batch_size=args.batch_size, seed=args.seed)
     run_demo(args.methods, workers=args.workers, steps=args.steps, config=config, json_path=args.json)
     return 0
 
 
 def _add_demo(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
-    from pycomm.demo import DEFAULT_METHODS, METHODS, DemoConfig
-
     parser = commands.add_parser(
         "demo",
         help="compare gradient-communication methods on a DDP training run",
@@ -72,9 +64,14 @@ def _add_demo(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -
         help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}; known: {','.join(METHODS)})",
     )
     parser.add_argument(
-        "--batch-size", type=_positive_int, default=None, help=f"sequences per worker per step (default: {DemoConfig.batch_size})"
+        "--batch-size",
+        type=_positive_int,
+        default=DemoConfig.batch_size,
+        help=f"sequences per worker per step (default: {DemoConfig.batch_size})",
     )
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
+    parser.add_argument(
+        "--seed", type=int, default=DemoConfig.seed, help=f"seed of weights and data (default: {DemoConfig.seed})"
+    )
     parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
     parser.set_defaults(func=_run_demo)
 

@@ -29,6 +29,37 @@ constexpr int kTile = kTileGroups * kGroup;
 // Buckets per parallel task: enough elements that scheduling is negligible.
 int64_t bucket_grain(int64_t bucket_size) { return std::max<int64_t>(1, 16384 / bucket_size); }
 
+// Byte-lane (un)packing of a group: byte j of `bytes` holds level j. Three
+// shift-and-merge steps turn the 8 bytes into the group word
+// sum(level_j << (j * kBits)) of quant_format.h and back, instead of 8 shifts
+// and ORs per group. Needs a little-endian host (bytes loaded with memcpy).
+template <int kBits>
+inline uint64_t pack_byte_levels(uint64_t bytes) {
+  if constexpr (kBits == 8) {
+    return bytes;
+  } else {
+    uint64_t w = (bytes & 0x00FF00FF00FF00FFull) | ((bytes & 0xFF00FF00FF00FF00ull) >> (8 - kBits));
+    w = (w & 0x0000FFFF0000FFFFull) | ((w & 0xFFFF0000FFFF0000ull) >> (16 - 2 * kBits));
+    return (w & 0x00000000FFFFFFFFull) | ((w & 0xFFFFFFFF00000000ull) >> (32 - 4 * kBits));
+  }
+}
+
+template <int kBits>
+inline uint64_t unpack_byte_levels(uint64_t word) {
+  if constexpr (kBits == 8) {
+    return word;
+  } else {
+    constexpr uint64_t half = (uint64_t(1) << (4 * kBits)) - 1;
+    constexpr uint64_t quarter = ((uint64_t(1) << (2 * kBits)) - 1) * 0x0000000100000001ull;
+    constexpr uint64_t eighth = ((uint64_t(1) << kBits) - 1) * 0x0001000100010001ull;
+    uint64_t w = (word & half) | (((word >> (4 * kBits)) & half) << 32);
+    w = (w & quarter) | (((w >> (2 * kBits)) & quarter) << 16);
+    return (w & eighth) | (((w >> kBits) & eighth) << 8);
+  }
+}
+
+static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the CPU packing code assumes a little-endian host");
+
 template <typename T, bool kResidual>
 inline float load_value(const T* x, const float* residual, int64_t i) {
   float v = static_cast<float>(x[i]);
@@ -92,6 +123,34 @@ inline void range8(const T* x, const float* residual, int64_t n, float (&mn)[kGr
 #endif
 }
 
+// levels[i] = quant::encode_level(v[i], scale, r[i], max_lev) for i < n, with
+// r[i] = 1/2 (round to nearest) when r is null. The
+// SSE loop is that function written with vector instructions of exactly the
+// same semantics (maxps(t, 0) is t > 0 ? t : 0, minps(t, m) is t < m ? t : m,
+// cvttps2dq truncates like the int32 cast), so the bytes are identical, which
+// tests/test_quantize_ops.py checks against an independent reference.
+inline void encode_levels(const float* v, const float* r, int n, const quant::BucketScale& scale, float max_lev,
+                          uint8_t* levels) {
+  int i = 0;
+#if defined(__SSE2__)
+  const __m128 mn = _mm_set1_ps(scale.min), inv = _mm_set1_ps(scale.inv_unit);
+  const __m128 zero = _mm_setzero_ps(), top = _mm_set1_ps(max_lev);
+  auto encode4 = [&](int at) {
+    const __m128 offset = r != nullptr ? _mm_loadu_ps(r + at) : _mm_set1_ps(0.5f);
+    __m128 t = _mm_add_ps(_mm_mul_ps(_mm_sub_ps(_mm_loadu_ps(v + at), mn), inv), offset);
+    t = _mm_min_ps(_mm_max_ps(t, zero), top);
+    return _mm_cvttps_epi32(t);
+  };
+  for (; i + 16 <= n; i += 16) {
+    const __m128i lo = _mm_packs_epi32(encode4(i), encode4(i + 4));
+    const __m128i hi = _mm_packs_epi32(encode4(i + 8), encode4(i + 12));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(levels + i), _mm_packus_epi16(lo, hi));
+  }
+#endif
+  for (; i < n; ++i)
+    levels[i] = static_cast<uint8_t>(quant::encode_level(v[i], scale, r != nullptr ? r[i] : 0.5f, max_lev));
+}
+
 template <typename T, int kBits, bool kResidual>
 void quantize_bucket(const T* x, float* residual, int64_t offset, int64_t length, uint8_t* record,
                      int64_t bucket_size, bool stochastic, uint64_t seed, int64_t bucket) {
@@ -143,24 +202,19 @@ void quantize_bucket(const T* x, float* residual, int64_t offset, int64_t length
     // a store to the residual and a narrowing store does not.
     float v[kTile];
     for (int i = 0; i < m; ++i) v[i] = load_value<T, kResidual>(xb, rb, tile + i);
-    int32_t levels[kTile];
-    if (stochastic) {
-      for (int i = 0; i < m; ++i) levels[i] = static_cast<int32_t>(quant::encode_level(v[i], scale, r[i], max_lev));
-    } else {
-      for (int i = 0; i < m; ++i) levels[i] = static_cast<int32_t>(quant::encode_level(v[i], scale, 0.5f, max_lev));
-    }
+    alignas(16) uint8_t levels[kTile];
+    encode_levels(v, stochastic ? r : nullptr, m, scale, max_lev, levels);
     if (kResidual) {
       float* __restrict__ out = rb + tile;
-      for (int i = 0; i < m; ++i)
-        out[i] = sub_rn(v[i], quant::decode_level(static_cast<uint32_t>(levels[i]), scale.min, scale.unit));
+      for (int i = 0; i < m; ++i) out[i] = sub_rn(v[i], quant::decode_level(levels[i], scale.min, scale.unit));
     }
     for (int i = m; i < kTile; ++i) levels[i] = 0;
     uint8_t* dst = data + (tile / kGroup) * kBits;
     const int groups = (m + kGroup - 1) / kGroup;
     for (int g = 0; g < groups; ++g) {
-      uint64_t word = 0;
-      for (int j = 0; j < kGroup; ++j) word |= static_cast<uint64_t>(levels[g * kGroup + j]) << (j * kBits);
-      quant::store_group(dst + g * kBits, word, kBits);
+      uint64_t bytes;
+      std::memcpy(&bytes, levels + g * kGroup, sizeof(bytes));
+      quant::store_group(dst + g * kBits, pack_byte_levels<kBits>(bytes), kBits);
     }
   }
   const int64_t used = (length + kGroup - 1) / kGroup * kBits;
@@ -169,11 +223,13 @@ void quantize_bucket(const T* x, float* residual, int64_t offset, int64_t length
 
 // Unpacks `groups` groups of levels (compile-time shifts), so that decoding
 // runs as a separate, vectorizable loop.
+// Unpacks `groups` groups into one byte per level, so that decoding runs as a
+// separate, vectorizable loop.
 template <int kBits>
-inline void unpack_levels(const uint8_t* data, int64_t groups, int32_t* levels) {
+inline void unpack_levels(const uint8_t* data, int64_t groups, uint8_t* levels) {
   for (int64_t g = 0; g < groups; ++g) {
-    const uint64_t word = quant::load_group(data + g * kBits, kBits);
-    for (int j = 0; j < kGroup; ++j) levels[g * kGroup + j] = static_cast<int32_t>(quant::level_in_group(word, j, kBits));
+    const uint64_t bytes = unpack_byte_levels<kBits>(quant::load_group(data + g * kBits, kBits));
+    std::memcpy(levels + g * kGroup, &bytes, sizeof(bytes));
   }
 }
 
@@ -185,10 +241,9 @@ void dequantize_bucket(const uint8_t* record, T* out, int64_t offset, int64_t le
   T* ob = out + offset;
   for (int64_t tile = 0; tile < length; tile += kTile) {
     const int m = static_cast<int>(std::min<int64_t>(kTile, length - tile));
-    int32_t levels[kTile];
+    alignas(16) uint8_t levels[kTile];
     unpack_levels<kBits>(data + (tile / kGroup) * kBits, (m + kGroup - 1) / kGroup, levels);
-    for (int i = 0; i < m; ++i)
-      ob[tile + i] = static_cast<T>(quant::decode_level(static_cast<uint32_t>(levels[i]), mn, unit));
+    for (int i = 0; i < m; ++i) ob[tile + i] = static_cast<T>(quant::decode_level(levels[i], mn, unit));
   }
 }
 
@@ -200,11 +255,10 @@ void accumulate_bucket(const uint8_t* record, float* acc, int64_t bucket_size) {
   const uint8_t* data = record + quant::kHeaderBytes;
   for (int64_t tile = 0; tile < bucket_size; tile += kTile) {
     const int m = static_cast<int>(std::min<int64_t>(kTile, bucket_size - tile));
-    int32_t levels[kTile];
+    alignas(16) uint8_t levels[kTile];
     unpack_levels<kBits>(data + (tile / kGroup) * kBits, m / kGroup, levels);
     float* __restrict__ a = acc + tile;
-    for (int i = 0; i < m; ++i)
-      a[i] = add_rn(a[i], quant::decode_level(static_cast<uint32_t>(levels[i]), mn, unit));
+    for (int i = 0; i < m; ++i) a[i] = add_rn(a[i], quant::decode_level(levels[i], mn, unit));
   }
 }
 
