@@ -90,25 +90,25 @@ __global__ void __launch_bounds__(kBlock) quantize_kernel(const qdev::QuantizePa
   }
 }
 
+// The per-group work of the two decoding ops, selected by their parameter type.
 template <DType D, int kBits>
-__global__ void __launch_bounds__(kBlock)
-    dequantize_into_kernel(const qdev::DequantizeParams p, int64_t groups, int shift) {
-  const int64_t total = p.num_buckets * groups;
-  const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlock;
-  for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; i < total; i += stride) {
-    const int64_t k = div_groups(i, groups, shift);
-    qdev::dequantize_group<D, kBits>(p, k, i - k * groups);
-  }
+__device__ __forceinline__ void decode_group(const qdev::DequantizeParams& p, int64_t k, int64_t g) {
+  qdev::dequantize_group<D, kBits>(p, k, g);
 }
 
 template <DType D, int kBits>
-__global__ void __launch_bounds__(kBlock)
-    dequantize_sum_kernel(const qdev::DequantizeSumParams p, int64_t groups, int shift) {
+__device__ __forceinline__ void decode_group(const qdev::DequantizeSumParams& p, int64_t k, int64_t g) {
+  qdev::dequantize_sum_group<D, kBits>(p, k, g);
+}
+
+// One thread per (bucket, group), grid-stride over the whole payload.
+template <DType D, int kBits, typename Params>
+__global__ void __launch_bounds__(kBlock) decode_kernel(const Params p, int64_t groups, int shift) {
   const int64_t total = p.num_buckets * groups;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * kBlock;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * kBlock + threadIdx.x; i < total; i += stride) {
     const int64_t k = div_groups(i, groups, shift);
-    qdev::dequantize_sum_group<D, kBits>(p, k, i - k * groups);
+    decode_group<D, kBits>(p, k, i - k * groups);
   }
 }
 
@@ -184,7 +184,7 @@ void launch_dequantize_into(const uint8_t* payload, int64_t num_buckets, const i
     constexpr DType D = decltype(dtype_c)::value;
     quant::dispatch_bits(bits, [&](auto bits_c) {
       constexpr int kBits = decltype(bits_c)::value;
-      dequantize_into_kernel<D, kBits><<<grid, kBlock, 0, stream>>>(p, groups, shift);
+      decode_kernel<D, kBits><<<grid, kBlock, 0, stream>>>(p, groups, shift);
     });
   });
 }
@@ -211,7 +211,7 @@ void launch_dequantize_sum(const uint8_t* payloads, int64_t sources, int64_t num
     constexpr DType D = decltype(dtype_c)::value;
     quant::dispatch_bits(bits, [&](auto bits_c) {
       constexpr int kBits = decltype(bits_c)::value;
-      dequantize_sum_kernel<D, kBits><<<grid, kBlock, 0, stream>>>(p, groups, shift);
+      decode_kernel<D, kBits><<<grid, kBlock, 0, stream>>>(p, groups, shift);
     });
   });
 }
