@@ -30,6 +30,24 @@ TORCH_LIBRARY(pycomm, m) {
   m.def(
       "dequantize_sum(Tensor payloads, Tensor? init, Tensor? bucket_table, int init_bucket_begin, int bits, "
       "int bucket_size) -> Tensor");
+
+  // DGC momentum correction over the segments (layers) of a flat gradient:
+  // u = m*u + g; v += u (Nesterov: u = m*(u + g); v += u + g). With clip_norm
+  // > 0 each segment's gradient is first scaled to norm <= clip_norm.
+  m.def(
+      "dgc_compensate(Tensor grad, Tensor(a!) u, Tensor(b!) v, Tensor? segments, float momentum, bool nesterov, "
+      "float clip_norm) -> ()");
+  // The ceil(length * density) elements of largest magnitude of each segment:
+  // (values, indices), segment by segment, indices ascending within a segment
+  // (int32 when they fit). Exact, or sampled threshold + exact among candidates.
+  m.def(
+      "topk_magnitude(Tensor x, Tensor? segments, float density, bool exact, float sample_ratio, int seed) "
+      "-> (Tensor, Tensor)");
+  // v[indices] = 0 and, with u, u[indices] = 0 (momentum factor masking).
+  m.def("dgc_mask(Tensor(a!) v, Tensor(b!)? u, Tensor indices) -> ()");
+  // Sums the (values, indices) payloads (any shape, same for both) into a dense
+  // float32 tensor of numel elements; every index is checked first.
+  m.def("densify(Tensor values, Tensor indices, int numel) -> Tensor");
 }
 
 }  // namespace pycomm

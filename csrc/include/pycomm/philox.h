@@ -68,6 +68,7 @@ PYCOMM_HD Block philox4x32_10(Block counter, uint32_t key0, uint32_t key1) {
 // (stochastic rounding, perturbations) independent of each other.
 enum Stream : uint32_t {
   kStreamStochasticRounding = 0x51554E54u,  // "QUNT"
+  kStreamTopkSample = 0x544F504Bu,          // "TOPK": start of the strided top-k sample
 };
 
 PYCOMM_HD Block block_at(uint64_t seed, uint32_t stream, uint64_t block_index) {

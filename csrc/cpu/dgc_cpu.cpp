@@ -1,0 +1,277 @@
+// CPU implementation of the DGC ops: momentum correction with local clipping,
+// top-k selection by magnitude (exact, or sampled threshold + exact top-k
+// among the candidates), masking, and densify (scatter-add of W payloads).
+#include <torch/library.h>
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../dgc_checks.h"
+#include "pycomm/philox.h"
+#include "pycomm/segments.h"
+#include "pycomm/topk_order.h"
+
+namespace pycomm {
+namespace {
+
+constexpr int64_t kGrain = 32768;
+
+// ---------------------------------------------------------------------------
+// Momentum correction: u = m u + s g; v += u (Nesterov: u = m (u + s g);
+// v += u + s g), with s = min(1, clip / ||g_segment||) when clip > 0.
+
+template <typename T>
+double segment_sq_norm(const T* g, int64_t length) {
+  return at::parallel_reduce(
+      0, length, kGrain, 0.0,
+      [&](int64_t begin, int64_t end, double acc) {
+        for (int64_t i = begin; i < end; ++i) {
+          const double x = static_cast<double>(static_cast<float>(g[i]));
+          acc += x * x;
+        }
+        return acc;
+      },
+      [](double a, double b) { return a + b; });
+}
+
+template <typename T>
+void compensate_segment(const T* g, float* u, float* v, int64_t length, float momentum, bool nesterov, float scale) {
+  at::parallel_for(0, length, kGrain, [&](int64_t begin, int64_t end) {
+    for (int64_t i = begin; i < end; ++i) {
+      const float gi = mul_rn(static_cast<float>(g[i]), scale);
+      if (nesterov) {
+        const float ui = mul_rn(momentum, add_rn(u[i], gi));
+        u[i] = ui;
+        v[i] = add_rn(v[i], add_rn(ui, gi));
+      } else {
+        const float ui = add_rn(mul_rn(momentum, u[i]), gi);
+        u[i] = ui;
+        v[i] = add_rn(v[i], ui);
+      }
+    }
+  });
+}
+
+void dgc_compensate_cpu(const at::Tensor& grad_in, at::Tensor u, at::Tensor v, const c10::optional<at::Tensor>& segments,
+                        double momentum, bool nesterov, double clip_norm) {
+  to_dtype(grad_in, "grad");
+  check_state_buffer(grad_in, u, "u");
+  check_state_buffer(grad_in, v, "v");
+  TORCH_CHECK(momentum >= 0.0 && momentum < 1.0, "pycomm: momentum must be in [0, 1), got ", momentum);
+  TORCH_CHECK(clip_norm >= 0.0, "pycomm: clip_norm must be >= 0 (0 disables clipping), got ", clip_norm);
+  const at::Tensor grad = grad_in.contiguous();
+  const SegmentTable table = check_segments(segments, grad);
+  float* up = u.data_ptr<float>();
+  float* vp = v.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad.scalar_type(), "pycomm_dgc_compensate_cpu", [&] {
+    const scalar_t* gp = grad.data_ptr<scalar_t>();
+    for (int64_t s = 0; s < table.count; ++s) {
+      int64_t offset, length;
+      table.segment(s, offset, length);
+      float scale = 1.0f;
+      if (clip_norm > 0.0) {
+        const double norm = std::sqrt(segment_sq_norm(gp + offset, length));
+        if (norm > clip_norm) scale = static_cast<float>(clip_norm / norm);
+      }
+      compensate_segment(gp + offset, up + offset, vp + offset, length, static_cast<float>(momentum), nesterov, scale);
+    }
+  });
+}
+
+// ---------------------------------------------------------------------------
+// Top-k by magnitude. Elements are ranked by topk::before (larger magnitude
+// first, NaN as +inf, ties by lower index), a strict total order, so the
+// selected set is unique and the same on every device.
+
+struct Candidate {
+  float key;
+  int64_t index;
+};
+
+inline bool candidate_before(const Candidate& a, const Candidate& b) {
+  return topk::before(a.key, a.index, b.key, b.index);
+}
+
+// Collects every element of the segment whose key is >= threshold, in index
+// order (per-thread lists concatenated in thread order).
+template <typename T>
+std::vector<Candidate> collect(const T* x, int64_t offset, int64_t length, float threshold) {
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), length / kGrain));
+  std::vector<std::vector<Candidate>> parts(chunks);
+  at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t begin = length * c / chunks, end = length * (c + 1) / chunks;
+      std::vector<Candidate>& out = parts[c];
+      for (int64_t i = begin; i < end; ++i) {
+        const float key = topk::magnitude_key(static_cast<float>(x[offset + i]));
+        if (key >= threshold) out.push_back({key, offset + i});
+      }
+    }
+  });
+  size_t total = 0;
+  for (const auto& p : parts) total += p.size();
+  std::vector<Candidate> all;
+  all.reserve(total);
+  for (const auto& p : parts) all.insert(all.end(), p.begin(), p.end());
+  return all;
+}
+
+// The threshold estimated from a sample: strided with a Philox-random start,
+// `samples` elements, taking the rank that a slightly larger k would have so
+// that the count clears k with high probability.
+template <typename T>
+float sampled_threshold(const T* x, int64_t offset, int64_t length, int64_t k, int64_t samples, uint64_t seed,
+                        int64_t segment) {
+  const int64_t stride = std::max<int64_t>(1, length / samples);
+  const uint32_t r = philox::uint32_at(seed, philox::kStreamTopkSample, static_cast<uint64_t>(segment));
+  const int64_t start = static_cast<int64_t>(r % static_cast<uint32_t>(std::min<int64_t>(stride, 1 << 30)));
+  std::vector<float> keys;
+  keys.reserve(samples);
+  for (int64_t i = start; i < length && static_cast<int64_t>(keys.size()) < samples; i += stride)
+    keys.push_back(topk::magnitude_key(static_cast<float>(x[offset + i])));
+  const double expected = static_cast<double>(k) * static_cast<double>(keys.size()) / static_cast<double>(length);
+  int64_t rank = static_cast<int64_t>(std::ceil(expected * topk::kSampleSlack)) + 1;
+  rank = std::min<int64_t>(std::max<int64_t>(rank, 1), static_cast<int64_t>(keys.size()));
+  std::nth_element(keys.begin(), keys.begin() + (rank - 1), keys.end(), std::greater<float>());
+  return keys[rank - 1];
+}
+
+template <typename T, typename I>
+void select_segment(const T* x, int64_t offset, int64_t length, int64_t k, bool exact, double sample_ratio,
+                    uint64_t seed, int64_t segment, T* out_values, I* out_indices) {
+  if (k == 0) return;
+  std::vector<Candidate> candidates;
+  const int64_t samples =
+      std::max<int64_t>(static_cast<int64_t>(std::ceil(static_cast<double>(length) * sample_ratio)),
+                        topk::kMinSamplesAboveThreshold * length / k);
+  const bool sampled = !exact && length >= topk::kMinSampledLength && samples * 2 <= length && k * 4 <= length;
+  if (sampled) {
+    float threshold = sampled_threshold(x, offset, length, k, samples, seed, segment);
+    for (int round = 0; round < topk::kMaxRounds; ++round) {
+      candidates = collect(x, offset, length, threshold);
+      if (static_cast<int64_t>(candidates.size()) >= k) break;
+      // Too few: lower the threshold (the last round takes everything).
+      threshold = round + 2 < topk::kMaxRounds ? threshold * topk::kLowerFactor : 0.0f;
+    }
+  } else {
+    candidates = collect(x, offset, length, 0.0f);
+  }
+  // Every element ranked above the k-th is a candidate (all of them clear the
+  // threshold), so the top k of the candidates are the top k of the segment.
+  if (static_cast<int64_t>(candidates.size()) > k)
+    std::nth_element(candidates.begin(), candidates.begin() + (k - 1), candidates.end(), candidate_before);
+  candidates.resize(k);
+  std::sort(candidates.begin(), candidates.end(),
+            [](const Candidate& a, const Candidate& b) { return a.index < b.index; });
+  for (int64_t j = 0; j < k; ++j) {
+    out_indices[j] = static_cast<I>(candidates[j].index);
+    out_values[j] = x[candidates[j].index];
+  }
+}
+
+std::tuple<at::Tensor, at::Tensor> topk_magnitude_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& segments,
+                                                      double density, bool exact, double sample_ratio, int64_t seed) {
+  to_dtype(x_in, "x");
+  check_density(density);
+  TORCH_CHECK(sample_ratio > 0.0 && sample_ratio <= 1.0, "pycomm: sample_ratio must be in (0, 1], got ",
+              sample_ratio);
+  const at::Tensor x = x_in.contiguous().view(-1);
+  const SegmentTable table = check_segments(segments, x);
+  std::vector<int64_t> first(table.count + 1, 0);
+  for (int64_t s = 0; s < table.count; ++s) {
+    int64_t offset, length;
+    table.segment(s, offset, length);
+    first[s + 1] = first[s] + topk_count(length, density);
+  }
+  const int64_t total = first[table.count];
+  at::Tensor values = at::empty({total}, x.options());
+  at::Tensor indices = at::empty({total}, x.options().dtype(index_type_for(x.numel())));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pycomm_topk_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    scalar_t* vp = values.data_ptr<scalar_t>();
+    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "pycomm_topk_cpu_index", [&] {
+      index_t* ip = indices.data_ptr<index_t>();
+      for (int64_t s = 0; s < table.count; ++s) {
+        int64_t offset, length;
+        table.segment(s, offset, length);
+        select_segment<scalar_t, index_t>(xp, offset, length, first[s + 1] - first[s], exact, sample_ratio,
+                                          static_cast<uint64_t>(seed), s, vp + first[s], ip + first[s]);
+      }
+    });
+  });
+  return {values, indices};
+}
+
+// ---------------------------------------------------------------------------
+// Masking and densify. Indices are validated before anything is written.
+
+template <typename I>
+void check_index_range(const I* idx, int64_t count, int64_t numel, const char* what) {
+  const int64_t bad = at::parallel_reduce(
+      0, count, kGrain, int64_t(-1),
+      [&](int64_t begin, int64_t end, int64_t found) {
+        for (int64_t i = begin; i < end && found < 0; ++i)
+          if (idx[i] < 0 || static_cast<int64_t>(idx[i]) >= numel) found = i;
+        return found;
+      },
+      [](int64_t a, int64_t b) { return a >= 0 ? a : b; });
+  TORCH_CHECK(bad < 0, "pycomm: ", what, " holds index ", bad >= 0 ? static_cast<int64_t>(idx[bad]) : 0,
+              " at position ", bad, ", outside [0, ", numel, "); nothing was written");
+}
+
+void dgc_mask_cpu(at::Tensor v, c10::optional<at::Tensor> u, const at::Tensor& indices_in) {
+  TORCH_CHECK(v.scalar_type() == at::kFloat && v.is_contiguous(), "pycomm: v must be a contiguous float32 tensor");
+  if (u.has_value()) check_state_buffer(v, *u, "u");
+  check_indices(indices_in, "indices");
+  check_same_device(v, indices_in, "indices");
+  const at::Tensor indices = indices_in.contiguous();
+  AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "pycomm_dgc_mask_cpu", [&] {
+    const index_t* ip = indices.data_ptr<index_t>();
+    check_index_range(ip, indices.numel(), v.numel(), "indices");
+    float* vp = v.data_ptr<float>();
+    float* up = u.has_value() ? u->data_ptr<float>() : nullptr;
+    for (int64_t j = 0; j < indices.numel(); ++j) {
+      vp[ip[j]] = 0.0f;
+      if (up != nullptr) up[ip[j]] = 0.0f;
+    }
+  });
+}
+
+at::Tensor densify_cpu(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t numel) {
+  to_dtype(values_in, "values");
+  check_indices(indices_in, "indices");
+  check_same_device(values_in, indices_in, "indices");
+  TORCH_CHECK(numel >= 0, "pycomm: numel must be >= 0, got ", numel);
+  TORCH_CHECK(values_in.sizes() == indices_in.sizes(), "pycomm: values ", values_in.sizes(),
+              " and indices ", indices_in.sizes(), " must have the same shape");
+  const at::Tensor values = values_in.contiguous();
+  const at::Tensor indices = indices_in.contiguous();
+  at::Tensor out = at::zeros({numel}, values.options().dtype(at::kFloat));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, values.scalar_type(), "pycomm_densify_cpu", [&] {
+    const scalar_t* vp = values.data_ptr<scalar_t>();
+    AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "pycomm_densify_cpu_index", [&] {
+      const index_t* ip = indices.data_ptr<index_t>();
+      check_index_range(ip, indices.numel(), numel, "indices");
+      float* op = out.data_ptr<float>();
+      // Sequential: payloads are small (k << n) and the order of the sum is fixed.
+      for (int64_t j = 0; j < indices.numel(); ++j) op[ip[j]] = add_rn(op[ip[j]], static_cast<float>(vp[j]));
+    });
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pycomm, CPU, m) {
+  m.impl("dgc_compensate", &dgc_compensate_cpu);
+  m.impl("topk_magnitude", &topk_magnitude_cpu);
+  m.impl("dgc_mask", &dgc_mask_cpu);
+  m.impl("densify", &densify_cpu);
+}
+
+}  // namespace pycomm
