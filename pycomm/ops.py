@@ -33,6 +33,12 @@ __all__ = [
     "num_buckets",
     "bucket_table",
     "SUPPORTED_DTYPES",
+    "segment_table",
+    "topk_count",
+    "topk",
+    "densify",
+    "dgc_compensate",
+    "dgc_mask",
 ]
 
 SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -267,3 +273,104 @@ def _dequantize_into_fake(payload, out, bucket_table, bits, bucket_size):
 @torch.library.register_fake("pycomm::dequantize_sum")
 def _dequantize_sum_fake(payloads, init, bucket_table, init_bucket_begin, bits, bucket_size):
     return payloads.new_empty((payloads.shape[1] * bucket_size,), dtype=torch.float32)
+
+
+# ---- DGC: momentum correction, top-k selection, masking, densify ----
+
+def segment_table(segments: Sequence[tuple[int, int]], device: Union[str, torch.device, None] = None) -> torch.Tensor:
+    """int64 ``[S, 2]`` table of (offset, length) rows: the layers of a flat buffer, for one launch per bucket."""
+    for offset, length in segments:
+        if offset < 0 or length < 0:
+            raise ValueError(f"segment ({offset}, {length}) must have a non-negative offset and length")
+    return torch.tensor(list(segments), dtype=torch.int64, device=device).reshape(-1, 2)
+
+
+def topk_count(numel: int, density: float) -> int:
+    """Elements kept at ``density``: ``ceil(numel * density)``, at least 1 for a non-empty tensor."""
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if numel <= 0:
+        return 0
+    return min(numel, max(1, math.ceil(numel * density)))
+
+
+def topk(x: torch.Tensor, density: float, exact: bool = False, sample_ratio: float = 0.01, seed: int = 0,
+         segments: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The ``ceil(numel * density)`` elements of ``x`` (flattened) with the largest magnitude.
+
+    Args:
+        x: float32/float16/bfloat16 tensor, CPU or CUDA.
+        density: fraction kept, in (0, 1].
+        exact: exact selection; otherwise (default) large tensors estimate a threshold from a
+            strided sample (``sample_ratio`` of the elements, Philox-random start), collect the
+            candidates above it in one pass and select exactly among them, which gives the same
+            set as the exact top-k unless the threshold search fails (then it lowers the threshold).
+        segments: optional :func:`segment_table`; then each segment keeps its own ``ceil(length * density)``.
+
+    Returns:
+        ``(values, indices)``: values in ``x``'s dtype, flat indices (int32 when they fit),
+        ascending within each segment. Ties in magnitude go to the lower index; NaN ranks first.
+    """
+    _check_float(x, "x")
+    if not 0.0 < density <= 1.0:
+        raise ValueError(f"density must be in (0, 1], got {density}")
+    if not 0.0 < sample_ratio <= 1.0:
+        raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
+    return torch.ops.pycomm.topk_magnitude(x.reshape(-1), segments, float(density), bool(exact),
+                                           float(sample_ratio), int(seed))
+
+
+def densify(values: torch.Tensor, indices: torch.Tensor, numel: int) -> torch.Tensor:
+    """Sum (values, indices) payloads, of any matching shape (e.g. ``[W, k]``), into a dense float32 tensor.
+
+    Every index is checked against ``[0, numel)`` before anything is written; an index out of
+    range raises ``RuntimeError``. Duplicates add up, in payload order.
+    """
+    _check_float(values, "values")
+    if indices.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
+    if values.shape != indices.shape:
+        raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have the same shape")
+    return torch.ops.pycomm.densify(values, indices, int(numel))
+
+
+def dgc_compensate(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor, momentum: float, nesterov: bool = False,
+                   clip_norm: float = 0.0, segments: Optional[torch.Tensor] = None) -> None:
+    """DGC momentum correction in place: ``u = m*u + g; v += u`` (Nesterov: ``u = m*(u + g); v += u + g``).
+
+    ``u`` and ``v`` are float32 with as many elements as ``grad``. With ``clip_norm > 0`` each
+    segment's gradient is first scaled to L2 norm at most ``clip_norm``.
+    """
+    _check_float(grad, "grad")
+    torch.ops.pycomm.dgc_compensate(grad.reshape(-1), u, v, segments, float(momentum), bool(nesterov),
+                                    float(clip_norm))
+
+
+def dgc_mask(v: torch.Tensor, indices: torch.Tensor, u: Optional[torch.Tensor] = None) -> None:
+    """Zero ``v`` (and ``u``: momentum factor masking) at ``indices``, in place."""
+    torch.ops.pycomm.dgc_mask(v, u, indices)
+
+
+@torch.library.register_fake("pycomm::topk_magnitude")
+def _topk_magnitude_fake(x, segments, density, exact, sample_ratio, seed):
+    if segments is None:
+        total = topk_count(x.numel(), density)
+    else:  # data-dependent on the table's contents
+        total = torch.library.get_ctx().new_dynamic_size()
+    index_dtype = torch.int32 if x.numel() <= 2**31 - 1 else torch.int64
+    return x.new_empty((total,)), x.new_empty((total,), dtype=index_dtype)
+
+
+@torch.library.register_fake("pycomm::densify")
+def _densify_fake(values, indices, numel):
+    return values.new_empty((numel,), dtype=torch.float32)
+
+
+@torch.library.register_fake("pycomm::dgc_compensate")
+def _dgc_compensate_fake(grad, u, v, segments, momentum, nesterov, clip_norm):
+    return None
+
+
+@torch.library.register_fake("pycomm::dgc_mask")
+def _dgc_mask_fake(v, u, indices):
+    return None

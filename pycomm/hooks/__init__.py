@@ -4,6 +4,7 @@ Each hook is ``hook(state, bucket) -> Future[Tensor]`` for
 ``DistributedDataParallel.register_comm_hook``; :func:`pycomm.register` does it in one line.
 """
 
+from pycomm.hooks.dgc import DGCState, dgc_hook
 from pycomm.hooks.quantized_allreduce import QuantState, quantized_allreduce_hook
 
-__all__ = ["QuantState", "quantized_allreduce_hook"]
+__all__ = ["QuantState", "quantized_allreduce_hook", "DGCState", "dgc_hook"]

@@ -1,0 +1,284 @@
+"""DDP communication hook: Deep Gradient Compression (top-k with momentum correction)."""
+
+# No `from __future__ import annotations`: DDP inspects the hook's real annotations.
+
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+import torch.distributed as dist
+
+from pycomm import ops
+from pycomm.compressors import DGC
+from pycomm.distributed import all_gather_into_tensor, mix_seed
+
+__all__ = ["DGCState", "dgc_hook", "PAPER_WARMUP_DENSITIES"]
+
+logger = logging.getLogger(__name__)
+
+# Lin et al.: sparsity 75%, 93.75%, 98.4375%, 99.6%, then the target (99.9%).
+PAPER_WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.004)
+
+
+@dataclass
+class _BucketPlan:
+    signature: tuple
+    params: list                    # the bucket's parameters, in buffer order
+    offsets: list[int]              # their offsets in the buffer
+    compressed: list[tuple[int, int]]
+    dense: list[tuple[int, int]]
+    segments: Optional[torch.Tensor]  # segment table of the compressed layers (on the buffer's device)
+    compressor: DGC                 # u and v over the whole buffer (u of dense layers is their momentum)
+    counts: dict = field(default_factory=dict)  # density -> k of the whole bucket
+
+
+class DGCState:
+    """State of :func:`dgc_hook`.
+
+    Momentum lives in the hook, so use plain SGD (``momentum=0``) as the optimizer; weight
+    decay stays in the optimizer and is applied locally, uncommunicated.
+
+    Args:
+        process_group: the group (None: the default group).
+        density: fraction of each compressed layer sent per step (0.001 = 0.1%).
+        momentum: momentum factor m of the momentum correction.
+        nesterov: Nesterov momentum correction.
+        clip_norm: local gradient clipping: each layer's local gradient is clipped to
+            ``clip_norm * W^-1/2`` before accumulation (None: no clipping).
+        sample_ratio: fraction of elements sampled to find the top-k threshold.
+        exact: exact top-k instead of the sampled search.
+        momentum_masking: zero the momentum at the sent positions (the paper's default).
+        warmup_steps: steps per warm-up stage; the stages use ``warmup_densities`` then ``density``.
+        warmup_epochs, steps_per_epoch: the same in epochs: the warm-up spans ``warmup_epochs``
+            epochs split evenly over the stages (the paper: 4 epochs, one stage each).
+        warmup_densities: the warm-up schedule (default: 25%, 6.25%, 1.5625%, 0.4%).
+        min_numel: layers with fewer elements, and every layer with ``dim <= 1``, go dense
+            through all-reduce, with the same local momentum (``u = m*u + g_avg``).
+        value_dtype: ``torch.float32`` or ``torch.float16`` for the values on the wire
+            (indices travel as int32).
+        seed: seed of the top-k sample.
+
+    The state is checkpointed per rank: each rank saves its own :meth:`state_dict` (u and v).
+
+    Example::
+
+        import torch, torch.distributed as dist, pycomm
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dist.init_process_group("gloo")              # under torchrun
+        model = DDP(torch.nn.Linear(1024, 1024))
+        state = pycomm.register(model, "dgc", density=0.001, momentum=0.9)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0, weight_decay=1e-4)
+        model(torch.randn(8, 1024)).sum().backward()
+        opt.step()
+    """
+
+    _CONFIG = ("density", "momentum", "nesterov", "clip_norm", "sample_ratio", "exact", "momentum_masking",
+               "warmup_steps", "warmup_epochs", "steps_per_epoch", "warmup_densities", "min_numel", "seed", "iter")
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, density: float = 0.001,
+                 momentum: float = 0.9, nesterov: bool = False, clip_norm: Optional[float] = None,
+                 sample_ratio: float = 0.01, exact: bool = False, momentum_masking: bool = True,
+                 warmup_steps: int = 0, warmup_epochs: int = 0, steps_per_epoch: Optional[int] = None,
+                 warmup_densities: Sequence[float] = PAPER_WARMUP_DENSITIES, min_numel: int = 1024,
+                 value_dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+        DGC(density, momentum, nesterov, clip_norm, momentum_masking, exact, sample_ratio)  # validates
+        if value_dtype not in (torch.float32, torch.float16):
+            raise ValueError(f"value_dtype must be torch.float32 or torch.float16, got {value_dtype}")
+        if warmup_steps < 0 or warmup_epochs < 0 or min_numel < 0:
+            raise ValueError("warmup_steps, warmup_epochs and min_numel must be >= 0")
+        if warmup_epochs and not steps_per_epoch:
+            raise ValueError("warmup_epochs needs steps_per_epoch")
+        if any(not 0.0 < d <= 1.0 for d in warmup_densities):
+            raise ValueError(f"warmup_densities must be in (0, 1], got {tuple(warmup_densities)}")
+        self.process_group = process_group
+        self.density = density
+        self.momentum = momentum
+        self.nesterov = nesterov
+        self.clip_norm = clip_norm
+        self.sample_ratio = sample_ratio
+        self.exact = exact
+        self.momentum_masking = momentum_masking
+        self.warmup_steps = warmup_steps
+        self.warmup_epochs = warmup_epochs
+        self.steps_per_epoch = steps_per_epoch
+        self.warmup_densities = tuple(warmup_densities)
+        self.min_numel = min_numel
+        self.value_dtype = value_dtype
+        self.seed = seed
+        self.iter = 0
+        self._plans: dict[int, _BucketPlan] = {}
+        self._pending: dict[int, dict[str, Any]] = {}
+
+    # -- schedule ------------------------------------------------------------
+    def density_at(self, step: int) -> float:
+        """The density used at ``step``: the warm-up stage's, never below the target."""
+        stage_len = self.warmup_steps
+        if not stage_len and self.warmup_epochs:
+            stage_len = max(1, self.warmup_epochs * self.steps_per_epoch // max(1, len(self.warmup_densities)))
+        if stage_len and step < stage_len * len(self.warmup_densities):
+            return max(self.warmup_densities[step // stage_len], self.density)
+        return self.density
+
+    # -- persistence -----------------------------------------------------------
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "process_group"}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.process_group = None
+
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: configuration, iteration, and u and v of every DDP bucket."""
+        buckets = {i: {"signature": p.signature, **p.compressor.state_dict()} for i, p in self._plans.items()}
+        return {**{k: getattr(self, k) for k in self._CONFIG}, "value_dtype": str(self.value_dtype),
+                "buckets": buckets}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        for k in self._CONFIG:
+            setattr(self, k, state_dict[k])
+        self.value_dtype = getattr(torch, state_dict["value_dtype"].replace("torch.", ""))
+        self._plans.clear()
+        self._pending = dict(state_dict.get("buckets", {}))
+
+    # -- planning ----------------------------------------------------------------
+    def _plan(self, bucket: dist.GradBucket) -> _BucketPlan:
+        buffer = bucket.buffer()
+        params = list(bucket.parameters())
+        signature = (buffer.numel(), buffer.dtype, tuple(tuple(p.shape) for p in params))
+        plan = self._plans.get(bucket.index())
+        if plan is not None and plan.signature == signature:
+            return plan
+        offsets, compressed, dense, offset = [], [], [], 0
+        for p in params:
+            n = p.numel()
+            offsets.append(offset)
+            if p.dim() > 1 and n >= self.min_numel:
+                compressed.append((offset, n))
+            elif n:
+                dense.append((offset, n))
+            offset += n
+        compressor = DGC(self.density, self.momentum, self.nesterov, self.clip_norm, self.momentum_masking,
+                         self.exact, self.sample_ratio, self.seed)
+        compressor.u = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
+        compressor.v = torch.zeros_like(compressor.u)
+        pending = self._pending.pop(bucket.index(), None)
+        if pending is not None and pending["signature"] == signature:
+            compressor.u.copy_(pending["u"])
+            compressor.v.copy_(pending["v"])
+        else:
+            self._migrate(params, offsets, compressor)
+        segments = ops.segment_table(compressed, device=buffer.device) if compressed else None
+        plan = _BucketPlan(signature, params, offsets, compressed, dense, segments, compressor)
+        self._plans[bucket.index()] = plan
+        return plan
+
+    def _migrate(self, params: list, offsets: list[int], compressor: DGC) -> None:
+        """Carry u and v of parameters that were in other buckets (DDP rebuilds its buckets
+        after the first iteration), so no accumulated gradient is dropped."""
+        old = {}
+        for plan in self._plans.values():
+            for p, o in zip(plan.params, plan.offsets):
+                old[id(p)] = (plan, o)
+        for p, o in zip(params, offsets):
+            if id(p) in old:
+                plan, po = old[id(p)]
+                n = p.numel()
+                compressor.u[o:o + n].copy_(plan.compressor.u[po:po + n])
+                compressor.v[o:o + n].copy_(plan.compressor.v[po:po + n])
+
+    def _count(self, plan: _BucketPlan, density: float) -> int:
+        if density not in plan.counts:
+            plan.counts[density] = sum(ops.topk_count(n, density) for _, n in plan.compressed)
+        return plan.counts[density]
+
+
+def _pack(values: torch.Tensor, indices: torch.Tensor, flag: int, value_dtype: torch.dtype) -> torch.Tensor:
+    """One fixed-size byte payload: k values, k int32 indices, then an int32 flag."""
+    flag_t = torch.tensor([flag], dtype=torch.int32, device=values.device)
+    return torch.cat([values.to(value_dtype).view(torch.uint8), indices.to(torch.int32).view(torch.uint8),
+                      flag_t.view(torch.uint8)])
+
+
+def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average a DDP bucket with DGC (see :class:`DGCState`).
+
+    Per bucket: momentum correction (with clipping), top-k selection per layer, one
+    ``all_gather`` of a fixed-size payload (k values + k int32 indices + a flag, so Gloo never
+    sees empty or ragged tensors), densify (indices validated), divide by W. Small and 1-D
+    layers are all-reduced densely with the same local momentum. Register with
+    ``pycomm.register(ddp_model, "dgc", density=0.001)``.
+
+    A bucket with NaN/Inf on any rank (seen by every rank through the flag; checked on CPU
+    tensors, where it costs no device synchronisation) is all-reduced uncompressed, and the
+    rank that holds it leaves its accumulators untouched; the other ranks keep what they
+    accumulated (nothing is masked away), so no gradient is lost.
+    """
+    group = state.process_group
+    buffer = bucket.buffer()
+    world = dist.get_world_size(group)
+    rank = dist.get_rank(group)
+    step = state.iter
+    if bucket.is_last():
+        state.iter += 1
+    plan = state._plan(bucket)
+    comp = plan.compressor
+    n = buffer.numel()
+
+    small = torch.cat([buffer[o:o + k] for o, k in plan.dense]).float() if plan.dense else None
+    fallback = False
+    if plan.segments is not None:
+        density = state.density_at(step)
+        k = state._count(plan, density)
+        local_bad = (not buffer.is_cuda) and not bool(torch.isfinite(buffer).all())
+        if local_bad:
+            values = torch.zeros(k, dtype=torch.float32, device=buffer.device)
+            indices = torch.zeros(k, dtype=torch.int32, device=buffer.device)
+        else:
+            clip = state.clip_norm / math.sqrt(world) if state.clip_norm else None
+            comp.compensate(buffer, plan.segments, clip_norm=clip)
+            values, indices = comp.select(density, plan.segments, seed=mix_seed(state.seed, step, bucket.index()))
+        payload = _pack(values, indices, int(local_bad), state.value_dtype)
+        gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=buffer.device)
+        all_gather_into_tensor(gathered, payload, group=group)
+        rows = gathered.view(world, -1)
+        value_bytes = k * torch.tensor([], dtype=state.value_dtype).element_size()
+        if not buffer.is_cuda:
+            flags = rows[:, value_bytes + 4 * k:].contiguous().view(torch.int32)
+            fallback = bool(flags.any())
+        if fallback:
+            dist.all_reduce(buffer, group=group)
+            buffer.div_(world)
+        else:
+            comp.mask(indices)
+            all_values = rows[:, :value_bytes].contiguous().view(state.value_dtype)
+            all_indices = rows[:, value_bytes:value_bytes + 4 * k].contiguous().view(torch.int32)
+            dense = ops.densify(all_values, all_indices, n)
+            buffer.copy_(dense.div_(world))
+    if small is not None and not fallback:  # every rank agrees on fallback (it saw the same flags)
+        dist.all_reduce(small, group=group)
+        small.div_(world)
+        # A non-finite average (seen identically by every rank) passes through untouched.
+        finite = buffer.is_cuda or bool(torch.isfinite(small).all())
+        start = 0
+        for o, k_ in plan.dense:
+            g = small[start:start + k_]
+            out = g
+            if finite:
+                u = comp.u[o:o + k_]
+                if state.nesterov:
+                    u.add_(g).mul_(state.momentum)
+                    out = u + g
+                else:
+                    u.mul_(state.momentum).add_(g)
+                    out = u
+            buffer[o:o + k_].copy_(out)
+            start += k_
+    elif plan.segments is None:
+        dist.all_reduce(buffer, group=group)
+        buffer.div_(world)
+    fut: torch.futures.Future = torch.futures.Future()
+    fut.set_result(buffer)
+    return fut
