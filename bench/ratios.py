@@ -1,5 +1,8 @@
 """Print each benchmark's median as a ratio to the baselines of its group (same run).
 
+In a group, the benchmark whose function name ends in ``_clone`` is the memory-traffic
+baseline and the one ending in ``_torch`` is the pure-torch way of doing the same work.
+
 Usage: python bench/ratios.py bench/latest.json
 """
 
@@ -11,24 +14,23 @@ from collections import defaultdict
 def main(path: str) -> None:
     with open(path) as f:
         data = json.load(f)
-    groups: dict[str, dict[str, float]] = defaultdict(dict)
+    groups: dict[str, dict[str, tuple[str, float]]] = defaultdict(dict)
     for b in data["benchmarks"]:
-        name = b["name"].split("[")[0].replace("test_", "")
-        groups[b["group"]][name] = b["stats"]["median"]
+        function = b["name"].split("[")[0].replace("test_", "")
+        label = b["name"].replace("test_", "")
+        groups[b["group"]][label] = (function.rsplit("_", 1)[-1], b["stats"]["median"])
     machine = data.get("machine_info", {})
     print(f"# {machine.get('cpu', {}).get('brand_raw', '?')}, {data.get('datetime', '')}")
     print("| group | kernel | median ms | / clone() | speed-up vs pure torch |")
     print("|---|---|---:|---:|---:|")
     for group, entries in sorted(groups.items()):
-        clone = next((v for k, v in entries.items() if k.endswith("_clone")), None)
-        torch_ref = next((v for k, v in entries.items() if k.endswith("_torch")), None)
-        for name, median in sorted(entries.items()):
-            if name.endswith("_clone") or name.endswith("_torch"):
-                ratio = ""
-            else:
-                ratio = f"{median / clone:.2f}x" if clone else "-"
-            speedup = f"{torch_ref / median:.1f}x" if torch_ref and not name.endswith("_torch") else ""
-            print(f"| {group} | {name} | {median * 1e3:.2f} | {ratio} | {speedup} |")
+        clone = next((t for kind, t in entries.values() if kind == "clone"), None)
+        torch_ref = next((t for kind, t in entries.values() if kind == "torch"), None)
+        for label, (kind, median) in sorted(entries.items()):
+            baseline = kind in ("clone", "torch")
+            ratio = f"{median / clone:.2f}x" if clone and not baseline else ""
+            speedup = f"{torch_ref / median:.1f}x" if torch_ref and not baseline else ""
+            print(f"| {group} | {label} | {median * 1e3:.2f} | {ratio} | {speedup} |")
 
 
 if __name__ == "__main__":

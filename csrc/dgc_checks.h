@@ -44,4 +44,44 @@ inline void check_indices(const at::Tensor& indices, const char* what) {
               " must be int32 or int64, got ", indices.scalar_type());
 }
 
+// Full validation of each op's arguments, with the CPU ops' messages (the CUDA
+// ops call these; the CPU file checks the same conditions inline).
+inline void check_compensate_args(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& v, double momentum,
+                                  double clip_norm) {
+  to_dtype(grad, "grad");
+  check_state_buffer(grad, u, "u");
+  check_state_buffer(grad, v, "v");
+  TORCH_CHECK(momentum >= 0.0 && momentum < 1.0, "pycomm: momentum must be in [0, 1), got ", momentum);
+  TORCH_CHECK(clip_norm >= 0.0, "pycomm: clip_norm must be >= 0 (0 disables clipping), got ", clip_norm);
+}
+
+inline void check_topk_args(const at::Tensor& x, double density, double sample_ratio) {
+  to_dtype(x, "x");
+  check_density(density);
+  TORCH_CHECK(sample_ratio > 0.0 && sample_ratio <= 1.0, "pycomm: sample_ratio must be in (0, 1], got ",
+              sample_ratio);
+}
+
+inline void check_mask_args(const at::Tensor& v, const c10::optional<at::Tensor>& u, const at::Tensor& indices) {
+  TORCH_CHECK(v.scalar_type() == at::kFloat && v.is_contiguous(), "pycomm: v must be a contiguous float32 tensor");
+  if (u.has_value()) check_state_buffer(v, *u, "u");
+  check_indices(indices, "indices");
+  check_same_device(v, indices, "indices");
+}
+
+inline void check_densify_args(const at::Tensor& values, const at::Tensor& indices, int64_t numel) {
+  to_dtype(values, "values");
+  check_indices(indices, "indices");
+  check_same_device(values, indices, "indices");
+  TORCH_CHECK(numel >= 0, "pycomm: numel must be >= 0, got ", numel);
+  TORCH_CHECK(values.sizes() == indices.sizes(), "pycomm: values ", values.sizes(), " and indices ", indices.sizes(),
+              " must have the same shape");
+}
+
+// The error of an index outside [0, numel) at `position` (< 0: none found).
+inline void check_index_position(int64_t position, int64_t value, int64_t numel, const char* what) {
+  TORCH_CHECK(position < 0, "pycomm: ", what, " holds index ", value, " at position ", position, ", outside [0, ",
+              numel, "); nothing was written");
+}
+
 }  // namespace pycomm

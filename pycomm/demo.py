@@ -21,6 +21,12 @@ same number of steps. For every method it reports
 Methods are looked up by name in :data:`METHODS`; a new method is one line
 there, made with :func:`torch_hook` (a PyTorch DDP communication hook) or
 :func:`pycomm_method` (``pycomm.register(ddp, name, **kwargs)``).
+
+Each method also chooses its optimizer (:attr:`MethodSpec.optimizer`): AdamW by
+default, or SGD with or without momentum for methods that keep momentum in
+their hook (Deep Gradient Compression), each with its own base learning rate on
+the same warm-up/cosine schedule shape (:meth:`DemoConfig.lr_scale`). The table
+shows the optimizer and base learning rate of every row.
 """
 
 from __future__ import annotations
@@ -50,6 +56,8 @@ from pycomm.models import CharTransformer, ModelConfig
 from pycomm.traffic import CollectiveByteCounter
 
 __all__ = [
+    "OPTIMIZERS",
+    "SGD_LR",
     "MethodSpec",
     "torch_hook",
     "pycomm_method",
@@ -66,62 +74,153 @@ logger = logging.getLogger(__name__)
 # --------------------------------------------------------------------------- methods
 
 
+#: Optimizer names a :class:`MethodSpec` may choose, and what they build
+#: (weight decay is ``DemoConfig.weight_decay`` in all three, applied locally):
+#:
+#: * ``"adamw"``: ``AdamW(betas=(0.9, 0.95))``,
+#: * ``"sgd-momentum"``: ``SGD(momentum=0.9)``,
+#: * ``"sgd"``: ``SGD(momentum=0)``, for methods whose hook applies momentum
+#:   itself (DGC's momentum correction).
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd-momentum", "sgd")
+
+#: Peak learning rate of the SGD methods (``allreduce-sgd`` and ``dgc``), tuned
+#: for allreduce-sgd on the default run (200 steps, 4 workers, clipping at 1.0).
+SGD_LR: float = 0.5
+
+
 @dataclass(frozen=True)
 class MethodSpec:
-    """How to attach one gradient-communication method to a DDP model.
+    """How to attach one gradient-communication method to a DDP model, and how to train it.
 
     Attributes:
-        attach: called as ``attach(ddp_model)`` on every rank right after DDP
-            construction; registers the communication hook and returns its
-            state (kept alive for the run), or None. It is sent to the worker
-            processes, so it must be picklable (a module-level function or a
+        attach: called as ``attach(ddp_model, config)`` (config: the run's
+            :class:`DemoConfig`) on every rank right after DDP construction;
+            registers the communication hook and returns its state (kept alive
+            for the run), or None. It is sent to the worker processes, so it
+            must be picklable (a module-level function or a
             :func:`functools.partial` of one).
         description: one line for reports.
         needs_pycomm: whether it needs ``pycomm.register``.
+        optimizer: one of :data:`OPTIMIZERS`.
+        lr: peak learning rate; None means ``DemoConfig.lr``. The schedule has
+            the shape of :meth:`DemoConfig.lr_at`, scaled to this peak.
+        clip_in_hook: the hook clips the gradients itself (DGC's local
+            clipping, before its momentum), so the demo does not clip after the
+            backward pass; otherwise the averaged gradients are clipped to
+            ``DemoConfig.grad_clip`` before the optimizer step.
     """
 
-    attach: Callable[[DDP], Any]
+    attach: Callable[[DDP, "DemoConfig"], Any]
     description: str
     needs_pycomm: bool = False
+    optimizer: str = "adamw"
+    lr: Optional[float] = None
+    clip_in_hook: bool = False
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive or None, got {self.lr}")
+
+    def base_lr(self, cfg: "DemoConfig") -> float:
+        """The peak learning rate of this method under ``cfg``."""
+        return self.lr if self.lr is not None else cfg.lr
+
+    def lr_at(self, cfg: "DemoConfig", step: int) -> float:
+        """The learning rate of ``step``: ``cfg``'s schedule shape scaled to :meth:`base_lr`."""
+        return self.base_lr(cfg) * cfg.lr_scale(step)
+
+    def make_optimizer(self, params: Iterable[torch.nn.Parameter], cfg: "DemoConfig") -> torch.optim.Optimizer:
+        """The optimizer this method trains with (see :data:`OPTIMIZERS`)."""
+        lr = self.base_lr(cfg)
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        momentum = 0.9 if self.optimizer == "sgd-momentum" else 0.0
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
 
 
-def _attach_torch_hook(hook: Callable[..., Any], ddp: DDP) -> None:
+def _attach_torch_hook(hook: Callable[..., Any], ddp: DDP, cfg: "DemoConfig") -> None:
     ddp.register_comm_hook(state=None, hook=hook)
     return None
 
 
-def _attach_pycomm(name: str, kwargs: Mapping[str, Any], ddp: DDP) -> Any:
+def _attach_pycomm(
+    name: str,
+    kwargs: Mapping[str, Any],
+    config_options: Optional[Callable[["DemoConfig"], Mapping[str, Any]]],
+    ddp: DDP,
+    cfg: "DemoConfig",
+) -> Any:
     import pycomm
 
-    return pycomm.register(ddp, name, **dict(kwargs))
+    options = dict(kwargs)
+    if config_options is not None:
+        options.update(config_options(cfg))
+    return pycomm.register(ddp, name, **options)
 
 
-def torch_hook(hook: Callable[..., Any], description: Optional[str] = None) -> MethodSpec:
+def torch_hook(
+    hook: Callable[..., Any],
+    description: Optional[str] = None,
+    *,
+    optimizer: str = "adamw",
+    lr: Optional[float] = None,
+) -> MethodSpec:
     """A method that registers a PyTorch DDP communication hook with ``state=None``.
 
     Args:
         hook: a hook such as ``default_hooks.allreduce_hook``.
         description: report text; defaults to the hook's name.
+        optimizer, lr: see :class:`MethodSpec`.
     """
     return MethodSpec(
         attach=functools.partial(_attach_torch_hook, hook),
         description=description or f"torch {hook.__name__}",
+        optimizer=optimizer,
+        lr=lr,
     )
 
 
-def pycomm_method(name: str, **kwargs: Any) -> MethodSpec:
+def pycomm_method(
+    name: str,
+    *,
+    config_options: Optional[Callable[["DemoConfig"], Mapping[str, Any]]] = None,
+    description: Optional[str] = None,
+    **kwargs: Any,
+) -> MethodSpec:
     """A method that calls ``pycomm.register(ddp_model, name, **kwargs)``.
+
+    Choose the optimizer with :func:`dataclasses.replace` on the result, e.g.
+    ``replace(pycomm_method("dgc"), optimizer="sgd", lr=0.5, clip_in_hook=True)``.
 
     Args:
         name: the pycomm method name, e.g. ``"quant"``.
+        config_options: options that depend on the run, as a picklable
+            ``config_options(config) -> dict`` (they override ``kwargs``).
+        description: report text; defaults to the name and options.
         **kwargs: its options, e.g. ``bits=4``.
     """
     options = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
     return MethodSpec(
-        attach=functools.partial(_attach_pycomm, name, dict(kwargs)),
-        description=f"pycomm {name}({options})",
+        attach=functools.partial(_attach_pycomm, name, dict(kwargs), config_options),
+        description=description or f"pycomm {name}({options})",
         needs_pycomm=True,
     )
+
+
+#: Fraction of the run that DGC's density warm-up spans (the paper: 4 of ~90 epochs).
+DGC_WARMUP_FRACTION: float = 0.12
+
+
+def _dgc_options(cfg: "DemoConfig") -> dict[str, Any]:
+    """DGC options that follow the run: the paper's density warm-up (4 stages,
+    25% .. 0.4%) over the first ~12% of the steps, and local clipping at the
+    demo's threshold (scaled by ``W^-1/2`` in the hook)."""
+    from pycomm.hooks.dgc import PAPER_WARMUP_DENSITIES
+
+    stage = max(1, round(cfg.steps * DGC_WARMUP_FRACTION / len(PAPER_WARMUP_DENSITIES)))
+    return {"warmup_steps": stage, "clip_norm": cfg.grad_clip if cfg.grad_clip > 0 else None}
 
 
 #: Method name -> :class:`MethodSpec`. Add a method with one line here.
@@ -132,11 +231,31 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
         "quant8": pycomm_method("quant", bits=8),
         "quant4": pycomm_method("quant", bits=4),
         "quant2": pycomm_method("quant", bits=2),
+        # SGD pair: the dense baseline with optimizer momentum, and DGC with its momentum in the hook
+        "allreduce-sgd": torch_hook(
+            default_hooks.allreduce_hook,
+            "fp32 ring all-reduce (torch allreduce_hook), SGD momentum 0.9",
+            optimizer="sgd-momentum",
+            lr=SGD_LR,
+        ),
+        "dgc": replace(
+            pycomm_method(
+                "dgc",
+                density=0.001,
+                momentum=0.9,
+                config_options=_dgc_options,
+                description="pycomm dgc(density=0.001, momentum=0.9), warm-up over ~12% of steps, local clipping; "
+                "SGD momentum 0",
+            ),
+            optimizer="sgd",
+            lr=SGD_LR,
+            clip_in_hook=True,
+        ),
     }
 )
 
 #: Methods run by ``pycomm demo`` when none are named.
-DEFAULT_METHODS: tuple[str, ...] = ("allreduce", "quant8", "quant4", "quant2")
+DEFAULT_METHODS: tuple[str, ...] = ("allreduce", "quant8", "quant4", "quant2", "allreduce-sgd", "dgc")
 
 
 # --------------------------------------------------------------------------- config
@@ -151,10 +270,12 @@ class DemoConfig:
         steps: optimizer steps per method.
         batch_size: sequences per worker per step.
         model: the model shape (its ``context`` is the sequence length).
-        lr: peak AdamW learning rate (linear warm-up, cosine decay to 10%).
+        lr: peak learning rate (linear warm-up, cosine decay to 10%) of the
+            methods without their own (:attr:`MethodSpec.lr`): the AdamW ones.
         warmup_steps: warm-up length; defaults to 10% of ``steps``.
-        weight_decay: AdamW weight decay.
-        grad_clip: gradient-norm clipping threshold (0 disables).
+        weight_decay: weight decay of every optimizer.
+        grad_clip: gradient-norm clipping threshold (0 disables); methods with
+            :attr:`MethodSpec.clip_in_hook` pass it to their hook instead.
         bucket_cap_mb: DDP bucket size; None keeps DDP's default (25 MB, with
             a 1 MB first bucket).
         seed: seeds the initial weights (same for all methods) and the data
@@ -201,12 +322,16 @@ class DemoConfig:
         """Effective number of final steps averaged for the final training loss."""
         return self.final_window if self.final_window is not None else max(1, min(10, self.steps // 5))
 
+    def lr_scale(self, step: int) -> float:
+        """Schedule of ``step`` (0-based) as a fraction of the peak: linear warm-up, then cosine to 0.1."""
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
     def lr_at(self, step: int) -> float:
         """Learning rate of ``step`` (0-based): linear warm-up, then cosine to 10% of ``lr``."""
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+        return self.lr * self.lr_scale(step)
 
     def to_dict(self) -> dict[str, Any]:
         """The configuration as a JSON-friendly dict."""
@@ -250,8 +375,9 @@ def _train_one(
     model = CharTransformer(cfg.model)
     fp32_bytes = fp32_allreduce_bytes(model, world)
     ddp = DDP(model, bucket_cap_mb=cfg.bucket_cap_mb)
-    state = spec.attach(ddp)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+    state = spec.attach(ddp, cfg)
+    optimizer = spec.make_optimizer(model.parameters(), cfg)
+    clip = cfg.grad_clip if cfg.grad_clip > 0 and not spec.clip_in_hook else 0.0
     generator = train_generator(cfg.seed, rank)
     counter = CollectiveByteCounter()
 
@@ -264,7 +390,7 @@ def _train_one(
     for step in range(cfg.steps):
         inputs, targets = train_batch(corpus, cfg.batch_size, cfg.model.context, generator)
         for group in optimizer.param_groups:
-            group["lr"] = cfg.lr_at(step)
+            group["lr"] = spec.lr_at(cfg, step)
         start = time.perf_counter()
         logits = ddp(inputs)
         loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
@@ -272,8 +398,8 @@ def _train_one(
         counter.reset()
         with counter:
             loss.backward()
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            if clip > 0:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
             optimizer.step()
         step_times.append(time.perf_counter() - start)
         step_bytes.append(counter.bytes_sent)
@@ -322,6 +448,8 @@ def _train_one(
     return {
         "method": name,
         "description": spec.description,
+        "optimizer": spec.optimizer,
+        "lr": spec.base_lr(cfg),
         "workers": world,
         "steps": steps,
         "initial_loss": mean_loss[0],
@@ -393,27 +521,45 @@ def _resolve(methods: Union[Iterable[str], Mapping[str, MethodSpec]]) -> list[tu
 def _progress_line(index: int, total: int, r: Mapping[str, Any]) -> str:
     sync = "" if r["replicas_in_sync"] else ", REPLICAS DIVERGED"
     return (
-        f"[{index}/{total}] {r['method']:<10} loss {r['initial_loss']:.3f} -> {r['final_train_loss']:.3f} "
+        f"[{index}/{total}] {r['method']:<13} loss {r['initial_loss']:.3f} -> {r['final_train_loss']:.3f} "
         f"(eval {r['eval_loss']:.3f}), {r['bytes_per_worker_per_step']:,.0f} B/worker/step "
         f"({r['compression']:.1f}x vs fp32), {r['ms_per_step']:.1f} ms/step, {r['wall_s']:.1f} s{sync}"
     )
 
 
+_OPTIMIZER_NOTES = {
+    "adamw": "adamw = AdamW(betas=(0.9, 0.95))",
+    "sgd-momentum": "sgd-momentum = SGD(momentum=0.9)",
+    "sgd": "sgd = SGD(momentum=0); the method applies momentum 0.9 in its hook",
+}
+
+
 def format_table(results: Sequence[Mapping[str, Any]]) -> str:
     """The results as a Markdown table.
 
-    Columns: method | final train loss | eval loss | bytes/worker/step |
-    compression vs fp32 | ms/step (bytes are the steady-state median).
+    Columns: method | optimizer | final train loss | eval loss |
+    bytes/worker/step | compression vs fp32 | ms/step (bytes are the
+    steady-state median; the optimizer column gives its peak learning rate).
+    When the rows use more than one optimizer, a footnote line under the table
+    says what each one is.
     """
     lines = [
-        "| method | final train loss | eval loss | bytes/worker/step | compression vs fp32 | ms/step |",
-        "|---|---:|---:|---:|---:|---:|",
+        "| method | optimizer | final train loss | eval loss | bytes/worker/step | compression vs fp32 | ms/step |",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    used: list[str] = []
     for r in results:
+        optimizer = r.get("optimizer", "adamw")
+        if optimizer not in used:
+            used.append(optimizer)
+        lr = f" lr {r['lr']:g}" if "lr" in r else ""
         lines.append(
-            f"| {r['method']} | {r['final_train_loss']:.3f} | {r['eval_loss']:.3f} | "
+            f"| {r['method']} | {optimizer}{lr} | {r['final_train_loss']:.3f} | {r['eval_loss']:.3f} | "
             f"{r['bytes_per_worker_per_step']:,.0f} | {r['compression']:.2f}x | {r['ms_per_step']:.1f} |"
         )
+    if len(used) > 1:
+        notes = "; ".join(_OPTIMIZER_NOTES.get(o, o) for o in used)
+        lines.append(f"\nOptimizers ({notes}): peak lr as shown, same warm-up/cosine schedule, weight decay local.")
     return "\n".join(lines)
 
 

@@ -9,7 +9,12 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
+#include <type_traits>
 #include <vector>
+
+#if defined(__SSE2__)
+#include <immintrin.h>
+#endif
 
 #include "../dgc_checks.h"
 #include "pycomm/philox.h"
@@ -97,6 +102,39 @@ inline bool candidate_before(const Candidate& a, const Candidate& b) {
   return topk::before(a.key, a.index, b.key, b.index);
 }
 
+// Appends the elements of x[begin, end) (absolute positions offset + i) whose
+// key is >= threshold. Candidates are rare (about 1.25 k in n), so float32
+// input is scanned 16 at a time with SSE and only blocks that hold one are
+// looked at element by element. !(|x| < t) is true for NaN too, so NaN (key
+// +inf) is never skipped.
+template <typename T>
+void collect_range(const T* x, int64_t offset, int64_t begin, int64_t end, float threshold,
+                   std::vector<Candidate>& out) {
+  int64_t i = begin;
+#if defined(__SSE2__)
+  if constexpr (std::is_same<T, float>::value) {
+    const __m128 t = _mm_set1_ps(threshold);
+    const __m128 abs_mask = _mm_castsi128_ps(_mm_set1_epi32(0x7fffffff));
+    for (; i + 16 <= end; i += 16) {
+      const float* p = x + offset + i;
+      const __m128 a = _mm_cmpnlt_ps(_mm_and_ps(_mm_loadu_ps(p), abs_mask), t);
+      const __m128 b = _mm_cmpnlt_ps(_mm_and_ps(_mm_loadu_ps(p + 4), abs_mask), t);
+      const __m128 c = _mm_cmpnlt_ps(_mm_and_ps(_mm_loadu_ps(p + 8), abs_mask), t);
+      const __m128 d = _mm_cmpnlt_ps(_mm_and_ps(_mm_loadu_ps(p + 12), abs_mask), t);
+      if (_mm_movemask_ps(_mm_or_ps(_mm_or_ps(a, b), _mm_or_ps(c, d))) == 0) continue;
+      for (int j = 0; j < 16; ++j) {
+        const float key = topk::magnitude_key(p[j]);
+        if (key >= threshold) out.push_back({key, offset + i + j});
+      }
+    }
+  }
+#endif
+  for (; i < end; ++i) {
+    const float key = topk::magnitude_key(static_cast<float>(x[offset + i]));
+    if (key >= threshold) out.push_back({key, offset + i});
+  }
+}
+
 // Collects every element of the segment whose key is >= threshold, in index
 // order (per-thread lists concatenated in thread order).
 template <typename T>
@@ -104,14 +142,8 @@ std::vector<Candidate> collect(const T* x, int64_t offset, int64_t length, float
   const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), length / kGrain));
   std::vector<std::vector<Candidate>> parts(chunks);
   at::parallel_for(0, chunks, 1, [&](int64_t c0, int64_t c1) {
-    for (int64_t c = c0; c < c1; ++c) {
-      const int64_t begin = length * c / chunks, end = length * (c + 1) / chunks;
-      std::vector<Candidate>& out = parts[c];
-      for (int64_t i = begin; i < end; ++i) {
-        const float key = topk::magnitude_key(static_cast<float>(x[offset + i]));
-        if (key >= threshold) out.push_back({key, offset + i});
-      }
-    }
+    for (int64_t c = c0; c < c1; ++c)
+      collect_range(x, offset, length * c / chunks, length * (c + 1) / chunks, threshold, parts[c]);
   });
   size_t total = 0;
   for (const auto& p : parts) total += p.size();

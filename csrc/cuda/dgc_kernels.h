@@ -72,7 +72,7 @@ inline TopkPlan topk_plan(const int64_t* host_table, int64_t num_segments, int64
 // `plan` was made from. The selection is exact (a radix select of each
 // segment's k-th key, then one ordered compaction), so it equals the CPU op's
 // in both of its modes: the CPU's sampled mode also returns the exact top-k.
-size_t topk_magnitude_workspace_bytes(int64_t num_segments, const TopkPlan& plan);
+size_t topk_magnitude_workspace_bytes(int64_t numel, int64_t num_segments, const TopkPlan& plan);
 cudaError_t launch_topk_magnitude(const void* x, DType dtype, int64_t numel, const int64_t* table,
                                   int64_t num_segments, double density, const TopkPlan& plan, void* values,
                                   void* indices, bool indices64, void* workspace, size_t workspace_bytes,
