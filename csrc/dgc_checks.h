@@ -44,8 +44,7 @@ inline void check_indices(const at::Tensor& indices, const char* what) {
               " must be int32 or int64, got ", indices.scalar_type());
 }
 
-// Full validation of each op's arguments, with the CPU ops' messages (the CUDA
-// ops call these; the CPU file checks the same conditions inline).
+// Full validation of each op's arguments, shared by the CPU and CUDA ops.
 inline void check_compensate_args(const at::Tensor& grad, const at::Tensor& u, const at::Tensor& v, double momentum,
                                   double clip_norm) {
   to_dtype(grad, "grad");

@@ -64,11 +64,7 @@ void compensate_segment(const T* g, float* u, float* v, int64_t length, float mo
 
 void dgc_compensate_cpu(const at::Tensor& grad_in, at::Tensor u, at::Tensor v, const c10::optional<at::Tensor>& segments,
                         double momentum, bool nesterov, double clip_norm) {
-  to_dtype(grad_in, "grad");
-  check_state_buffer(grad_in, u, "u");
-  check_state_buffer(grad_in, v, "v");
-  TORCH_CHECK(momentum >= 0.0 && momentum < 1.0, "pycomm: momentum must be in [0, 1), got ", momentum);
-  TORCH_CHECK(clip_norm >= 0.0, "pycomm: clip_norm must be >= 0 (0 disables clipping), got ", clip_norm);
+  check_compensate_args(grad_in, u, v, momentum, clip_norm);
   const at::Tensor grad = grad_in.contiguous();
   const SegmentTable table = check_segments(segments, grad);
   float* up = u.data_ptr<float>();
@@ -208,10 +204,7 @@ void select_segment(const T* x, int64_t offset, int64_t length, int64_t k, bool 
 
 std::tuple<at::Tensor, at::Tensor> topk_magnitude_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& segments,
                                                       double density, bool exact, double sample_ratio, int64_t seed) {
-  to_dtype(x_in, "x");
-  check_density(density);
-  TORCH_CHECK(sample_ratio > 0.0 && sample_ratio <= 1.0, "pycomm: sample_ratio must be in (0, 1], got ",
-              sample_ratio);
+  check_topk_args(x_in, density, sample_ratio);
   const at::Tensor x = x_in.contiguous().view(-1);
   const SegmentTable table = check_segments(segments, x);
   std::vector<int64_t> first(table.count + 1, 0);
@@ -252,15 +245,11 @@ void check_index_range(const I* idx, int64_t count, int64_t numel, const char* w
         return found;
       },
       [](int64_t a, int64_t b) { return a >= 0 ? a : b; });
-  TORCH_CHECK(bad < 0, "pycomm: ", what, " holds index ", bad >= 0 ? static_cast<int64_t>(idx[bad]) : 0,
-              " at position ", bad, ", outside [0, ", numel, "); nothing was written");
+  check_index_position(bad, bad >= 0 ? static_cast<int64_t>(idx[bad]) : 0, numel, what);
 }
 
 void dgc_mask_cpu(at::Tensor v, c10::optional<at::Tensor> u, const at::Tensor& indices_in) {
-  TORCH_CHECK(v.scalar_type() == at::kFloat && v.is_contiguous(), "pycomm: v must be a contiguous float32 tensor");
-  if (u.has_value()) check_state_buffer(v, *u, "u");
-  check_indices(indices_in, "indices");
-  check_same_device(v, indices_in, "indices");
+  check_mask_args(v, u, indices_in);
   const at::Tensor indices = indices_in.contiguous();
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "pycomm_dgc_mask_cpu", [&] {
     const index_t* ip = indices.data_ptr<index_t>();
@@ -275,12 +264,7 @@ void dgc_mask_cpu(at::Tensor v, c10::optional<at::Tensor> u, const at::Tensor& i
 }
 
 at::Tensor densify_cpu(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t numel) {
-  to_dtype(values_in, "values");
-  check_indices(indices_in, "indices");
-  check_same_device(values_in, indices_in, "indices");
-  TORCH_CHECK(numel >= 0, "pycomm: numel must be >= 0, got ", numel);
-  TORCH_CHECK(values_in.sizes() == indices_in.sizes(), "pycomm: values ", values_in.sizes(),
-              " and indices ", indices_in.sizes(), " must have the same shape");
+  check_densify_args(values_in, indices_in, numel);
   const at::Tensor values = values_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
   at::Tensor out = at::zeros({numel}, values.options().dtype(at::kFloat));

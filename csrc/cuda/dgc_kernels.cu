@@ -103,6 +103,21 @@ PYCOMM_HD double dmul_rn(double a, double b) {
 #endif
 }
 
+// atomicAdd on double is native from sm_60; a compare-and-swap loop before
+// (setup.py builds for whatever TORCH_CUDA_ARCH_LIST names).
+__device__ __forceinline__ void atomic_add_double(double* address, double value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 600
+  unsigned long long* word = reinterpret_cast<unsigned long long*>(address);
+  unsigned long long old = *word, assumed;
+  do {
+    assumed = old;
+    old = atomicCAS(word, assumed, __double_as_longlong(__longlong_as_double(assumed) + value));
+  } while (assumed != old);
+#else
+  atomicAdd(address, value);
+#endif
+}
+
 // ---------------------------------------------------------------------------
 // Tiles.
 
@@ -205,7 +220,7 @@ __global__ void __launch_bounds__(kBlock)
       if (t < capacity)
         partials[t] = sum;
       else
-        atomicAdd(&overflow[tile.segment], sum);
+        atomic_add_double(&overflow[tile.segment], sum);
     }
     __syncthreads();  // temp is reused by the next tile
   }
@@ -710,8 +725,8 @@ cudaError_t launch_dgc_compensate(const void* grad, DType dtype, float* u, float
   size_t bytes = w.scan_bytes;
   PYCOMM_TRY(cub::DeviceScan::ExclusiveSum(w.scan_temp, bytes, static_cast<const int64_t*>(w.tiles), w.tile_first,
                                            segs.count + 1, stream));
-  // Tiles of non-overlapping rows; with overlaps the kernels grid-stride over the rest.
   if (clip) PYCOMM_TRY(cudaMemsetAsync(w.overflow, 0, sizeof(double) * segs.count, stream));
+  // Tiles of non-overlapping rows; with overlaps the kernels grid-stride over the rest.
   const unsigned grid = grid_for(tile_count(numel) + segs.count);
   dispatch_dtype(dtype, [&](auto tag) {
     constexpr DType D = decltype(tag)::value;
@@ -784,9 +799,10 @@ cudaError_t launch_topk_magnitude(const void* x, DType dtype, int64_t numel, con
     if (err != cudaSuccess) return;
     dispatch_index(indices64, [&](auto index_tag) {
       using I = decltype(index_tag);
+      Storage<D>* out_values = static_cast<Storage<D>*>(values);
+      I* out_indices = static_cast<I*>(indices);
       select_write_kernel<D, I><<<grid, kBlock, 0, stream>>>(xp, segs, w.tile_first, tiles, w.out_first, w.state,
-                                                             w.counts_first, plan.total_k,
-                                                             static_cast<Storage<D>*>(values), static_cast<I*>(indices));
+                                                             w.counts_first, plan.total_k, out_values, out_indices);
     });
   });
   PYCOMM_TRY(err);
