@@ -85,7 +85,7 @@ OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd-momentum", "sgd")
 
 #: Peak learning rate of the SGD methods (``allreduce-sgd`` and ``dgc``), tuned
 #: for allreduce-sgd on the default run (200 steps, 4 workers, clipping at 1.0).
-SGD_LR: float = 0.5
+SGD_LR: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -530,7 +530,7 @@ def _progress_line(index: int, total: int, r: Mapping[str, Any]) -> str:
 _OPTIMIZER_NOTES = {
     "adamw": "adamw = AdamW(betas=(0.9, 0.95))",
     "sgd-momentum": "sgd-momentum = SGD(momentum=0.9)",
-    "sgd": "sgd = SGD(momentum=0); the method applies momentum 0.9 in its hook",
+    "sgd": "sgd = SGD(momentum=0), the method's hook applies momentum (dgc: 0.9)",
 }
 
 
@@ -559,7 +559,7 @@ def format_table(results: Sequence[Mapping[str, Any]]) -> str:
         )
     if len(used) > 1:
         notes = "; ".join(_OPTIMIZER_NOTES.get(o, o) for o in used)
-        lines.append(f"\nOptimizers ({notes}): peak lr as shown, same warm-up/cosine schedule, weight decay local.")
+        lines.append(f"\nOptimizers: {notes}. Peak lr as shown, on the same warm-up/cosine schedule.")
     return "\n".join(lines)
 
 
@@ -588,7 +588,7 @@ def run_demo(
 
     Returns:
         One dict per method, in order, with keys ``method``, ``description``,
-        ``workers``, ``steps``, ``initial_loss``, ``final_train_loss``,
+        ``optimizer``, ``lr``, ``workers``, ``steps``, ``initial_loss``, ``final_train_loss``,
         ``eval_loss``, ``bytes_per_worker_per_step`` (median over steps),
         ``mean_bytes_per_worker_per_step``, ``fp32_allreduce_bytes_per_step``,
         ``compression`` and ``mean_compression`` (fp32 bytes over the median

@@ -10,7 +10,7 @@ import torch
 
 from pycomm.cli import build_parser, main
 from pycomm.data import VOCAB_SIZE, eval_batches, load_corpus, train_batch, train_generator
-from pycomm.demo import DEFAULT_METHODS, METHODS, format_table
+from pycomm.demo import DEFAULT_METHODS, METHODS, SGD_LR, DemoConfig, format_table
 from pycomm.models import CharTransformer, ModelConfig
 
 LN_VOCAB = math.log(VOCAB_SIZE)
@@ -63,8 +63,11 @@ def test_demo_end_to_end(tmp_path, capsys):
     rc = main(["demo", "--workers", "2", "--steps", "30", "--methods", "allreduce,quant4", "--json", str(out)])
     assert rc == 0
     printed = capsys.readouterr().out
-    assert "| method | final train loss | eval loss | bytes/worker/step | compression vs fp32 | ms/step |" in printed
-    assert "| allreduce |" in printed and "| quant4 |" in printed
+    assert (
+        "| method | optimizer | final train loss | eval loss | bytes/worker/step | compression vs fp32 | ms/step |"
+        in printed
+    )
+    assert "| allreduce | adamw lr 0.003 |" in printed and "| quant4 | adamw lr 0.003 |" in printed
 
     report = json.loads(out.read_text())
     results = {r["method"]: r for r in report["results"]}
@@ -83,3 +86,38 @@ def test_demo_end_to_end(tmp_path, capsys):
     assert allreduce["bytes_per_worker_per_step"] == pytest.approx(allreduce["fp32_allreduce_bytes_per_step"], rel=0.01)
     assert 0 < quant4["bytes_per_worker_per_step"] < allreduce["bytes_per_worker_per_step"] / 5
     assert quant4["compression"] > 5
+
+
+def test_method_optimizers_and_schedule():
+    cfg = DemoConfig(steps=50)
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    adamw, sgd_m, sgd = (METHODS[n].make_optimizer(params, cfg) for n in ("allreduce", "allreduce-sgd", "dgc"))
+    assert isinstance(adamw, torch.optim.AdamW) and adamw.defaults["lr"] == cfg.lr
+    assert isinstance(sgd_m, torch.optim.SGD) and sgd_m.defaults["momentum"] == 0.9
+    assert isinstance(sgd, torch.optim.SGD) and sgd.defaults["momentum"] == 0.0  # DGC's momentum is in the hook
+    assert sgd.defaults["weight_decay"] == cfg.weight_decay
+    for step in (0, 4, 5, 30, 49):  # same schedule shape, scaled to the method's peak
+        assert METHODS["dgc"].lr_at(cfg, step) == pytest.approx(cfg.lr_at(step) * SGD_LR / cfg.lr)
+        assert METHODS["allreduce"].lr_at(cfg, step) == pytest.approx(cfg.lr_at(step))
+    assert METHODS["dgc"].clip_in_hook and not METHODS["allreduce-sgd"].clip_in_hook
+    assert DEFAULT_METHODS[-2:] == ("allreduce-sgd", "dgc")
+
+
+def test_demo_dgc_sends_far_less(tmp_path, capsys):
+    out = tmp_path / "dgc.json"
+    rc = main(["demo", "--workers", "2", "--steps", "20", "--methods", "allreduce-sgd,dgc", "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"| dgc | sgd lr {SGD_LR:g} |" in printed and "sgd = SGD(momentum=0)" in printed
+
+    results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    dense, dgc = results["allreduce-sgd"], results["dgc"]
+    assert (dense["optimizer"], dgc["optimizer"]) == ("sgd-momentum", "sgd")
+    assert dense["bytes_per_worker_per_step"] == pytest.approx(dense["fp32_allreduce_bytes_per_step"], rel=0.01)
+    # 0.1% of each large layer as k fp32 values + k int32 indices, small layers dense: ~100x less on 2 ranks
+    assert 0 < dgc["bytes_per_worker_per_step"] < dense["bytes_per_worker_per_step"] / 50
+    assert dgc["compression"] > 50
+    for r in (dense, dgc):
+        assert all(math.isfinite(x) for x in r["train_loss_curve"])
+        assert math.isfinite(r["eval_loss"]) and r["final_train_loss"] < r["initial_loss"]
+        assert r["replicas_in_sync"]
