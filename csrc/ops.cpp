@@ -48,6 +48,19 @@ TORCH_LIBRARY(pycomm, m) {
   // Sums the (values, indices) payloads (any shape, same for both) into a dense
   // float32 tensor of numel elements; every index is checked first.
   m.def("densify(Tensor values, Tensor indices, int numel) -> Tensor");
+
+  // Counter-based random variates (pycomm/philox_variates.h): element j of a
+  // tensor list has the global index offset + (elements of the tensors before
+  // it) + j, and its variate depends only on (seed, global index), on every
+  // device. distribution: 0 Gaussian, 1 Rademacher (+-1).
+  // n variates of global indices offset .. offset+n-1, 1-D, with like's dtype and device.
+  m.def("philox_variates(Tensor like, int n, int seed, int offset, int distribution) -> Tensor");
+  // t += alpha * z for every tensor (contiguous, non-overlapping), in float32.
+  m.def("philox_axpy_(Tensor(a!)[] tensors, int seed, float alpha, int distribution, int offset) -> ()");
+  // t + alpha * z as new contiguous tensors (same rounding as philox_axpy_).
+  m.def("philox_perturbed_copy(Tensor[] tensors, int seed, float alpha, int distribution, int offset) -> Tensor[]");
+  // <t, z> as a float64 scalar tensor, summed in the fixed order of philox_variates.h.
+  m.def("philox_dot(Tensor[] tensors, int seed, int distribution, int offset) -> Tensor");
 }
 
 }  // namespace pycomm

@@ -9,13 +9,15 @@ DDP hooks in :mod:`pycomm.hooks`.
 """
 
 from pycomm import ops  # noqa: F401  (loads the kernels)
-from pycomm import compressors, distributed, hooks, traffic  # noqa: F401
+from pycomm import codec, compressors, distributed, hooks, traffic, zo  # noqa: F401
 from pycomm.registry import available_methods, register, register_method
 
 register_method("quant", hooks.QuantState, hooks.quantized_allreduce_hook,
                 "bucketed max-min quantization (1-8 bits), scatter-reduce-allgather, error feedback")
 register_method("dgc", hooks.DGCState, hooks.dgc_hook,
                 "Deep Gradient Compression: top-k with momentum correction, clipping, masking, warm-up")
+register_method("spsa-projection", hooks.ProjectionState, hooks.projection_hook,
+                "shared-seed random projection: K one-byte coefficients per bucket per rank")
 
 __version__ = "0.1.0"
-__all__ = ["register", "register_method", "available_methods", "ops", "compressors", "distributed", "hooks", "traffic"]
+__all__ = ["register", "register_method", "available_methods", "ops", "codec", "compressors", "distributed", "hooks", "traffic", "zo"]

@@ -39,7 +39,7 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
 def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0) -> list[Any]:
     """Run ``fn(rank, world, *args)`` on ``world`` Gloo ranks; return the results in rank order."""
     ctx = mp.get_context("spawn")
-    queue = ctx.SimpleQueue()
+    queue = ctx.Queue()
     port = free_port()
     procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
     for p in procs:
@@ -47,7 +47,11 @@ def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: flo
     results: dict[int, Any] = {}
     errors = []
     for _ in range(world):
-        rank, status, value = queue.get()
+        try:
+            rank, status, value = queue.get(timeout=timeout)
+        except Exception:  # queue.Empty: a rank hung (e.g. a collective not called by every rank)
+            errors.append(f"no result from a rank within {timeout} s")
+            break
         if status == "ok":
             results[rank] = torch.load(io.BytesIO(value), weights_only=False)
         else:

@@ -6,5 +6,6 @@ Each hook is ``hook(state, bucket) -> Future[Tensor]`` for
 
 from pycomm.hooks.dgc import DGCState, dgc_hook
 from pycomm.hooks.quantized_allreduce import QuantState, quantized_allreduce_hook
+from pycomm.hooks.spsa_projection import ProjectionState, projection_hook
 
-__all__ = ["QuantState", "quantized_allreduce_hook", "DGCState", "dgc_hook"]
+__all__ = ["QuantState", "quantized_allreduce_hook", "DGCState", "dgc_hook", "ProjectionState", "projection_hook"]

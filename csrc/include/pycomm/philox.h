@@ -69,6 +69,8 @@ PYCOMM_HD Block philox4x32_10(Block counter, uint32_t key0, uint32_t key1) {
 enum Stream : uint32_t {
   kStreamStochasticRounding = 0x51554E54u,  // "QUNT"
   kStreamTopkSample = 0x544F504Bu,          // "TOPK": start of the strided top-k sample
+  kStreamGaussian = 0x47415553u,            // "GAUS": Box-Muller normals (philox_variates.h)
+  kStreamRademacher = 0x52414445u,          // "RADE": random signs, one bit per element (philox_variates.h)
 };
 
 PYCOMM_HD Block block_at(uint64_t seed, uint32_t stream, uint64_t block_index) {
