@@ -15,17 +15,8 @@ import pycomm
 
 SIZES = [4_194_304, 1_572_864, 782_336, 4_096]  # 6,553,600 float32 = 25 MB
 EPS = 1e-3
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
 
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
-
-
-@pytest.fixture(scope="module", params=DEVICES)
-def device(request):
-    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -34,20 +25,14 @@ def tensors(device):
     return [torch.randn(n, generator=g).to(device) for n in SIZES]
 
 
-def _run(benchmark, device, fn):
-    def call():
-        fn()
-        _sync(device)
-    benchmark.pedantic(call, rounds=10, iterations=1, warmup_rounds=2)
-
 
 @pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
-def test_philox_axpy_pycomm(benchmark, device, tensors, distribution):
+def test_philox_axpy_pycomm(benchmark, run, device, tensors, distribution):
     benchmark.group = f"philox_axpy-{device}"
-    _run(benchmark, device, lambda: pycomm.ops.philox_axpy_(tensors, 1234, EPS, distribution))
+    run(benchmark, lambda: pycomm.ops.philox_axpy_(tensors, 1234, EPS, distribution))
 
 
-def test_philox_axpy_torch(benchmark, device, tensors):
+def test_philox_axpy_torch(benchmark, run, device, tensors):
     benchmark.group = f"philox_axpy-{device}"
 
     def mezo():
@@ -55,29 +40,29 @@ def test_philox_axpy_torch(benchmark, device, tensors):
         for t in tensors:
             t.add_(torch.randn(t.shape, generator=gen, device=device), alpha=EPS)
 
-    _run(benchmark, device, mezo)
+    run(benchmark, mezo)
 
 
-def test_philox_axpy_clone(benchmark, device, tensors):
+def test_philox_axpy_clone(benchmark, run, device, tensors):
     benchmark.group = f"philox_axpy-{device}"
-    _run(benchmark, device, lambda: [t.clone() for t in tensors])
+    run(benchmark, lambda: [t.clone() for t in tensors])
 
 
-def test_philox_dot_pycomm(benchmark, device, tensors):
+def test_philox_dot_pycomm(benchmark, run, device, tensors):
     benchmark.group = f"philox_dot-{device}"
-    _run(benchmark, device, lambda: torch.ops.pycomm.philox_dot(tensors, 1234, 0, 0))
+    run(benchmark, lambda: torch.ops.pycomm.philox_dot(tensors, 1234, 0, 0))
 
 
-def test_philox_dot_torch(benchmark, device, tensors):
+def test_philox_dot_torch(benchmark, run, device, tensors):
     benchmark.group = f"philox_dot-{device}"
 
     def randn_dot():
         gen = torch.Generator(device=device).manual_seed(1234)
         return sum(torch.dot(t, torch.randn(t.shape, generator=gen, device=device)) for t in tensors)
 
-    _run(benchmark, device, randn_dot)
+    run(benchmark, randn_dot)
 
 
-def test_philox_dot_clone(benchmark, device, tensors):
+def test_philox_dot_clone(benchmark, run, device, tensors):
     benchmark.group = f"philox_dot-{device}"
-    _run(benchmark, device, lambda: [t.clone() for t in tensors])
+    run(benchmark, lambda: [t.clone() for t in tensors])

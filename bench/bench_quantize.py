@@ -13,12 +13,7 @@ import pycomm
 NUMEL = 25 * 1024 * 1024 // 4  # 25 MB of float32
 BUCKET = 512
 WORLD = 4
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-
-def _sync(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def torch_quantize_ef(x, residual, bits, bucket):
@@ -39,67 +34,57 @@ def torch_dequantize_sum(parts):
     return out
 
 
-@pytest.fixture(scope="module", params=DEVICES)
-def device(request):
-    return request.param
-
 
 @pytest.fixture(scope="module")
 def bucket(device):
     return torch.randn(NUMEL, generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def _run(benchmark, device, fn):
-    def call():
-        fn()
-        _sync(device)
-    benchmark.pedantic(call, rounds=15, iterations=1, warmup_rounds=2)
-
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_quantize_ef_pycomm(benchmark, device, bucket, bits):
+def test_quantize_ef_pycomm(benchmark, run, device, bucket, bits):
     benchmark.group = f"quantize_ef-{device}-{bits}bit"
     residual = torch.zeros_like(bucket)
-    _run(benchmark, device, lambda: pycomm.ops.quantize_with_error_feedback(
+    run(benchmark, lambda: pycomm.ops.quantize_with_error_feedback(
         bucket, residual, bits=bits, bucket_size=BUCKET, stochastic=False))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_quantize_ef_stochastic_pycomm(benchmark, device, bucket, bits):
+def test_quantize_ef_stochastic_pycomm(benchmark, run, device, bucket, bits):
     benchmark.group = f"quantize_ef-{device}-{bits}bit"
     residual = torch.zeros_like(bucket)
-    _run(benchmark, device, lambda: pycomm.ops.quantize_with_error_feedback(
+    run(benchmark, lambda: pycomm.ops.quantize_with_error_feedback(
         bucket, residual, bits=bits, bucket_size=BUCKET, stochastic=True, seed=1))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_quantize_ef_torch(benchmark, device, bucket, bits):
+def test_quantize_ef_torch(benchmark, run, device, bucket, bits):
     benchmark.group = f"quantize_ef-{device}-{bits}bit"
     residual = torch.zeros_like(bucket)
-    _run(benchmark, device, lambda: torch_quantize_ef(bucket, residual, bits, BUCKET))
+    run(benchmark, lambda: torch_quantize_ef(bucket, residual, bits, BUCKET))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_quantize_ef_clone(benchmark, device, bucket, bits):
+def test_quantize_ef_clone(benchmark, run, device, bucket, bits):
     benchmark.group = f"quantize_ef-{device}-{bits}bit"
-    _run(benchmark, device, lambda: bucket.clone())
+    run(benchmark, lambda: bucket.clone())
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_dequantize_sum_pycomm(benchmark, device, bucket, bits):
+def test_dequantize_sum_pycomm(benchmark, run, device, bucket, bits):
     benchmark.group = f"dequantize_sum-{device}-{bits}bit"
     payloads = torch.stack([pycomm.ops.quantize(bucket, bits=bits, seed=s).payload for s in range(WORLD)])
-    _run(benchmark, device, lambda: torch.ops.pycomm.dequantize_sum(payloads, None, None, 0, bits, BUCKET))
+    run(benchmark, lambda: torch.ops.pycomm.dequantize_sum(payloads, None, None, 0, bits, BUCKET))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_dequantize_sum_torch(benchmark, device, bucket, bits):
+def test_dequantize_sum_torch(benchmark, run, device, bucket, bits):
     benchmark.group = f"dequantize_sum-{device}-{bits}bit"
     parts = [torch_quantize_ef(bucket, torch.zeros_like(bucket), bits, BUCKET) for _ in range(WORLD)]
-    _run(benchmark, device, lambda: torch_dequantize_sum(parts))
+    run(benchmark, lambda: torch_dequantize_sum(parts))
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
-def test_dequantize_sum_clone(benchmark, device, bucket, bits):
+def test_dequantize_sum_clone(benchmark, run, device, bucket, bits):
     benchmark.group = f"dequantize_sum-{device}-{bits}bit"
-    _run(benchmark, device, lambda: bucket.clone())
+    run(benchmark, lambda: bucket.clone())

@@ -19,8 +19,17 @@ same number of steps. For every method it reports
 * the median wall time of a training step.
 
 Methods are looked up by name in :data:`METHODS`; a new method is one line
-there, made with :func:`torch_hook` (a PyTorch DDP communication hook) or
-:func:`pycomm_method` (``pycomm.register(ddp, name, **kwargs)``).
+there, made with :func:`torch_hook` (a PyTorch DDP communication hook),
+:func:`pycomm_method` (``pycomm.register(ddp, name, **kwargs)``) or
+:func:`spsa_method` (zeroth-order training with :class:`pycomm.zo.SPSA`).
+
+Zeroth-order rows (``spsa``) train without DDP and without a backward pass:
+each step is ``SPSA.step(closure)``, whose closure is the rank's training loss
+(two perturbed forwards under ``torch.no_grad``), and its one ``all_gather`` of
+one byte per rank is the only communication, counted by the same
+:class:`~pycomm.traffic.CollectiveByteCounter` (``W - 1`` bytes per worker per
+step: its byte goes to each peer). Their training loss is the mean of the two
+perturbed losses that the step evaluates.
 
 Each method also chooses its optimizer (:attr:`MethodSpec.optimizer`): AdamW by
 default, or SGD with or without momentum for methods that keep momentum in
@@ -61,6 +70,7 @@ __all__ = [
     "MethodSpec",
     "torch_hook",
     "pycomm_method",
+    "spsa_method",
     "METHODS",
     "DEFAULT_METHODS",
     "DemoConfig",
@@ -80,8 +90,10 @@ logger = logging.getLogger(__name__)
 #: * ``"adamw"``: ``AdamW(betas=(0.9, 0.95))``,
 #: * ``"sgd-momentum"``: ``SGD(momentum=0.9)``,
 #: * ``"sgd"``: ``SGD(momentum=0)``, for methods whose hook applies momentum
-#:   itself (DGC's momentum correction).
-OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd-momentum", "sgd")
+#:   itself (DGC's momentum correction),
+#: * ``"spsa"``: :class:`pycomm.zo.SPSA` (zeroth order, no weight decay), for
+#:   methods made by :func:`spsa_method`; it replaces DDP and the backward pass.
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd-momentum", "sgd", "spsa")
 
 #: Peak learning rate of the SGD methods (``allreduce-sgd`` and ``dgc``), tuned
 #: for allreduce-sgd on the default run (200 steps, 4 workers, clipping at 1.0).
@@ -98,7 +110,8 @@ class MethodSpec:
             registers the communication hook and returns its state (kept alive
             for the run), or None. It is sent to the worker processes, so it
             must be picklable (a module-level function or a
-            :func:`functools.partial` of one).
+            :func:`functools.partial` of one). None for the ``"spsa"``
+            optimizer, which trains without DDP.
         description: one line for reports.
         needs_pycomm: whether it needs ``pycomm.register``.
         optimizer: one of :data:`OPTIMIZERS`.
@@ -108,20 +121,31 @@ class MethodSpec:
             clipping, before its momentum), so the demo does not clip after the
             backward pass; otherwise the averaged gradients are clipped to
             ``DemoConfig.grad_clip`` before the optimizer step.
+        eps: the perturbation scale of the ``"spsa"`` optimizer (unused by the others).
     """
 
-    attach: Callable[[DDP, "DemoConfig"], Any]
+    attach: Optional[Callable[[DDP, "DemoConfig"], Any]]
     description: str
     needs_pycomm: bool = False
     optimizer: str = "adamw"
     lr: Optional[float] = None
     clip_in_hook: bool = False
+    eps: float = 1e-3
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.lr is not None and not self.lr > 0:
             raise ValueError(f"lr must be positive or None, got {self.lr}")
+        if self.zeroth_order != (self.attach is None):
+            raise ValueError("attach must be None exactly when the optimizer is 'spsa' (no DDP, no hook)")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+
+    @property
+    def zeroth_order(self) -> bool:
+        """Whether this method trains with :class:`pycomm.zo.SPSA` (no DDP, no backward pass)."""
+        return self.optimizer == "spsa"
 
     def base_lr(self, cfg: "DemoConfig") -> float:
         """The peak learning rate of this method under ``cfg``."""
@@ -131,9 +155,22 @@ class MethodSpec:
         """The learning rate of ``step``: ``cfg``'s schedule shape scaled to :meth:`base_lr`."""
         return self.base_lr(cfg) * cfg.lr_scale(step)
 
-    def make_optimizer(self, params: Iterable[torch.nn.Parameter], cfg: "DemoConfig") -> torch.optim.Optimizer:
-        """The optimizer this method trains with (see :data:`OPTIMIZERS`)."""
+    def make_optimizer(
+        self, params: Union[torch.nn.Module, Iterable[torch.nn.Parameter]], cfg: "DemoConfig"
+    ) -> Any:
+        """The optimizer this method trains with (see :data:`OPTIMIZERS`).
+
+        ``params`` may be the model itself; the ``"spsa"`` optimizer prefers it
+        (it then perturbs one module's parameters at a time) and is seeded
+        with ``cfg.seed`` on every rank.
+        """
         lr = self.base_lr(cfg)
+        if isinstance(params, torch.nn.Module) and not self.zeroth_order:
+            params = params.parameters()
+        if self.zeroth_order:
+            from pycomm.zo import SPSA
+
+            return SPSA(params, lr=lr, eps=self.eps, seed=cfg.seed)
         if self.optimizer == "adamw":
             return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
         momentum = 0.9 if self.optimizer == "sgd-momentum" else 0.0
@@ -206,6 +243,23 @@ def pycomm_method(
         attach=functools.partial(_attach_pycomm, name, dict(kwargs), config_options),
         description=description or f"pycomm {name}({options})",
         needs_pycomm=True,
+    )
+
+
+def spsa_method(lr: float, eps: float, description: Optional[str] = None) -> MethodSpec:
+    """A zeroth-order method: :class:`pycomm.zo.SPSA` with one byte per worker per step.
+
+    It trains the plain model (no DDP, no hook, no backward pass; the replicas
+    start from rank 0's weights via ``SPSA.sync``), with learning rate ``lr`` on
+    the demo's schedule and perturbation scale ``eps``.
+    """
+    return MethodSpec(
+        attach=None,
+        description=description or f"pycomm.zo.SPSA(lr={lr:g}, eps={eps:g}), zeroth order, one byte per rank per step",
+        needs_pycomm=True,
+        optimizer="spsa",
+        lr=lr,
+        eps=eps,
     )
 
 
@@ -374,9 +428,15 @@ def _train_one(
     torch.manual_seed(cfg.seed)
     model = CharTransformer(cfg.model)
     fp32_bytes = fp32_allreduce_bytes(model, world)
-    ddp = DDP(model, bucket_cap_mb=cfg.bucket_cap_mb)
-    state = spec.attach(ddp, cfg)
-    optimizer = spec.make_optimizer(model.parameters(), cfg)
+    if spec.zeroth_order:
+        # no DDP and no hook: SPSA's one-byte all_gather is the only communication
+        ddp, state = None, None
+        optimizer = spec.make_optimizer(model, cfg)
+        optimizer.sync(src=0)  # same weights everywhere (they already are: same seed), outside the counter
+    else:
+        ddp = DDP(model, bucket_cap_mb=cfg.bucket_cap_mb)
+        state = spec.attach(ddp, cfg)
+        optimizer = spec.make_optimizer(model.parameters(), cfg)
     clip = cfg.grad_clip if cfg.grad_clip > 0 and not spec.clip_in_hook else 0.0
     generator = train_generator(cfg.seed, rank)
     counter = CollectiveByteCounter()
@@ -389,22 +449,30 @@ def _train_one(
     wall_start = time.perf_counter()
     for step in range(cfg.steps):
         inputs, targets = train_batch(corpus, cfg.batch_size, cfg.model.context, generator)
-        for group in optimizer.param_groups:
-            group["lr"] = spec.lr_at(cfg, step)
-        start = time.perf_counter()
-        logits = ddp(inputs)
-        loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
-        optimizer.zero_grad(set_to_none=True)
-        counter.reset()
-        with counter:
-            loss.backward()
-            if clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-            optimizer.step()
+        if spec.zeroth_order:
+            optimizer.lr = spec.lr_at(cfg, step)
+            start = time.perf_counter()
+            counter.reset()
+            with counter:  # two perturbed forwards (no_grad) and one all_gather of one byte
+                loss_value = optimizer.step(functools.partial(model.loss, inputs, targets))
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = spec.lr_at(cfg, step)
+            start = time.perf_counter()
+            logits = ddp(inputs)
+            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+            optimizer.zero_grad(set_to_none=True)
+            counter.reset()
+            with counter:
+                loss.backward()
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                optimizer.step()
+            loss_value = float(loss.detach())
         step_times.append(time.perf_counter() - start)
         step_bytes.append(counter.bytes_sent)
         step_calls.append(sum(counter.calls.values()))
-        losses.append(float(loss.detach()))
+        losses.append(loss_value)
         if not math.isfinite(losses[-1]):
             logger.warning("%s: rank %d loss is %s at step %d", name, rank, losses[-1], step)
     wall = time.perf_counter() - wall_start

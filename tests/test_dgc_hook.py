@@ -1,11 +1,9 @@
 """The DGC DDP hook on 2 and 4 Gloo ranks: equivalence with momentum SGD, convergence, bytes, state."""
 
 import io
-import math
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_utils import run_distributed

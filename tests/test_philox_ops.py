@@ -10,7 +10,6 @@ standard errors of the statistic.
 """
 
 import math
-import os
 
 import numpy as np
 import pytest

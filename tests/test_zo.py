@@ -1,10 +1,8 @@
 """One-byte SPSA (pycomm.zo) and the shared-seed projection hook."""
 
-import io
 
 import pytest
 import torch
-import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_utils import run_distributed
@@ -38,7 +36,7 @@ def test_single_process_matches_pure_torch_mezo_step():
     opt.step(closure)
     # Reference: the same variates, materialized, and the MeZO step in pure torch.
     seed = opt.seed_for(0, 0)
-    offsets, zs, off = [], [], 0
+    zs, off = [], 0
     for p in params0:
         zs.append(pycomm.ops.philox_normal(p.numel(), seed, offset=off).view_as(p))
         off += p.numel()

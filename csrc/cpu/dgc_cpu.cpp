@@ -17,6 +17,7 @@
 #endif
 
 #include "../dgc_checks.h"
+#include "pycomm/momentum.h"
 #include "pycomm/philox.h"
 #include "pycomm/segments.h"
 #include "pycomm/topk_order.h"
@@ -48,16 +49,7 @@ template <typename T>
 void compensate_segment(const T* g, float* u, float* v, int64_t length, float momentum, bool nesterov, float scale) {
   at::parallel_for(0, length, kGrain, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
-      const float gi = mul_rn(static_cast<float>(g[i]), scale);
-      if (nesterov) {
-        const float ui = mul_rn(momentum, add_rn(u[i], gi));
-        u[i] = ui;
-        v[i] = add_rn(v[i], add_rn(ui, gi));
-      } else {
-        const float ui = add_rn(mul_rn(momentum, u[i]), gi);
-        u[i] = ui;
-        v[i] = add_rn(v[i], ui);
-      }
+      momentum_correction(mul_rn(static_cast<float>(g[i]), scale), u[i], v[i], momentum, nesterov);
     }
   });
 }

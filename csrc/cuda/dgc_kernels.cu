@@ -32,6 +32,7 @@
 // (PYCOMM_HD), so it can be exercised on the host; the kernels glue them with
 // CUB block primitives.
 #include "dgc_kernels.h"
+#include "element_types.cuh"
 
 #include <cuda_fp16.h>
 
@@ -44,6 +45,7 @@
 
 #include <type_traits>
 
+#include "pycomm/momentum.h"
 #include "pycomm/topk_order.h"
 
 namespace pycomm {
@@ -61,47 +63,10 @@ static_assert(kItems * kBlock == kDgcTile, "a tile is kItems elements per thread
 static_assert(kBins == kBlock, "the radix kernels give every thread one bin");
 
 // ---------------------------------------------------------------------------
-// Element types (exact conversions to float; NaN payloads do not matter here).
-
-template <DType D>
-struct Elem;
-
-template <>
-struct Elem<DType::Float32> {
-  using Storage = float;
-  PYCOMM_HD static float to_float(float s) { return s; }
-};
-
-template <>
-struct Elem<DType::Float16> {
-  using Storage = uint16_t;
-  PYCOMM_HD static float to_float(uint16_t h) { return __half2float(__ushort_as_half(h)); }
-};
-
-template <>
-struct Elem<DType::BFloat16> {
-  using Storage = uint16_t;
-  PYCOMM_HD static float to_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
-};
+// Element types: element_types.cuh.
 
 template <DType D>
 using Storage = typename Elem<D>::Storage;
-
-PYCOMM_HD double dadd_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-PYCOMM_HD double dmul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
 
 // atomicAdd on double is native from sm_60; a compare-and-swap loop before
 // (setup.py builds for whatever TORCH_CUDA_ARCH_LIST names).
@@ -186,16 +151,7 @@ PYCOMM_HD float clip_scale(double sq_norm, double clip) {
 
 template <DType D, bool kNesterov>
 PYCOMM_HD void compensate_element(const Storage<D>* g, float* u, float* v, int64_t i, float momentum, float scale) {
-  const float gi = mul_rn(Elem<D>::to_float(g[i]), scale);
-  if (kNesterov) {
-    const float ui = mul_rn(momentum, add_rn(u[i], gi));
-    u[i] = ui;
-    v[i] = add_rn(v[i], add_rn(ui, gi));
-  } else {
-    const float ui = add_rn(mul_rn(momentum, u[i]), gi);
-    u[i] = ui;
-    v[i] = add_rn(v[i], ui);
-  }
+  momentum_correction(mul_rn(Elem<D>::to_float(g[i]), scale), u[i], v[i], momentum, kNesterov);
 }
 
 // Squared sum of each tile (double): to partials[t], or, for tiles past the
@@ -562,14 +518,6 @@ size_t scan_temp_bytes(int64_t items) {
 
 size_t max_size(size_t a, size_t b) { return a > b ? a : b; }
 
-template <typename F>
-void dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float16: f(std::integral_constant<DType, DType::Float16>{}); break;
-    case DType::BFloat16: f(std::integral_constant<DType, DType::BFloat16>{}); break;
-    default: f(std::integral_constant<DType, DType::Float32>{}); break;
-  }
-}
 
 template <typename F>
 void dispatch_index(bool index64, F&& f) {

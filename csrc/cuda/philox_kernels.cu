@@ -76,9 +76,9 @@ __device__ __forceinline__ void group_variates(uint64_t seed, int distribution, 
 // determined (a NaN t stays t, quieted; see quantize_device.cuh).
 __device__ __forceinline__ float axpy_value(float t, float alpha, float z) {
   float m = mul_rn(alpha, z);
-  if (qdev::is_nan(m)) m = qdev::x86_nan_result(alpha, z);
+  if (is_nan(m)) m = qdev::x86_nan_result(alpha, z);
   const float s = add_rn(t, m);
-  return qdev::is_nan(s) ? qdev::x86_nan_result(t, m) : s;
+  return is_nan(s) ? qdev::x86_nan_result(t, m) : s;
 }
 
 template <typename S>
@@ -115,7 +115,7 @@ template <DType D, bool kFill>
 __global__ void __launch_bounds__(kBlock)
     elementwise_kernel(const __grid_constant__ PhiloxBatch b, uint64_t seed, int distribution, float alpha,
                        int64_t q_begin, int64_t q_count) {
-  using E = qdev::Elem<D>;
+  using E = Elem<D>;
   using S = typename E::Storage;
   const int64_t begin = b.start[0], end = b.start[b.count];
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
@@ -165,7 +165,7 @@ __global__ void __launch_bounds__(kBlock)
 // mask m, lane l < m holds v[l] + v[l + m]. Every lane ends with the total.
 __device__ __forceinline__ double warp_tree(double acc) {
 #pragma unroll
-  for (int m = kWarp / 2; m > 0; m >>= 1) acc = philox::dadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, m));
+  for (int m = kWarp / 2; m > 0; m >>= 1) acc = dadd_rn(acc, __shfl_xor_sync(0xffffffffu, acc, m));
   return acc;
 }
 
@@ -174,7 +174,7 @@ __global__ void __launch_bounds__(kBlock)
     dot_kernel(const __grid_constant__ PhiloxBatch b, uint64_t seed, int distribution, int64_t op_begin,
                int64_t op_end, int64_t chunk_first, int64_t chunk_lo, int64_t chunk_count, const double* carry_in,
                double* carry_out, double* partials) {
-  using E = qdev::Elem<D>;
+  using E = Elem<D>;
   using S = typename E::Storage;
   const int lane = static_cast<int>(threadIdx.x) & (kWarp - 1);
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
@@ -199,7 +199,7 @@ __global__ void __launch_bounds__(kBlock)
         if (g < begin || g >= end) continue;
         while (g >= b.start[t + 1]) ++t;
         const float v = E::to_float(static_cast<const S*>(b.src[t])[g - b.start[t]]);
-        acc = philox::dadd_rn(acc, philox::dmul_rn(static_cast<double>(v), static_cast<double>(z[j])));
+        acc = dadd_rn(acc, dmul_rn(static_cast<double>(v), static_cast<double>(z[j])));
       }
     }
     const int64_t chunk_end = base + kDotChunk < op_end ? base + kDotChunk : op_end;
@@ -215,7 +215,7 @@ __global__ void __launch_bounds__(kBlock)
 __global__ void dot_final_kernel(const double* partials, int64_t count, double* out) {
   const int lane = static_cast<int>(threadIdx.x);
   double acc = 0.0;
-  for (int64_t p = lane; p < count; p += kWarp) acc = philox::dadd_rn(acc, partials[p]);
+  for (int64_t p = lane; p < count; p += kWarp) acc = dadd_rn(acc, partials[p]);
   acc = warp_tree(acc);
   if (lane == 0) out[0] = acc;
 }

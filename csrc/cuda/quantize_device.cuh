@@ -20,6 +20,7 @@
 #include "pycomm/common.h"
 #include "pycomm/philox.h"
 #include "pycomm/quant_format.h"
+#include "element_types.cuh"
 
 namespace pycomm {
 namespace qdev {
@@ -70,10 +71,8 @@ PYCOMM_HD void store16(void* p, uint4 v) {
 // 0 * inf). Float results that the ops store (dequantized values, sums) are
 // patched on the rare NaN path so that their bits match the CPU's too.
 
-constexpr uint32_t kQuietBit = 0x00400000u;
 constexpr uint32_t kX86DefaultNaN = 0xFFC00000u;
 
-PYCOMM_HD bool is_nan(float f) { return !(f == f); }
 
 PYCOMM_HD float x86_nan_result(float a, float b) {
   if (is_nan(a)) return bits_float(float_bits(a) | kQuietBit);
@@ -97,48 +96,6 @@ PYCOMM_HD float accumulate(float acc, float d) {
   const float s = add_rn(acc, d);
   return is_nan(s) ? x86_nan_result(d, acc) : s;
 }
-
-// ---------------------------------------------------------------------------
-// Element types. The CPU converts through c10::Half / c10::BFloat16; these
-// conversions give the same bits (round to nearest even, and c10's NaNs:
-// half <- float NaN is sign|0x7E00, bfloat16 <- float NaN is 0x7FC0, and
-// half -> float keeps the NaN's payload, quieted).
-
-template <DType D>
-struct Elem;
-
-template <>
-struct Elem<DType::Float32> {
-  using Storage = float;
-  PYCOMM_HD static float to_float(float s) { return s; }
-  PYCOMM_HD static float from_float(float f) { return f; }
-};
-
-template <>
-struct Elem<DType::Float16> {
-  using Storage = uint16_t;
-  PYCOMM_HD static float to_float(uint16_t h) {
-    const float f = __half2float(__ushort_as_half(h));
-    if (!is_nan(f)) return f;
-    return bits_float((static_cast<uint32_t>(h & 0x8000u) << 16) | 0x7F800000u | kQuietBit |
-                      (static_cast<uint32_t>(h & 0x03FFu) << 13));
-  }
-  PYCOMM_HD static uint16_t from_float(float f) {
-    if (is_nan(f)) return static_cast<uint16_t>(((float_bits(f) >> 16) & 0x8000u) | 0x7E00u);
-    return __half_as_ushort(__float2half_rn(f));
-  }
-};
-
-template <>
-struct Elem<DType::BFloat16> {
-  using Storage = uint16_t;
-  PYCOMM_HD static float to_float(uint16_t b) { return bits_float(static_cast<uint32_t>(b) << 16); }
-  PYCOMM_HD static uint16_t from_float(float f) {
-    if (is_nan(f)) return 0x7FC0u;
-    const uint32_t u = float_bits(f);
-    return static_cast<uint16_t>((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);  // round to nearest even
-  }
-};
 
 PYCOMM_HD void unpack_halves(uint32_t w, uint16_t& lo, uint16_t& hi) {
   lo = static_cast<uint16_t>(w);

@@ -112,15 +112,6 @@ __global__ void __launch_bounds__(kBlock) decode_kernel(const Params p, int64_t 
   }
 }
 
-// Calls f(std::integral_constant<DType, D>) for the runtime dtype.
-template <typename F>
-void dispatch_dtype(DType dtype, F&& f) {
-  switch (dtype) {
-    case DType::Float16: f(std::integral_constant<DType, DType::Float16>{}); break;
-    case DType::BFloat16: f(std::integral_constant<DType, DType::BFloat16>{}); break;
-    default: f(std::integral_constant<DType, DType::Float32>{}); break;
-  }
-}
 
 }  // namespace
 

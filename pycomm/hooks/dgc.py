@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 
 from pycomm import ops
+from pycomm.hooks.hook_state import HookState
 from pycomm.compressors import DGC
 from pycomm.distributed import all_gather_into_tensor, mix_seed
 
@@ -34,7 +35,7 @@ class _BucketPlan:
     counts: dict = field(default_factory=dict)  # density -> k of the whole bucket
 
 
-class DGCState:
+class DGCState(HookState):
     """State of :func:`dgc_hook`.
 
     Momentum lives in the hook, so use plain SGD (``momentum=0``) as the optimizer; weight
@@ -123,13 +124,6 @@ class DGCState:
         return self.density
 
     # -- persistence -----------------------------------------------------------
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "process_group"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.process_group = None
-
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: configuration, iteration, and u and v of every DDP bucket."""
         buckets = {i: {"signature": p.signature, **p.compressor.state_dict()} for i, p in self._plans.items()}
@@ -219,7 +213,6 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     group = state.process_group
     buffer = bucket.buffer()
     world = dist.get_world_size(group)
-    rank = dist.get_rank(group)
     step = state.iter
     if bucket.is_last():
         state.iter += 1

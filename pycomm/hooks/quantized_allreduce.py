@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from pycomm import ops
+from pycomm.hooks.hook_state import HookState
 from pycomm.distributed import chunk_layout, mix_seed, quantized_all_reduce
 
 __all__ = ["QuantState", "quantized_allreduce_hook"]
@@ -28,7 +29,7 @@ class _BucketPlan:
     server_residual: Optional[torch.Tensor]  # float32, buckets_per_chunk * bucket_size
 
 
-class QuantState:
+class QuantState(HookState):
     """State of :func:`quantized_allreduce_hook`.
 
     Args:
@@ -81,14 +82,6 @@ class QuantState:
 
     # -- persistence -------------------------------------------------------
     _CONFIG = ("bits", "bucket_size", "stochastic", "error_feedback", "start_iter", "min_numel", "seed", "iter")
-
-    def __getstate__(self) -> dict[str, Any]:
-        state = {k: v for k, v in self.__dict__.items() if k != "process_group"}
-        return state
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.process_group = None
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: configuration, iteration and its own residuals per DDP bucket."""

@@ -8,13 +8,14 @@ import torch
 import torch.distributed as dist
 
 from pycomm import ops
+from pycomm.hooks.hook_state import HookState
 from pycomm.codec import LogByteCodec
 from pycomm.distributed import all_gather_into_tensor, mix_seed
 
 __all__ = ["ProjectionState", "projection_hook"]
 
 
-class ProjectionState:
+class ProjectionState(HookState):
     """State of :func:`projection_hook`.
 
     Every rank projects its bucket gradient (plus its error-feedback residual) onto
@@ -51,13 +52,6 @@ class ProjectionState:
         self.seed = seed
         self.iter = 0
         self.residuals: dict[int, torch.Tensor] = {}
-
-    def __getstate__(self) -> dict[str, Any]:
-        return {k: v for k, v in self.__dict__.items() if k != "process_group"}
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.process_group = None
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's iteration and residuals (checkpoint per rank)."""

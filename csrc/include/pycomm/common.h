@@ -42,6 +42,30 @@ PYCOMM_HD float sub_rn(float a, float b) {
 #endif
 }
 
+PYCOMM_HD float div_rn(float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+
+PYCOMM_HD double dadd_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dadd_rn(a, b);
+#else
+  return a + b;
+#endif
+}
+
+PYCOMM_HD double dmul_rn(double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return __dmul_rn(a, b);
+#else
+  return a * b;
+#endif
+}
+
 PYCOMM_HD uint32_t float_bits(float f) {
   union { float f; uint32_t u; } v;
   v.f = f;

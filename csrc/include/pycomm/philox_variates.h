@@ -43,32 +43,6 @@ namespace philox {
 
 enum Distribution : int { kGaussian = 0, kRademacher = 1 };
 
-// ---- correctly rounded helpers not in common.h --------------------------------
-
-PYCOMM_HD float div_rn(float a, float b) {
-#if defined(__CUDA_ARCH__)
-  return __fdiv_rn(a, b);
-#else
-  return a / b;
-#endif
-}
-
-PYCOMM_HD double dadd_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dadd_rn(a, b);
-#else
-  return a + b;
-#endif
-}
-
-PYCOMM_HD double dmul_rn(double a, double b) {
-#if defined(__CUDA_ARCH__)
-  return __dmul_rn(a, b);
-#else
-  return a * b;
-#endif
-}
-
 // ---- Box-Muller pieces ----------------------------------------------------------
 
 // Uniform in (0, 1] from 31 bits of w: (m + 1/2) * 2^-31 with m = w >> 1, as a
