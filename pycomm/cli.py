@@ -52,8 +52,9 @@ def _add_demo(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -
         help="compare gradient-communication methods on a DDP training run",
         description="Train a byte-level transformer LM on the Python stdlib's source with DDP "
         "(CPU, Gloo) under each method and print losses, bytes sent and step time. Each method "
-        "trains with its own optimizer: AdamW, except allreduce-sgd (SGD, momentum 0.9) and dgc "
-        "(SGD without momentum: DGC applies momentum 0.9 in its hook), shown in the table.",
+        "trains with its own optimizer: AdamW, except allreduce-sgd (SGD, momentum 0.9), dgc "
+        "(SGD without momentum: DGC applies momentum 0.9 in its hook) and spsa (zeroth-order "
+        "pycomm.zo.SPSA: no DDP, no backward pass, one byte per worker per step), shown in the table.",
     )
     parser.add_argument("--workers", type=_positive_int, default=4, help="DDP worker processes (default: 4)")
     parser.add_argument(

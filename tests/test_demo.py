@@ -10,7 +10,17 @@ import torch
 
 from pycomm.cli import build_parser, main
 from pycomm.data import VOCAB_SIZE, eval_batches, load_corpus, train_batch, train_generator
-from pycomm.demo import DEFAULT_METHODS, METHODS, SGD_LR, DemoConfig, format_table
+from pycomm.demo import (
+    DEFAULT_METHODS,
+    METHODS,
+    PROJECTION_DIRECTIONS,
+    SGD_LR,
+    SPSA_EPS,
+    SPSA_LR,
+    DemoConfig,
+    MethodSpec,
+    format_table,
+)
 from pycomm.models import CharTransformer, ModelConfig
 
 LN_VOCAB = math.log(VOCAB_SIZE)
@@ -100,7 +110,19 @@ def test_method_optimizers_and_schedule():
         assert METHODS["dgc"].lr_at(cfg, step) == pytest.approx(cfg.lr_at(step) * SGD_LR / cfg.lr)
         assert METHODS["allreduce"].lr_at(cfg, step) == pytest.approx(cfg.lr_at(step))
     assert METHODS["dgc"].clip_in_hook and not METHODS["allreduce-sgd"].clip_in_hook
-    assert DEFAULT_METHODS[-2:] == ("allreduce-sgd", "dgc")
+    assert DEFAULT_METHODS[-4:] == ("allreduce-sgd", "dgc", "spsa-projection", "spsa")
+    spsa = METHODS["spsa"]
+    assert spsa.zeroth_order and spsa.attach is None and spsa.lr_at(cfg, 30) == pytest.approx(
+        cfg.lr_at(30) * SPSA_LR / cfg.lr
+    )
+    model = torch.nn.Linear(3, 1)
+    opt = spsa.make_optimizer(model, cfg)
+    assert (opt.lr, opt.eps, opt.seed, opt.model) == (SPSA_LR, SPSA_EPS, cfg.seed, model)
+    assert METHODS["spsa-projection"].optimizer == "adamw" and not METHODS["spsa-projection"].zeroth_order
+    with pytest.raises(ValueError):
+        MethodSpec(attach=None, description="a DDP method needs a hook")
+    with pytest.raises(ValueError):
+        MethodSpec(attach=lambda ddp, cfg: None, description="spsa has no hook", optimizer="spsa")
 
 
 def test_demo_dgc_sends_far_less(tmp_path, capsys):
@@ -118,6 +140,32 @@ def test_demo_dgc_sends_far_less(tmp_path, capsys):
     assert 0 < dgc["bytes_per_worker_per_step"] < dense["bytes_per_worker_per_step"] / 50
     assert dgc["compression"] > 50
     for r in (dense, dgc):
+        assert all(math.isfinite(x) for x in r["train_loss_curve"])
+        assert math.isfinite(r["eval_loss"]) and r["final_train_loss"] < r["initial_loss"]
+        assert r["replicas_in_sync"]
+
+
+def test_demo_spsa_one_byte_and_projection(tmp_path, capsys):
+    workers, steps = 2, 12
+    out = tmp_path / "spsa.json"
+    rc = main(["demo", "--workers", str(workers), "--steps", str(steps), "--methods", "spsa-projection,spsa",
+               "--json", str(out)])
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert f"| spsa | spsa lr {SPSA_LR:g} eps {SPSA_EPS:g} |" in printed and "spsa = pycomm.zo.SPSA" in printed
+
+    results = {r["method"]: r for r in json.loads(out.read_text())["results"]}
+    spsa, proj = results["spsa"], results["spsa-projection"]
+    # one all_gather of one byte per step: the byte goes to each of the W-1 peers, every step
+    assert spsa["bytes_per_worker_per_step"] == spsa["mean_bytes_per_worker_per_step"] == workers - 1
+    assert spsa["collective_calls_per_step"] == 1
+    assert spsa["compression"] == spsa["fp32_allreduce_bytes_per_step"] / (workers - 1)
+    assert (spsa["optimizer"], spsa["eps"], proj["eps"]) == ("spsa", SPSA_EPS, None)
+    # K one-byte coefficients per bucket per rank, all-gathered
+    assert proj["bytes_per_worker_per_step"] % (PROJECTION_DIRECTIONS * (workers - 1)) == 0
+    assert 0 < proj["bytes_per_worker_per_step"] <= 8 * PROJECTION_DIRECTIONS * (workers - 1)
+    for r in (spsa, proj):
+        assert r["steps"] == steps and abs(r["initial_loss"] - LN_VOCAB) < 0.1
         assert all(math.isfinite(x) for x in r["train_loss_curve"])
         assert math.isfinite(r["eval_loss"]) and r["final_train_loss"] < r["initial_loss"]
         assert r["replicas_in_sync"]
