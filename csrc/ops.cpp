@@ -40,9 +40,11 @@ TORCH_LIBRARY(pycomm, m) {
   // The ceil(length * density) elements of largest magnitude of each segment:
   // (values, indices), segment by segment, indices ascending within a segment
   // (int32 when they fit). Exact, or sampled threshold + exact among candidates.
+  // host_segments: an optional CPU copy of `segments`, so that a CUDA caller
+  // that already knows the table (a DDP hook) spares the op a device->host copy.
   m.def(
-      "topk_magnitude(Tensor x, Tensor? segments, float density, bool exact, float sample_ratio, int seed) "
-      "-> (Tensor, Tensor)");
+      "topk_magnitude(Tensor x, Tensor? segments, float density, bool exact, float sample_ratio, int seed, "
+      "Tensor? host_segments=None) -> (Tensor, Tensor)");
   // v[indices] = 0 and, with u, u[indices] = 0 (momentum factor masking).
   m.def("dgc_mask(Tensor(a!) v, Tensor(b!)? u, Tensor indices) -> ()");
   // Sums the (values, indices) payloads (any shape, same for both) into a dense

@@ -75,13 +75,17 @@ class DGC:
         ops.dgc_compensate(grad, self.u, self.v, self.momentum, self.nesterov, clip or 0.0, segments)
 
     def select(self, density: Optional[float] = None, segments: Optional[torch.Tensor] = None,
-               seed: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Top-k of ``v`` by magnitude (per segment), without changing ``v``."""
+               seed: Optional[int] = None,
+               host_segments: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-k of ``v`` by magnitude (per segment), without changing ``v``.
+
+        ``host_segments`` is an optional CPU copy of a CUDA ``segments`` table (see :func:`pycomm.ops.topk`).
+        """
         if self.v is None:
             raise RuntimeError("select() before compensate(): there is nothing accumulated")
         return ops.topk(self.v, self.density if density is None else density, exact=self.exact,
                         sample_ratio=self.sample_ratio, seed=self.seed if seed is None else seed,
-                        segments=segments)
+                        segments=segments, host_segments=host_segments)
 
     def mask(self, indices: torch.Tensor) -> None:
         """Zero ``v`` at the sent positions, and ``u`` too with momentum masking."""

@@ -295,7 +295,8 @@ def topk_count(numel: int, density: float) -> int:
 
 
 def topk(x: torch.Tensor, density: float, exact: bool = False, sample_ratio: float = 0.01, seed: int = 0,
-         segments: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+         segments: Optional[torch.Tensor] = None,
+         host_segments: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The ``ceil(numel * density)`` elements of ``x`` (flattened) with the largest magnitude.
 
     Args:
@@ -306,6 +307,8 @@ def topk(x: torch.Tensor, density: float, exact: bool = False, sample_ratio: flo
             candidates above it in one pass and select exactly among them, which gives the same
             set as the exact top-k unless the threshold search fails (then it lowers the threshold).
         segments: optional :func:`segment_table`; then each segment keeps its own ``ceil(length * density)``.
+        host_segments: optional CPU copy of a CUDA ``segments`` table; with it the CUDA op sizes its
+            outputs without a device-to-host copy (no synchronisation).
 
     Returns:
         ``(values, indices)``: values in ``x``'s dtype, flat indices (int32 when they fit),
@@ -317,7 +320,7 @@ def topk(x: torch.Tensor, density: float, exact: bool = False, sample_ratio: flo
     if not 0.0 < sample_ratio <= 1.0:
         raise ValueError(f"sample_ratio must be in (0, 1], got {sample_ratio}")
     return torch.ops.pycomm.topk_magnitude(x.reshape(-1), segments, float(density), bool(exact),
-                                           float(sample_ratio), int(seed))
+                                           float(sample_ratio), int(seed), host_segments)
 
 
 def densify(values: torch.Tensor, indices: torch.Tensor, numel: int) -> torch.Tensor:
@@ -352,7 +355,7 @@ def dgc_mask(v: torch.Tensor, indices: torch.Tensor, u: Optional[torch.Tensor] =
 
 
 @torch.library.register_fake("pycomm::topk_magnitude")
-def _topk_magnitude_fake(x, segments, density, exact, sample_ratio, seed):
+def _topk_magnitude_fake(x, segments, density, exact, sample_ratio, seed, host_segments=None):
     if segments is None:
         total = topk_count(x.numel(), density)
     else:  # data-dependent on the table's contents

@@ -110,6 +110,18 @@ def test_topk_matches_cpu(n, dtype, kind):
             assert_identical(v_c, v_g, what + " values")
 
 
+def test_topk_with_host_copy_of_the_table():
+    # The DGC hook passes a CPU copy of the table so the op does not wait for the GPU.
+    x = make_input(100_003, torch.float32, KINDS[0], seed=5)
+    table = ops.segment_table([(0, 40_000), (40_000, 0), (50_000, 50_003)])
+    v_c, i_c = Q.topk_magnitude(x, table, 0.01, False, 0.01, 0)
+    v_g, i_g = Q.topk_magnitude(x.cuda(), table.cuda(), 0.01, False, 0.01, 0, table)
+    assert_identical(i_c, i_g, "host_segments indices")
+    assert_identical(v_c, v_g, "host_segments values")
+    with pytest.raises(RuntimeError, match="host_segments"):
+        Q.topk_magnitude(x.cuda(), table.cuda(), 0.01, False, 0.01, 0, table[:1].clone())
+
+
 def test_topk_ties_nan_and_misaligned_input():
     x = torch.ones(70_000)
     x[123] = float("nan")

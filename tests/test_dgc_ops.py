@@ -68,6 +68,7 @@ def test_segments_keep_their_own_k():
     x = torch.randn(10_000)
     table = ops.segment_table([(0, 1000), (1000, 0), (2000, 5000), (9990, 10)])
     values, indices = ops.topk(x, 0.01, segments=table)
+    assert torch.equal(ops.topk(x, 0.01, segments=table, host_segments=table)[1], indices)  # CPU ignores the copy
     ks = [10, 0, 50, 1]
     assert indices.numel() == sum(ks)
     start = 0

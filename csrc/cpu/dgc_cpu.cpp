@@ -195,7 +195,8 @@ void select_segment(const T* x, int64_t offset, int64_t length, int64_t k, bool 
 }
 
 std::tuple<at::Tensor, at::Tensor> topk_magnitude_cpu(const at::Tensor& x_in, const c10::optional<at::Tensor>& segments,
-                                                      double density, bool exact, double sample_ratio, int64_t seed) {
+                                                      double density, bool exact, double sample_ratio, int64_t seed,
+                                                      const c10::optional<at::Tensor>& /*host_segments: CUDA only*/) {
   check_topk_args(x_in, density, sample_ratio);
   const at::Tensor x = x_in.contiguous().view(-1);
   const SegmentTable table = check_segments(segments, x);

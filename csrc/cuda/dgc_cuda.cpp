@@ -6,8 +6,9 @@
 //
 // Host synchronisation, where the op cannot do without it:
 //   - topk_magnitude with a segment table: the outputs' length is the sum of
-//     each segment's k, so the table (a few hundred bytes) is copied to the
-//     host. Without a table the length is known and nothing waits.
+//     each segment's k, so the table is read on the host: from the caller's
+//     `host_segments` copy (the DGC hook passes one; nothing waits), or else
+//     copied from the device (a few hundred bytes; this waits).
 //   - dgc_mask and densify: the indices usually come from other ranks, and an
 //     index out of range must raise. A kernel records the lowest bad position
 //     and the writing kernels skip everything when it is set; then one 8-byte
@@ -61,15 +62,27 @@ void dgc_compensate_cuda(const at::Tensor& grad_in, at::Tensor u, at::Tensor v,
 // set directly, so they do not depend on them.
 std::tuple<at::Tensor, at::Tensor> topk_magnitude_cuda(const at::Tensor& x_in,
                                                        const c10::optional<at::Tensor>& segments, double density,
-                                                       bool /*exact*/, double sample_ratio, int64_t /*seed*/) {
+                                                       bool /*exact*/, double sample_ratio, int64_t /*seed*/,
+                                                       const c10::optional<at::Tensor>& host_segments) {
   check_topk_args(x_in, density, sample_ratio);
   check_cuda(x_in, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous().view(-1);
   const SegmentTable table = check_segments(segments, x);
-  // Host copy of the table (waits for the stream): the outputs' length depends on its contents.
+  // The outputs' length depends on the table's contents: use the caller's host
+  // copy, or copy the table to the host (which waits for the stream).
   at::Tensor host_rows;
-  if (segments.has_value()) host_rows = segments->cpu();
+  if (segments.has_value()) {
+    if (host_segments.has_value()) {
+      TORCH_CHECK(host_segments->device().is_cpu() && host_segments->scalar_type() == at::kLong &&
+                      host_segments->is_contiguous() && host_segments->sizes() == segments->sizes(),
+                  "pycomm: host_segments must be a contiguous int64 CPU tensor shaped like segments ",
+                  segments->sizes(), ", got ", host_segments->device(), " ", host_segments->sizes());
+      host_rows = *host_segments;
+    } else {
+      host_rows = segments->cpu();
+    }
+  }
   const TopkPlan plan =
       topk_plan(host_rows.defined() ? host_rows.data_ptr<int64_t>() : nullptr, table.count, x.numel(), density);
   at::Tensor values = at::empty({plan.total_k}, x.options());

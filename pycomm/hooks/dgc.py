@@ -31,6 +31,7 @@ class _BucketPlan:
     compressed: list[tuple[int, int]]
     dense: list[tuple[int, int]]
     segments: Optional[torch.Tensor]  # segment table of the compressed layers (on the buffer's device)
+    host_segments: Optional[torch.Tensor]  # its CPU copy: the CUDA top-k sizes its output without waiting
     compressor: DGC                 # u and v over the whole buffer (u of dense layers is their momentum)
     counts: dict = field(default_factory=dict)  # density -> k of the whole bucket
 
@@ -164,8 +165,10 @@ class DGCState(HookState):
             compressor.v.copy_(pending["v"])
         else:
             self._migrate(params, offsets, compressor)
-        segments = ops.segment_table(compressed, device=buffer.device) if compressed else None
-        plan = _BucketPlan(signature, params, offsets, compressed, dense, segments, compressor)
+        host_segments = ops.segment_table(compressed) if compressed else None
+        segments = host_segments.to(buffer.device) if compressed else None
+        plan = _BucketPlan(signature, params, offsets, compressed, dense, segments,
+                           host_segments if buffer.is_cuda else None, compressor)
         self._plans[bucket.index()] = plan
         return plan
 
@@ -232,7 +235,8 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         else:
             clip = state.clip_norm / math.sqrt(world) if state.clip_norm else None
             comp.compensate(buffer, plan.segments, clip_norm=clip)
-            values, indices = comp.select(density, plan.segments, seed=mix_seed(state.seed, step, bucket.index()))
+            values, indices = comp.select(density, plan.segments, seed=mix_seed(state.seed, step, bucket.index()),
+                                          host_segments=plan.host_segments)
         payload = _pack(values, indices, int(local_bad), state.value_dtype)
         gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=buffer.device)
         all_gather_into_tensor(gathered, payload, group=group)
