@@ -7,7 +7,7 @@ import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_utils import run_distributed
-from test_quant_hook import _batch, _char_mlp
+from char_task import train
 
 
 def _equivalence_worker(rank, world, nesterov):
@@ -39,45 +39,23 @@ def test_density_one_equals_momentum_sgd(nesterov):
         assert torch.allclose(r["dgc"], r["dense"], atol=1e-5, rtol=1e-5), (r["dgc"] - r["dense"]).abs().max()
 
 
+def _sgd(params, dense):
+    # Dense: momentum in the optimizer. DGC: momentum lives in the hook.
+    return torch.optim.SGD(params, lr=0.3, momentum=0.9 if dense else 0.0)
+
+
 def _train_worker(rank, world, method, kwargs, steps):
     import pycomm
-    from pycomm.data import load_corpus
-    from pycomm.traffic import CollectiveByteCounter
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
-    corpus = load_corpus(max_bytes=400_000)
-    model = DDP(_char_mlp(), bucket_cap_mb=0.25)
-    if method == "allreduce":
-        model.register_comm_hook(None, allreduce_hook)
-        opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.9)
-        state = None
-    else:
-        state = pycomm.register(model, method, **kwargs)
-        opt = torch.optim.SGD(model.parameters(), lr=0.3, momentum=0.0)
-    gen = torch.Generator().manual_seed(100 + rank)
-    counter = CollectiveByteCounter()
-    gathered = []
-    for _ in range(steps):
-        x, y = _batch(corpus.train, gen)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        with counter:
-            loss.backward()
-        gathered.append(counter.bytes_by_collective.get("all_gather_single", 0)
-                        + counter.bytes_by_collective.get("all_gather_into_tensor", 0))
-        counter.reset()
-        opt.step()
-    eval_gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        xs, ys = zip(*[_batch(corpus.held_out, eval_gen, 256) for _ in range(4)])
-        eval_loss = torch.nn.functional.cross_entropy(model.module(torch.cat(xs)), torch.cat(ys)).item()
+    result = train(rank, method, kwargs, steps, _sgd)
+    state, sent = result["state"], result["bytes_by_collective"]
     expected = None
     if state is not None:  # k * (value bytes + index bytes) + a 4-byte flag per bucket, to W-1 peers
         per_bucket = [sum(pycomm.ops.topk_count(n, state.density) for _, n in plan.compressed)
                       for plan in state._plans.values() if plan.compressed]
         expected = (world - 1) * sum(k * (4 + 4) + 4 for k in per_bucket)
-    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return {"eval_loss": eval_loss, "gathered": gathered[-1], "expected": expected, "params": params}
+    return {"eval_loss": result["eval_loss"], "params": result["params"], "expected": expected,
+            "gathered": sent.get("all_gather_single", 0) + sent.get("all_gather_into_tensor", 0)}
 
 
 @pytest.mark.parametrize("world", [2, 4])

@@ -8,56 +8,17 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+from char_task import train
 from dist_utils import run_distributed
 
-CONTEXT = 8
-
-
-def _char_mlp():
-    torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Embedding(256, 32), torch.nn.Flatten(), torch.nn.Linear(32 * CONTEXT, 256), torch.nn.GELU(),
-        torch.nn.Linear(256, 256), torch.nn.GELU(), torch.nn.Linear(256, 256))
-
-
-def _batch(data, gen, batch=64):
-    starts = torch.randint(0, data.numel() - CONTEXT - 1, (batch,), generator=gen)
-    idx = starts[:, None] + torch.arange(CONTEXT + 1)[None]
-    window = data[idx].long()
-    return window[:, :CONTEXT], window[:, CONTEXT]
+def _adamw(params, dense):
+    return torch.optim.AdamW(params, lr=3e-3)
 
 
 def _train_worker(rank, world, method, kwargs, steps):
-    import pycomm
-    from pycomm.data import load_corpus
-    from pycomm.traffic import CollectiveByteCounter
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-
-    corpus = load_corpus(max_bytes=400_000)
-    model = DDP(_char_mlp(), bucket_cap_mb=0.25)
-    if method == "allreduce":
-        model.register_comm_hook(None, allreduce_hook)
-    else:
-        pycomm.register(model, method, **kwargs)
-    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    gen = torch.Generator().manual_seed(100 + rank)
-    counter = CollectiveByteCounter()
-    per_step = []
-    for _ in range(steps):
-        x, y = _batch(corpus.train, gen)
-        loss = torch.nn.functional.cross_entropy(model(x), y)
-        opt.zero_grad()
-        with counter:
-            loss.backward()
-        per_step.append(counter.bytes_sent)
-        counter.reset()
-        opt.step()
-    eval_gen = torch.Generator().manual_seed(7)
-    with torch.no_grad():
-        xs, ys = zip(*[_batch(corpus.held_out, eval_gen, 256) for _ in range(4)])
-        eval_loss = torch.nn.functional.cross_entropy(model.module(torch.cat(xs)), torch.cat(ys)).item()
-    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-    return {"eval_loss": eval_loss, "bytes": per_step[-1], "params": params}
+    result = train(rank, method, kwargs, steps, _adamw)
+    return {"eval_loss": result["eval_loss"], "bytes": sum(result["bytes_by_collective"].values()),
+            "params": result["params"]}
 
 
 @pytest.mark.parametrize("world", [2, 4])
