@@ -9,7 +9,7 @@ DDP hooks in :mod:`pycomm.hooks`.
 """
 
 from pycomm import ops  # noqa: F401  (loads the kernels)
-from pycomm import codec, compressors, distributed, hooks, traffic, zo  # noqa: F401
+from pycomm import codec, compressors, distributed, hooks, lgreco, traffic, zo  # noqa: F401
 from pycomm.registry import available_methods, register, register_method
 
 register_method("quant", hooks.QuantState, hooks.quantized_allreduce_hook,
