@@ -19,17 +19,30 @@ TORCH_LIBRARY(pycomm, m) {
   // Quantizes x (flattened) into bucket records; see quant_format.h. With a
   // residual, quantizes x + residual and stores the new error in residual.
   // Buckets in [skip_begin, skip_end) are written as zero records.
+  //
+  // Mixed bit widths: a 4-column bucket_table (offset, length, bits,
+  // byte_offset; bucket_layout.h) gives each bucket its own bits (then `bits`
+  // must be 0) and the payloads are flat uint8: [bytes] (dequantize_sum:
+  // [sources, bytes]). host_table: an optional CPU copy of a CUDA mixed table,
+  // which the ops read to size and check payloads (without it they copy the
+  // table, which waits). chunk_row_begin >= 0 (mixed only): x is a reduced
+  // chunk as dequantize_sum returns it, bucket k = elements [k*B, (k+1)*B)
+  // with the bits of table row chunk_row_begin + k.
   m.def(
       "quantize(Tensor x, Tensor(a!)? residual, Tensor? bucket_table, int num_buckets, int bits, "
-      "int bucket_size, bool stochastic, int seed, int skip_begin, int skip_end) -> Tensor");
+      "int bucket_size, bool stochastic, int seed, int skip_begin, int skip_end, Tensor? host_table=None, "
+      "int chunk_row_begin=-1) -> Tensor");
   // Decodes payload [num_buckets, record_bytes] into out (flat, any float dtype).
-  m.def("dequantize_into(Tensor payload, Tensor(a!) out, Tensor? bucket_table, int bits, int bucket_size) -> ()");
+  m.def(
+      "dequantize_into(Tensor payload, Tensor(a!) out, Tensor? bucket_table, int bits, int bucket_size, "
+      "Tensor? host_table=None) -> ()");
   // Sums the decoded payloads [sources, num_buckets, record_bytes] (plus init,
   // read through bucket_table rows starting at init_bucket_begin) into a new
-  // float32 tensor of num_buckets * bucket_size elements.
+  // float32 tensor of num_buckets * bucket_size elements. Mixed: payloads
+  // [sources, bytes] hold the records of the rows from init_bucket_begin on.
   m.def(
       "dequantize_sum(Tensor payloads, Tensor? init, Tensor? bucket_table, int init_bucket_begin, int bits, "
-      "int bucket_size) -> Tensor");
+      "int bucket_size, Tensor? host_table=None) -> Tensor");
 
   // DGC momentum correction over the segments (layers) of a flat gradient:
   // u = m*u + g; v += u (Nesterov: u = m*(u + g); v += u + g). With clip_norm

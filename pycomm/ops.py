@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -32,6 +33,7 @@ __all__ = [
     "record_bytes",
     "num_buckets",
     "bucket_table",
+    "mixed_payload_bytes",
     "SUPPORTED_DTYPES",
     "segment_table",
     "topk_count",
@@ -232,46 +234,138 @@ def dequantize_sum(payloads: Union[Sequence[QuantizedTensor], torch.Tensor], bit
 
 
 def bucket_table(segments: Sequence[tuple[int, int]], bucket_size: int, pad_to_multiple: int = 1,
-                 device: Union[str, torch.device, None] = None) -> torch.Tensor:
+                 device: Union[str, torch.device, None] = None,
+                 bits: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Build a bucket table: each (offset, length) segment of a flat tensor gets its own buckets.
 
-    Segments must not overlap. The table has one ``(offset, length)`` row per bucket, padded with
-    empty rows to a multiple of ``pad_to_multiple`` (for splitting into equal chunks). Built once per
-    layout; pass it to the ``torch.ops.pycomm`` kernels as ``bucket_table``.
+    Segments must not overlap. Without ``bits`` the table has one ``(offset, length)`` row per
+    bucket, padded with empty rows to a multiple of ``pad_to_multiple`` (for splitting into equal
+    chunks). Built once per layout; pass it to the ``torch.ops.pycomm`` kernels as ``bucket_table``.
+
+    With ``bits`` (one bit width in 1..8 per segment, in the order of ``segments``) the table is a
+    *mixed* table of ``(offset, length, bits, byte_offset)`` rows: each bucket is quantized with its
+    segment's bits and its record starts at ``byte_offset`` of a flat uint8 payload (records packed
+    back to back, each ``record_bytes(bits, bucket_size)`` bytes; see :func:`mixed_payload_bytes`).
+    Pass it to the ops with ``bits=0``. The rows are then split into ``pad_to_multiple`` chunks
+    (the world size, for :func:`pycomm.distributed.quantized_all_reduce`) of equal row counts AND
+    equal byte sizes: buckets are assigned to chunks greedily (largest bit width first, to the
+    chunk with the fewest bits so far), so rows are no longer in segment order, and each chunk is
+    topped up with empty padding rows whose bit widths (as small as possible) even out the bytes.
+    The padding costs at most a few small records per chunk. With ``pad_to_multiple=1`` the rows
+    stay in segment order and nothing is added.
     """
     _check_bits_bucket(1, bucket_size)
-    rows: list[tuple[int, int]] = []
+    if not isinstance(pad_to_multiple, int) or pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be a positive integer, got {pad_to_multiple!r}")
+    segments = list(segments)
+    if bits is not None:
+        bits = list(bits)
+        if len(bits) != len(segments):
+            raise ValueError(f"bits must have one entry per segment ({len(segments)}), got {len(bits)}")
+        for b in bits:
+            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
+                raise ValueError(f"bits must be integers in [1, 8], got {b!r}")
+    order = sorted(range(len(segments)), key=lambda i: segments[i])
+    rows: list[tuple[int, ...]] = []
     end = -1
-    for offset, length in sorted(segments):
+    for i in order:
+        offset, length = segments[i]
         if offset < 0 or length < 0:
             raise ValueError(f"segment ({offset}, {length}) must have a non-negative offset and length")
         if offset < end:
             raise ValueError(f"segment ({offset}, {length}) overlaps the previous one")
         end = offset + length
         for start in range(offset, offset + length, bucket_size):
-            rows.append((start, min(bucket_size, offset + length - start)))
-    while len(rows) % pad_to_multiple:
-        rows.append((0, 0))
-    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 2)
+            row = (start, min(bucket_size, offset + length - start))
+            rows.append(row if bits is None else row + (bits[i],))
+    if bits is None:
+        while len(rows) % pad_to_multiple:
+            rows.append((0, 0))
+        return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 2)
+    if pad_to_multiple > 1:
+        rows = _balanced_chunks(rows, pad_to_multiple)
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+    sizes = HEADER_BYTES + table[:, 2] * (bucket_size // 8)
+    byte_offsets = torch.cumsum(sizes, 0) - sizes
+    return torch.cat([table, byte_offsets[:, None]], dim=1).to(device)
+
+
+def _balanced_chunks(rows: list[tuple[int, ...]], chunks: int) -> list[tuple[int, ...]]:
+    """Order (offset, length, bits) rows into ``chunks`` runs of equal length and equal bit sums.
+
+    Chunk bytes are ``8 * rows + bucket_size / 8 * sum(bits)``, so equal row counts and equal bit
+    sums give equal bytes. Empty padding rows (bits 1..8, chosen as small as possible) fill the
+    gaps. Tries R = ceil(n / chunks) rows per chunk, then R + 1, ... until padding can even out
+    the sums (each extra row per chunk adds room for 7 more bits, so this ends within a few steps).
+    """
+    n = len(rows)
+    by_bits = sorted(range(n), key=lambda i: (-rows[i][2], i))
+    per_chunk = -(-n // chunks)
+    while True:
+        members: list[list[int]] = [[] for _ in range(chunks)]
+        sums = [0] * chunks
+        # Padding rows count as 1 bit (their minimum) so that chunks with padding get fewer real bits.
+        heap = [(0, c) for c in range(chunks)]
+        pads_total = chunks * per_chunk - n
+        items = [rows[i][2] for i in by_bits] + [1] * pads_total
+        ids = by_bits + [-1] * pads_total
+        full: list[tuple[int, int]] = []
+        for b, i in zip(items, ids):
+            total, c = heapq.heappop(heap)
+            members[c].append(i)
+            sums[c] = total + b
+            if len(members[c]) < per_chunk:
+                heapq.heappush(heap, (sums[c], c))
+        target = max(sums)
+        pads = [sum(1 for i in m if i < 0) for m in members]
+        if all(target - sums[c] <= 7 * pads[c] for c in range(chunks)):
+            break
+        per_chunk += 1
+    out: list[tuple[int, ...]] = []
+    for c in range(chunks):
+        real = sorted(i for i in members[c] if i >= 0)
+        out.extend(rows[i] for i in real)
+        extra = target - sums[c]  # bits to add on top of 1 per padding row
+        for _ in range(pads[c]):
+            add = min(7, extra)
+            extra -= add
+            out.append((0, 0, 1 + add))
+    return out
+
+
+def mixed_payload_bytes(table: torch.Tensor, bucket_size: int) -> int:
+    """Bytes of the payload of a mixed (4-column) bucket table: the end of its last record."""
+    if table.dim() != 2 or table.shape[1] != 4:
+        raise ValueError(f"expected a mixed bucket table of shape [rows, 4], got {tuple(table.shape)}")
+    if table.shape[0] == 0:
+        return 0
+    last = table[-1].tolist()
+    return int(last[3]) + record_bytes(int(last[2]), bucket_size)
 
 
 # ---- fake kernels (shape propagation for torch.compile / meta tensors) ----
 
 @torch.library.register_fake("pycomm::quantize")
 def _quantize_fake(x, residual, bucket_table, num_buckets, bits, bucket_size, stochastic, seed, skip_begin,
-                   skip_end):
+                   skip_end, host_table=None, chunk_row_begin=-1):
+    if bucket_table is not None and bucket_table.shape[1] == 4:
+        # The payload's length depends on the table's contents.
+        return x.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
     if num_buckets < 0:
         num_buckets = bucket_table.shape[0] if bucket_table is not None else (x.numel() + bucket_size - 1) // bucket_size
     return x.new_empty((num_buckets, HEADER_BYTES + bucket_size * bits // 8), dtype=torch.uint8)
 
 
 @torch.library.register_fake("pycomm::dequantize_into")
-def _dequantize_into_fake(payload, out, bucket_table, bits, bucket_size):
+def _dequantize_into_fake(payload, out, bucket_table, bits, bucket_size, host_table=None):
     return None
 
 
 @torch.library.register_fake("pycomm::dequantize_sum")
-def _dequantize_sum_fake(payloads, init, bucket_table, init_bucket_begin, bits, bucket_size):
+def _dequantize_sum_fake(payloads, init, bucket_table, init_bucket_begin, bits, bucket_size, host_table=None):
+    if bucket_table is not None and bucket_table.shape[1] == 4:
+        rows = torch.library.get_ctx().new_dynamic_size()
+        return payloads.new_empty((rows * bucket_size,), dtype=torch.float32)
     return payloads.new_empty((payloads.shape[1] * bucket_size,), dtype=torch.float32)
 
 
