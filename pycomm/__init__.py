@@ -19,5 +19,8 @@ register_method("dgc", hooks.DGCState, hooks.dgc_hook,
 register_method("spsa-projection", hooks.ProjectionState, hooks.projection_hook,
                 "shared-seed random projection: K one-byte coefficients per bucket per rank")
 
+register_method("lgreco", hooks.LGreCoState, hooks.lgreco_hook,
+                "L-GreCo: per-layer bits (family='quant') or top-k densities (family='topk') by an optimal DP solver")
+
 __version__ = "0.1.0"
-__all__ = ["register", "register_method", "available_methods", "ops", "codec", "compressors", "distributed", "hooks", "traffic", "zo"]
+__all__ = ["register", "register_method", "available_methods", "ops", "codec", "compressors", "distributed", "hooks", "lgreco", "traffic", "zo"]
