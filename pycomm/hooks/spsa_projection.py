@@ -63,10 +63,25 @@ class ProjectionState(HookState):
         self.residuals = dict(state["residuals"])
 
 
+def _rank_sum(rows: torch.Tensor) -> torch.Tensor:
+    """Sum over dim 0 in a fixed halving order (rows i and i + h for h = W // 2, ...), as elementwise
+    float64 adds: the same bits on every device, in log2(W) launches and without a host wait."""
+    while rows.shape[0] > 1:
+        half = rows.shape[0] // 2
+        paired = rows[:half] + rows[half:2 * half]
+        rows = torch.cat([paired, rows[2 * half:]]) if rows.shape[0] % 2 else paired
+    return rows[0]
+
+
 def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average a DDP bucket through K shared-seed random projections (see :class:`ProjectionState`).
 
     Register with ``pycomm.register(ddp_model, "spsa-projection", num_directions=K)``.
+
+    The whole step runs on the bucket's device without waiting for it: one launch for
+    the K dot products, the codec as torch ops, one all-gather of the K x W bytes, and
+    one launch per K directions for the residual and for the result (the coefficients
+    stay device tensors throughout).
     """
     group = state.process_group
     buffer = bucket.buffer()
@@ -84,22 +99,16 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
             state.residuals[bucket.index()] = residual
         x = x + residual
     seeds = [mix_seed(state.seed, step, bucket.index(), j) for j in range(state.num_directions)]
-    coefficients = torch.tensor([ops.philox_dot([x], s, state.distribution) / n for s in seeds],
-                                dtype=torch.float64)
-    codes = state.codec.encode(coefficients).to(buffer.device)
+    coefficients = ops.philox_dot_multi([x], seeds, state.distribution) / n
+    codes = state.codec.encode(coefficients)
     gathered = torch.empty(world * state.num_directions, dtype=torch.uint8, device=buffer.device)
     all_gather_into_tensor(gathered, codes, group=group)
-    decoded = state.codec.decode(gathered.cpu()).view(world, state.num_directions)
-    own = decoded[dist.get_rank(group)]
+    decoded = state.codec.decode(gathered).view(world, state.num_directions)
     if residual is not None:  # residual = x - Σ_j a_j z_j with this rank's decoded coefficients
         residual.copy_(x)
-        for s, a in zip(seeds, own.tolist()):
-            if a != 0.0:
-                ops.philox_axpy_([residual], s, -a, state.distribution, 0)
+        ops.philox_axpy_multi_([residual], seeds, -decoded[dist.get_rank(group)], state.distribution)
     out = torch.zeros(n, dtype=torch.float32, device=buffer.device)
-    for s, total in zip(seeds, decoded.sum(0).tolist()):
-        if total != 0.0:
-            ops.philox_axpy_([out], s, total / world, state.distribution, 0)
+    ops.philox_axpy_multi_([out], seeds, _rank_sum(decoded) / world, state.distribution)
     buffer.copy_(out)
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(buffer)
