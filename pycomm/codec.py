@@ -112,7 +112,7 @@ class LogByteCodec:
         if codes.dtype != torch.uint8:
             raise ValueError(f"codes must be uint8, got {codes.dtype}")
         _, magnitudes = self._tables(codes.device)
-        value = magnitudes[(codes & 0x7F).long()]
+        value = torch.take(magnitudes, (codes & 0x7F).long())
         return torch.where((codes & 0x80) != 0, -value, value)
 
     # -- tables ------------------------------------------------------------------------
