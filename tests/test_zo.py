@@ -110,7 +110,7 @@ def _projection_worker(rank, world):
 
     torch.manual_seed(0)
     model = DDP(torch.nn.Linear(64, 8))
-    state = pycomm.register(model, "spsa-projection", num_directions=4)
+    state = pycomm.register(model, "spsa-projection", num_directions=4, error_feedback=True)
     counter = CollectiveByteCounter()
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(rank))
     with counter:
