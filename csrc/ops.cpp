@@ -70,12 +70,19 @@ TORCH_LIBRARY(pycomm, m) {
   // device. distribution: 0 Gaussian, 1 Rademacher (+-1).
   // n variates of global indices offset .. offset+n-1, 1-D, with like's dtype and device.
   m.def("philox_variates(Tensor like, int n, int seed, int offset, int distribution) -> Tensor");
-  // t += alpha * z for every tensor (contiguous, non-overlapping), in float32.
+  // t += alpha * z for every tensor (contiguous, non-overlapping), in float32. alpha == 0
+  // (after rounding to float32) leaves the tensors untouched, bit for bit.
   m.def("philox_axpy_(Tensor(a!)[] tensors, int seed, float alpha, int distribution, int offset) -> ()");
   // t + alpha * z as new contiguous tensors (same rounding as philox_axpy_).
   m.def("philox_perturbed_copy(Tensor[] tensors, int seed, float alpha, int distribution, int offset) -> Tensor[]");
   // <t, z> as a float64 scalar tensor, summed in the fixed order of philox_variates.h.
   m.def("philox_dot(Tensor[] tensors, int seed, int distribution, int offset) -> Tensor");
+  // K directions in one pass: for k = 0 .. K-1 in order, t += alphas[k] * z(seeds[k]), each step
+  // exactly philox_axpy_ (float32 alpha; a zero alpha is skipped). alphas: K float32 / float64
+  // values on the tensors' device (read there, no host sync) or on the CPU.
+  m.def("philox_axpy_multi_(Tensor(a!)[] tensors, int[] seeds, Tensor alphas, int distribution, int offset) -> ()");
+  // [K] float64 on the tensors' device: element k is philox_dot(tensors, seeds[k], ...) bit for bit.
+  m.def("philox_dot_multi(Tensor[] tensors, int[] seeds, int distribution, int offset) -> Tensor");
 }
 
 }  // namespace pycomm

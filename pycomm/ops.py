@@ -493,6 +493,8 @@ __all__ += [
     "philox_axpy_",
     "philox_perturbed_copy",
     "philox_dot",
+    "philox_axpy_multi_",
+    "philox_dot_multi",
 ]
 
 PHILOX_DISTRIBUTIONS = {"gaussian": 0, "rademacher": 1}
@@ -524,6 +526,27 @@ def _philox_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"alpha must be a real number, got {type(alpha).__name__}")
     return float(alpha)
+
+
+def _philox_seeds(seeds: Sequence[int]) -> list[int]:
+    if isinstance(seeds, (str, bytes, torch.Tensor)) or not isinstance(seeds, Sequence):
+        raise ValueError(f"seeds must be a sequence of ints, got {type(seeds).__name__}")
+    return [_philox_seed(s) for s in seeds]
+
+
+def _philox_alphas(alphas: Union[torch.Tensor, Sequence[float]], count: int, device: torch.device) -> torch.Tensor:
+    """``count`` alphas as a float32 / float64 tensor on ``device`` or the CPU (a sequence becomes a CPU tensor)."""
+    if not isinstance(alphas, torch.Tensor):
+        if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Sequence):
+            raise ValueError(f"alphas must be a tensor or a sequence of numbers, got {type(alphas).__name__}")
+        alphas = torch.tensor([_philox_alpha(a) for a in alphas], dtype=torch.float64)
+    if alphas.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"alphas must be float32 or float64, got {alphas.dtype}")
+    if alphas.dim() > 1 or alphas.numel() != count:
+        raise ValueError(f"need one alpha per seed ({count}), as a 0-d or 1-D tensor; got shape {tuple(alphas.shape)}")
+    if alphas.device != device and alphas.device.type != "cpu":
+        raise ValueError(f"alphas must be on the tensors' device ({device}) or on the CPU, got {alphas.device}")
+    return alphas.reshape(-1)
 
 
 def _philox_tensors(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], offset: int, in_place: bool
@@ -592,8 +615,8 @@ def philox_rademacher(n: int, seed: int, offset: int = 0, dtype: torch.dtype = t
     return _philox_variates(n, seed, offset, 1, dtype, device)
 
 
-def philox_axpy_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int, alpha: float,
-                 distribution: str = "gaussian", offset: int = 0) -> None:
+def philox_axpy_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int,
+                 alpha: Union[float, torch.Tensor], distribution: str = "gaussian", offset: int = 0) -> None:
     """In place, ``t += alpha * z`` for every tensor, with ``z`` regenerated from ``seed`` (never stored).
 
     The tensors are numbered as one concatenation: element j of ``tensors[i]`` uses the
@@ -606,24 +629,68 @@ def philox_axpy_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int
         tensors: a tensor or a sequence of contiguous float32 / float16 / bfloat16 tensors on one
             device, not sharing memory. Call under ``torch.no_grad()`` for parameters.
         seed: 64-bit seed.
-        alpha: scale of the perturbation (e.g. ``+eps``, ``-2 * eps``, ``-lr * g``).
+        alpha: scale of the perturbation (e.g. ``+eps``, ``-2 * eps``, ``-lr * g``): a number, or a
+            one-element float32 / float64 tensor on the tensors' device (read by the kernel, so a
+            CUDA caller does not wait for it) or on the CPU. ``alpha == 0`` (after rounding to
+            float32) leaves the tensors untouched, bit for bit.
         distribution: ``"gaussian"`` or ``"rademacher"``.
         offset: global index of the first element of ``tensors[0]``, >= 0.
 
     Note: ``t + eps*z - 2*eps*z + eps*z`` is not exactly ``t`` in floating point.
     """
+    if isinstance(alpha, torch.Tensor):
+        philox_axpy_multi_(tensors, [seed], alpha.reshape(-1) if alpha.dim() == 0 else alpha, distribution, offset)
+        return
     dist = _philox_distribution(distribution)
     offset = _philox_count(offset, "offset")
+    ts = _philox_in_place_tensors(tensors, offset, "philox_axpy_")
+    if ts:
+        torch.ops.pycomm.philox_axpy_(ts, _philox_seed(seed), _philox_alpha(alpha), dist, offset)
+        _bump_versions(ts)
+
+
+def _philox_in_place_tensors(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], offset: int, op: str
+                             ) -> list[torch.Tensor]:
     ts = _philox_tensors(tensors, offset, in_place=True)
     if torch.is_grad_enabled():
         for i, t in enumerate(ts):
             if t.requires_grad and t.is_leaf:
-                raise ValueError(f"tensors[{i}] is a leaf that requires grad: call philox_axpy_ under "
+                raise ValueError(f"tensors[{i}] is a leaf that requires grad: call {op} under "
                                  "torch.no_grad() (as for any in-place update of parameters)")
-    if ts:
-        torch.ops.pycomm.philox_axpy_(ts, _philox_seed(seed), _philox_alpha(alpha), dist, offset)
-        # The op writes through data pointers: tell autograd, as torch's own in-place ops do.
-        torch.autograd.graph.increment_version([t for t in ts if not t.is_inference()])
+    return ts
+
+
+def _bump_versions(ts: list[torch.Tensor]) -> None:
+    # The ops write through data pointers: tell autograd, as torch's own in-place ops do.
+    torch.autograd.graph.increment_version([t for t in ts if not t.is_inference()])
+
+
+def philox_axpy_multi_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seeds: Sequence[int],
+                       alphas: Union[torch.Tensor, Sequence[float]], distribution: str = "gaussian",
+                       offset: int = 0) -> None:
+    """In place, ``t += Σ_k alphas[k] * z(seeds[k])`` in one pass over the tensors.
+
+    Bit for bit the K calls ``philox_axpy_(tensors, seeds[k], alphas[k])`` for k = 0, 1, ...
+    in order (each alpha rounded to float32; each step rounded to the tensor's dtype; a zero
+    alpha skipped), but the tensors are read and written once and, on CUDA, one launch covers
+    up to 32 directions.
+
+    Args:
+        tensors: as for :func:`philox_axpy_`.
+        seeds: the K 64-bit seeds.
+        alphas: K scales: a float32 / float64 tensor on the tensors' device (the kernel reads it,
+            so a CUDA caller never waits for the host) or on the CPU, or a sequence of numbers.
+        distribution, offset: as for :func:`philox_axpy_`.
+    """
+    dist = _philox_distribution(distribution)
+    offset = _philox_count(offset, "offset")
+    seeds = _philox_seeds(seeds)
+    ts = _philox_in_place_tensors(tensors, offset, "philox_axpy_multi_")
+    device = ts[0].device if ts else torch.device("cpu")
+    alphas = _philox_alphas(alphas, len(seeds), device)
+    if ts and seeds:
+        torch.ops.pycomm.philox_axpy_multi_(ts, seeds, alphas, dist, offset)
+        _bump_versions(ts)
 
 
 def philox_perturbed_copy(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int, alpha: float,
@@ -648,8 +715,8 @@ def philox_dot(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int, 
     Each product ``double(t_i) * double(z_i)`` is exact; the products are summed in double in a
     fixed order (chunks of 4096 global indices, 32 interleaved lanes per chunk, halving trees;
     see ``philox_variates.h``), so CPU and CUDA return the same double bit for bit, for any
-    tensor split. On CUDA this synchronizes (``.item()``); use ``torch.ops.pycomm.philox_dot``
-    for the float64 device tensor.
+    tensor split. On CUDA this synchronizes (``.item()``); :func:`philox_dot_multi` returns the
+    float64 device tensor without waiting.
     """
     dist = _philox_distribution(distribution)
     offset = _philox_count(offset, "offset")
@@ -657,6 +724,24 @@ def philox_dot(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int, 
     if not ts:
         return 0.0
     return torch.ops.pycomm.philox_dot(ts, _philox_seed(seed), dist, offset).item()
+
+
+def philox_dot_multi(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seeds: Sequence[int],
+                     distribution: str = "gaussian", offset: int = 0) -> torch.Tensor:
+    """``<t, z(seeds[k])>`` for every seed, as a float64 tensor of shape ``[K]`` on the tensors' device.
+
+    Element k equals ``philox_dot(tensors, seeds[k], distribution, offset)`` bit for bit (same
+    summation order). The tensors are read once for all K directions on the CPU; on CUDA one
+    launch covers up to 32 directions and nothing waits for the device (no ``.item()``).
+    An empty tensor list gives K zeros on the CPU.
+    """
+    dist = _philox_distribution(distribution)
+    offset = _philox_count(offset, "offset")
+    seeds = _philox_seeds(seeds)
+    ts = _philox_tensors(tensors, offset, in_place=False)
+    if not ts:
+        return torch.zeros(len(seeds), dtype=torch.float64)
+    return torch.ops.pycomm.philox_dot_multi(ts, seeds, dist, offset)
 
 
 @torch.library.register_fake("pycomm::philox_variates")
@@ -677,3 +762,13 @@ def _philox_perturbed_copy_fake(tensors, seed, alpha, distribution, offset):
 @torch.library.register_fake("pycomm::philox_dot")
 def _philox_dot_fake(tensors, seed, distribution, offset):
     return tensors[0].new_empty((), dtype=torch.float64)
+
+
+@torch.library.register_fake("pycomm::philox_axpy_multi_")
+def _philox_axpy_multi_fake(tensors, seeds, alphas, distribution, offset):
+    return None
+
+
+@torch.library.register_fake("pycomm::philox_dot_multi")
+def _philox_dot_multi_fake(tensors, seeds, distribution, offset):
+    return tensors[0].new_empty((len(seeds),), dtype=torch.float64)
