@@ -41,6 +41,7 @@ class _BucketPlan:
     # tables (device table, CPU copy or None) built so far, by per-layer counts.
     layer_version: int = -1
     layer_densities: list = field(default_factory=list)
+    has_layer_densities: bool = False
     layer_tables: dict = field(default_factory=dict)
 
     @property
@@ -199,9 +200,10 @@ class DGCState(HookState):
         density (then the whole bucket uses :meth:`density_at`, exactly as without overrides)."""
         if plan.layer_version != self._layer_version:
             plan.layer_densities = [self._layer_params.get((bucket_index, p)) for p in plan.positions]
+            plan.has_layer_densities = any(d is not None for d in plan.layer_densities)
             plan.layer_tables.clear()  # tables of earlier settings are not needed again
             plan.layer_version = self._layer_version
-        if all(d is None for d in plan.layer_densities):
+        if not plan.has_layer_densities:
             return None
         warmup = self.warmup_density(step)
         default = self.density_at(step)
@@ -318,7 +320,8 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
 
     Per bucket: momentum correction (with clipping), top-k selection per layer, one
     ``all_gather`` of a fixed-size payload (k values + k int32 indices + a flag, so Gloo never
-    sees empty or ragged tensors), densify (indices validated), divide by W. Small and 1-D
+    sees empty or ragged tensors), densify (indices validated), divide by W. k is the sum of the
+    layers' counts, each at the default density or at the layer's own (:meth:`DGCState.set_layer_params`). Small and 1-D
     layers are all-reduced densely with the same local momentum. Register with
     ``pycomm.register(ddp_model, "dgc", density=0.001)``.
 
