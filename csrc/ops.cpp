@@ -53,6 +53,9 @@ TORCH_LIBRARY(pycomm, m) {
   // The ceil(length * density) elements of largest magnitude of each segment:
   // (values, indices), segment by segment, indices ascending within a segment
   // (int32 when they fit). Exact, or sampled threshold + exact among candidates.
+  // segments: [S, 2] (offset, length) rows, or [S, 3] (offset, length, keep):
+  // then segment s keeps `keep` elements (0 <= keep <= length, checked) and
+  // density is only validated.
   // host_segments: an optional CPU copy of `segments`, so that a CUDA caller
   // that already knows the table (a DDP hook) spares the op a device->host copy.
   m.def(

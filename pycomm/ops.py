@@ -371,16 +371,43 @@ def _dequantize_sum_fake(payloads, init, bucket_table, init_bucket_begin, bits, 
 
 # ---- DGC: momentum correction, top-k selection, masking, densify ----
 
-def segment_table(segments: Sequence[tuple[int, int]], device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """int64 ``[S, 2]`` table of (offset, length) rows: the layers of a flat buffer, for one launch per bucket."""
+def segment_table(segments: Sequence[tuple[int, int]], device: Union[str, torch.device, None] = None,
+                  counts: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Segment table of the layers of a flat buffer, for one launch per bucket.
+
+    Args:
+        segments: ``(offset, length)`` of each layer.
+        device: where the table lives (that of the tensors it is used with).
+        counts: optional number of elements :func:`topk` keeps in each segment (per-layer
+            densities in one launch; see :func:`topk_count`), each in ``[0, length]``.
+
+    Returns:
+        int64 ``[S, 2]`` rows ``(offset, length)``, or ``[S, 3]`` rows ``(offset, length, count)``
+        with ``counts``.
+    """
+    segments = [(int(offset), int(length)) for offset, length in segments]
     for offset, length in segments:
         if offset < 0 or length < 0:
             raise ValueError(f"segment ({offset}, {length}) must have a non-negative offset and length")
-    return torch.tensor(list(segments), dtype=torch.int64, device=device).reshape(-1, 2)
+    if counts is None:
+        return torch.tensor(segments, dtype=torch.int64, device=device).reshape(-1, 2)
+    counts = [int(c) for c in counts]
+    if len(counts) != len(segments):
+        raise ValueError(f"counts has {len(counts)} entries for {len(segments)} segments")
+    for (offset, length), count in zip(segments, counts):
+        if not 0 <= count <= length:
+            raise ValueError(f"segment ({offset}, {length}) cannot keep {count} elements: counts must be in "
+                             f"[0, length]")
+    rows = [(offset, length, count) for (offset, length), count in zip(segments, counts)]
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
 
 
 def topk_count(numel: int, density: float) -> int:
-    """Elements kept at ``density``: ``ceil(numel * density)``, at least 1 for a non-empty tensor."""
+    """Elements kept at ``density``: ``ceil(numel * density)``, at least 1 for a non-empty tensor.
+
+    The rule of the C++ ops (``csrc/include/pycomm/segments.h``); use it to build the counts of
+    a :func:`segment_table` from per-layer densities.
+    """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if numel <= 0:
@@ -395,12 +422,14 @@ def topk(x: torch.Tensor, density: float, exact: bool = False, sample_ratio: flo
 
     Args:
         x: float32/float16/bfloat16 tensor, CPU or CUDA.
-        density: fraction kept, in (0, 1].
+        density: fraction kept, in (0, 1] (validated, but not used with a 3-column table).
         exact: exact selection; otherwise (default) large tensors estimate a threshold from a
             strided sample (``sample_ratio`` of the elements, Philox-random start), collect the
             candidates above it in one pass and select exactly among them, which gives the same
             set as the exact top-k unless the threshold search fails (then it lowers the threshold).
-        segments: optional :func:`segment_table`; then each segment keeps its own ``ceil(length * density)``.
+        segments: optional :func:`segment_table`; then each segment keeps its own
+            ``ceil(length * density)``, or, with a ``counts`` column, its own count (per-layer
+            densities in one launch; a count outside ``[0, length]`` raises).
         host_segments: optional CPU copy of a CUDA ``segments`` table; with it the CUDA op sizes its
             outputs without a device-to-host copy (no synchronisation).
 
