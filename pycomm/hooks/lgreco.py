@@ -213,8 +213,13 @@ class LGreCoState(HookState):
             return
         group = self.process_group
         if dist.get_world_size(group) > 1:
-            # Every rank has the same layers in the same order (DDP's buckets agree), so one
-            # all-reduce averages the tables and every rank solves the same problem.
+            # Every rank has the same layers in the same order (DDP's buckets agree), unless a
+            # bucket overflowed on one rank at every step of the window (then that rank did not
+            # observe it). Agree on that first, so the all-reduce below never mismatches.
+            if not _same_on_all_ranks(keys, errors.device, group):
+                logger.warning("pycomm lgreco: ranks observed different layers before step %d (overflow "
+                               "steps); keeping the current choice", step + 1)
+                return
             dist.all_reduce(errors, group=group)
             errors.div_(dist.get_world_size(group))
         errors = errors.cpu()
@@ -267,6 +272,16 @@ class LGreCoState(HookState):
         self.last_solve = state_dict.get("last_solve")
         self._accumulators = {int(i): (e["values"], [tuple(x) for x in e["layers"]])
                               for i, e in state_dict.get("accumulators", {}).items()}
+
+
+def _same_on_all_ranks(keys: list[LayerKey], device: torch.device, group: Optional[dist.ProcessGroup]) -> bool:
+    digest = 0
+    for bucket, position in keys:
+        digest = (digest * 1_000_003 + bucket * 65_537 + position + 1) % (1 << 31)
+    summary = torch.tensor([len(keys), digest], dtype=torch.int64, device=device)
+    both = torch.cat([summary, -summary])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    return bool(torch.equal(both[:2], -both[2:]))
 
 
 def lgreco_hook(state: LGreCoState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
