@@ -6,7 +6,9 @@ zero; m in 1..127 stands for the magnitude ``lo * r**(m - 1) * c`` with
 interval ``[lo r^(m-1), lo r^m)`` that minimises the largest relative error,
 which is ``(r - 1) / (r + 1)`` inside ``[lo, hi]``. Magnitudes below ``lo / r``
 round to zero (or to the first code above ``lo / r``), magnitudes above ``hi``
-saturate at the last code.
+saturate at the last code. The byte 0x80 ("minus zero", otherwise unused) marks a
+non-finite value (NaN or +-Inf) and decodes as NaN, so an overflow survives the
+trip: a receiver sees it and AMP's GradScaler sees it.
 
 What 8 bits allow: with 127 magnitudes per sign, a relative error of at most
 5% spans ``((1.05 / 0.95) ** 127)`` = 5.5 decades, and 8 decades cost at most
@@ -30,9 +32,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["LogByteCodec"]
+__all__ = ["LogByteCodec", "NONFINITE_CODE"]
 
 _CODES = 127
+
+#: The code of NaN and +-Inf (sign bit with magnitude code 0); it decodes as NaN.
+NONFINITE_CODE = 0x80
 
 
 @dataclass(frozen=True)
@@ -63,7 +68,7 @@ class LogByteCodec:
         return (r - 1) / (r + 1)
 
     def encode(self, g: torch.Tensor) -> torch.Tensor:
-        """uint8 codes of ``g`` on its device (NaN encodes as the largest magnitude with its sign bit).
+        """uint8 codes of ``g`` on its device (NaN and +-Inf encode as :data:`NONFINITE_CODE`).
 
         Equal, code for code, to :meth:`encode_reference` on every device. Only torch ops on
         ``g``'s device: nothing waits for the device except the first call on a new device,
@@ -79,7 +84,7 @@ class LogByteCodec:
         m = torch.where(mag < self.lo, (mag * mag >= self._below_bound).long(), m)
         m = torch.where(mag == 0, 0, m)
         sign = (torch.signbit(g) & (m > 0)).to(torch.uint8) << 7
-        return sign | m.to(torch.uint8)
+        return torch.where(torch.isfinite(g), sign | m.to(torch.uint8), NONFINITE_CODE)
 
     def encode_reference(self, g: torch.Tensor) -> torch.Tensor:
         """The definition of the codes, in float64 on the CPU (the result is a CPU tensor)."""
@@ -93,7 +98,7 @@ class LogByteCodec:
         m = torch.where(below, torch.where(mag * mag >= self._below_bound, 1.0, 0.0), m)
         m = torch.where(mag == 0, torch.zeros_like(m), m)
         sign = (torch.signbit(g) & (m > 0)).to(torch.uint8) << 7
-        return sign | m.to(torch.uint8)
+        return torch.where(torch.isfinite(g), sign | m.to(torch.uint8), NONFINITE_CODE)
 
     @property
     def _below_bound(self) -> float:
@@ -113,7 +118,8 @@ class LogByteCodec:
             raise ValueError(f"codes must be uint8, got {codes.dtype}")
         _, magnitudes = self._tables(codes.device)
         value = torch.take(magnitudes, (codes & 0x7F).long())
-        return torch.where((codes & 0x80) != 0, -value, value)
+        value = torch.where((codes & 0x80) != 0, -value, value)
+        return torch.where(codes == NONFINITE_CODE, math.nan, value)
 
     # -- tables ------------------------------------------------------------------------
     def _tables(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:

@@ -81,8 +81,10 @@ def test_table_decode_equals_formula(codec):
     codes = torch.arange(256, dtype=torch.int64).to(torch.uint8)
     m = (codes & 0x7F).long()
     formula = torch.where((codes & 0x80) != 0, -codec.decode_magnitude(m), codec.decode_magnitude(m))
-    assert torch.equal(codec.decode(codes), formula)
-    assert torch.equal(codec.decode(codes.reshape(16, 16)), formula.reshape(16, 16))
+    formula[0x80] = math.nan  # the non-finite marker
+    assert torch.equal(codec.decode(codes).nan_to_num(7.0), formula.nan_to_num(7.0))
+    assert torch.isnan(codec.decode(codes))[0x80] and torch.isnan(codec.decode(codes)).sum() == 1
+    assert torch.equal(codec.decode(codes.reshape(16, 16)).nan_to_num(7.0), formula.nan_to_num(7.0).reshape(16, 16))
 
 
 def test_pickle_drops_device_tables():
@@ -105,3 +107,16 @@ def test_cuda_codes_and_values_equal_cpu(codec):
     assert torch.equal(codes.cpu(), codec.encode_reference(g))
     all_codes = torch.arange(256, dtype=torch.int64).to(torch.uint8)
     assert torch.equal(codec.decode(all_codes.cuda()).cpu(), codec.decode(all_codes))
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=str)
+def test_nonfinite_values_keep_a_marker(codec):
+    from pycomm.codec import NONFINITE_CODE
+
+    g = torch.tensor([math.nan, math.inf, -math.inf, -math.nan, 1.0, -0.0], dtype=torch.float64)
+    codes = codec.encode(g)
+    assert codes[:4].tolist() == [NONFINITE_CODE] * 4
+    assert torch.equal(codes, codec.encode_reference(g))
+    decoded = codec.decode(codes)
+    assert torch.isnan(decoded[:4]).all() and torch.isfinite(decoded[4:]).all()
+    assert codes[5].item() == 0 and decoded[5].item() == 0.0  # minus zero is zero, not the marker

@@ -129,6 +129,31 @@ def test_projection_hook_sends_k_bytes_and_ranks_agree():
     assert res0 and not torch.equal(next(iter(res0.values())), next(iter(res1.values())))
 
 
+def _projection_overflow_worker(rank, world):
+    from pycomm.hooks.spsa_projection import ProjectionState, projection_hook
+
+    state = ProjectionState(num_directions=4, error_feedback=True)
+    g = torch.randn(5000, generator=torch.Generator().manual_seed(rank))
+    projection_hook(state, _Bucket(g.clone(), index=0)).value()  # a finite step first: a non-zero residual
+    before = state.residuals[0].clone()
+    g = torch.randn(5000, generator=torch.Generator().manual_seed(10 + rank))
+    if rank == 1:
+        g[17] = float("inf")
+    out = projection_hook(state, _Bucket(g.clone(), index=0)).value()
+    exact = g.clone()
+    torch.distributed.all_reduce(exact)
+    return out, exact.div_(world), torch.equal(state.residuals[0], before)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_projection_overflow_goes_uncompressed(world):
+    # One rank's Inf travels as the codec's non-finite byte; every rank then all-reduces the
+    # bucket uncompressed (CPU), so GradScaler sees the exact overflow, and no residual changes.
+    for out, exact, residual_kept in run_distributed(_projection_overflow_worker, world):
+        assert torch.equal(out, exact) and not torch.isfinite(out).all()
+        assert residual_kept
+
+
 class _Bucket:
     """What projection_hook reads of a DDP GradBucket."""
 

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from pycomm import ops
 from pycomm.hooks.hook_state import HookState
-from pycomm.codec import LogByteCodec
+from pycomm.codec import NONFINITE_CODE, LogByteCodec
 from pycomm.distributed import all_gather_into_tensor, mix_seed
 
 __all__ = ["ProjectionState", "projection_hook"]
@@ -127,10 +127,22 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     codes = state.codec.encode(coefficients)
     gathered = torch.empty(world * state.num_directions, dtype=torch.uint8, device=buffer.device)
     all_gather_into_tensor(gathered, codes, group=group)
+    if not buffer.is_cuda and bool((gathered == NONFINITE_CODE).any()):
+        # A rank's bucket held NaN/Inf (every rank sees its marker byte): all-reduce this bucket
+        # uncompressed so the exact overflow reaches AMP's GradScaler; residuals stay as they were.
+        dist.all_reduce(buffer, group=group)
+        buffer.div_(world)
+        fut_overflow: torch.futures.Future = torch.futures.Future()
+        fut_overflow.set_result(buffer)
+        return fut_overflow
+    # On CUDA, where that check would wait for the device, the marker decodes as NaN and the
+    # rebuilt bucket is NaN on every rank, which GradScaler detects just the same.
     decoded = state.codec.decode(gathered).view(world, state.num_directions)
     if residual is not None:  # residual = x - Σ_j a_j z_j with this rank's decoded coefficients
-        residual.copy_(x)
-        ops.philox_axpy_multi_([residual], seeds, -decoded[dist.get_rank(group)], state.distribution)
+        own = decoded[dist.get_rank(group)]
+        ops.philox_axpy_multi_([x], seeds, -own, state.distribution)  # x = buffer + residual: a fresh tensor
+        # A non-finite step leaves the residual as it was (no device wait: a masked copy).
+        residual.copy_(torch.where(torch.isfinite(own).all(), x, residual))
     out = torch.zeros(n, dtype=torch.float32, device=buffer.device)
     ops.philox_axpy_multi_([out], seeds, _rank_sum(decoded) / world, state.distribution)
     buffer.copy_(out)
