@@ -129,19 +129,24 @@ __global__ void __launch_bounds__(kBlock) decode_kernel(const Params p, int64_t 
 
 namespace {
 
-int threads_per_bucket(int64_t bucket_size, bool& cached) {
+int threads_per_bucket(int64_t bucket_size) {
   const int64_t groups = bucket_size / kGroup;
   // Enough threads per bucket that each owns at most kCacheGroups groups, up
   // to a whole block; beyond that, threads loop over more groups and re-read.
   int tpb = kWarp;
   while (tpb < kBlock && groups > static_cast<int64_t>(tpb) * kCacheGroups) tpb *= 2;
-  cached = groups <= static_cast<int64_t>(tpb) * kCacheGroups;
   return tpb;
+}
+
+// Whether every thread owns few enough groups to keep their values in registers.
+bool groups_fit_cache(const qdev::QuantizeParams& p) {
+  return p.layout.bucket_size / kGroup <= static_cast<int64_t>(p.threads_per_bucket) * kCacheGroups;
 }
 
 // kBits = 0 launches the mixed-table instantiation.
 template <int kBits>
-void launch_quantize_kernel(const qdev::QuantizeParams& p, DType dtype, bool cached, cudaStream_t stream) {
+void launch_quantize_kernel(const qdev::QuantizeParams& p, DType dtype, cudaStream_t stream) {
+  const bool cached = groups_fit_cache(p);
   const int64_t blocks = ceil_div(p.num_buckets, kBlock / p.threads_per_bucket);
   const unsigned grid = grid_size(blocks);
   dispatch_dtype(dtype, [&](auto dtype_c) {
@@ -153,32 +158,97 @@ void launch_quantize_kernel(const qdev::QuantizeParams& p, DType dtype, bool cac
   });
 }
 
-qdev::QuantizeParams quantize_params(const void* x, float* residual, const int64_t* table, int64_t columns,
-                                     int64_t numel, int64_t num_buckets, int64_t bucket_size, bool stochastic,
-                                     uint64_t seed, int64_t skip_begin, int64_t skip_end, uint8_t* payload) {
+// kBits = 0 launches the mixed-table instantiation; one thread per (bucket, group).
+template <int kBits, typename Params>
+void launch_decode_kernel(const Params& p, DType dtype, cudaStream_t stream) {
+  const int64_t groups = p.layout.bucket_size / kGroup;
+  const unsigned grid = grid_size(ceil_div(p.num_buckets * groups, kBlock));
+  const int shift = pow2_shift(groups);
+  dispatch_dtype(dtype, [&](auto dtype_c) {
+    constexpr DType D = decltype(dtype_c)::value;
+    decode_kernel<D, kBits><<<grid, kBlock, 0, stream>>>(p, groups, shift);
+  });
+}
+
+// Bucket k covers row first_row + k of a table with `columns` int64s per row
+// (or the identity layout when table is nullptr).
+BucketLayout bucket_layout(const int64_t* table, int64_t columns, int64_t numel, int64_t bucket_size,
+                           int64_t first_row, bool packed_chunk) {
+  BucketLayout layout;
+  layout.table = table;
+  layout.numel = numel;
+  layout.bucket_size = bucket_size;
+  layout.first_bucket = first_row;
+  layout.columns = columns;
+  layout.packed_chunk = packed_chunk;
+  return layout;
+}
+
+// mixed_table nullptr: uniform widths, every record is the params' record_size bytes.
+MixedRecords mixed_records(const int64_t* mixed_table, int64_t first_row, int64_t payload_bytes,
+                           int64_t bucket_size) {
+  MixedRecords mixed;
+  mixed.table = mixed_table;
+  mixed.first_row = first_row;
+  mixed.payload_bytes = payload_bytes;
+  mixed.bucket_size = bucket_size;
+  return mixed;
+}
+
+MixedRecords uniform_records(int64_t bucket_size) { return mixed_records(nullptr, 0, 0, bucket_size); }
+
+// record_size: bytes of every record (uniform widths), 0 with mixed records.
+qdev::QuantizeParams quantize_params(const void* x, float* residual, const BucketLayout& layout,
+                                     const MixedRecords& mixed, int64_t num_buckets, int64_t record_size,
+                                     bool stochastic, uint64_t seed, int64_t skip_begin, int64_t skip_end,
+                                     uint8_t* payload) {
   qdev::QuantizeParams p;
   p.x = x;
   p.residual = residual;
-  p.layout.table = table;
-  p.layout.numel = numel;
-  p.layout.bucket_size = bucket_size;
-  p.layout.first_bucket = 0;
-  p.layout.columns = columns;
-  p.layout.packed_chunk = false;
+  p.layout = layout;
   p.payload = payload;
-  p.mixed.table = nullptr;
-  p.mixed.first_row = 0;
-  p.mixed.payload_bytes = 0;
-  p.mixed.bucket_size = bucket_size;
+  p.mixed = mixed;
   p.num_buckets = num_buckets;
-  p.record_size = 0;
+  p.record_size = record_size;
   p.skip_begin = skip_begin;
   p.skip_end = skip_end;
   p.seed = seed;
   p.stochastic = stochastic ? 1 : 0;
-  p.threads_per_bucket = kWarp;
+  p.threads_per_bucket = threads_per_bucket(layout.bucket_size);
   return p;
 }
+
+qdev::DequantizeParams dequantize_params(const uint8_t* payload, void* out, const BucketLayout& layout,
+                                         const MixedRecords& mixed, int64_t num_buckets, int64_t record_size) {
+  qdev::DequantizeParams p;
+  p.payload = payload;
+  p.out = out;
+  p.layout = layout;
+  p.mixed = mixed;
+  p.num_buckets = num_buckets;
+  p.record_size = record_size;
+  return p;
+}
+
+// layout.numel must be 0 when init is nullptr.
+qdev::DequantizeSumParams dequantize_sum_params(const uint8_t* payloads, int64_t sources, const void* init,
+                                                const BucketLayout& layout, const MixedRecords& mixed,
+                                                int64_t num_buckets, int64_t record_size, float* out) {
+  qdev::DequantizeSumParams p;
+  p.payloads = payloads;
+  p.init = init;
+  p.layout = layout;
+  p.mixed = mixed;
+  p.out = out;
+  p.sources = sources;
+  p.num_buckets = num_buckets;
+  p.record_size = record_size;
+  return p;
+}
+
+// Without init the sums start from zero and read no elements: float32, no numel.
+DType init_read_dtype(const void* init, DType init_dtype) { return init != nullptr ? init_dtype : DType::Float32; }
+int64_t init_read_numel(const void* init, int64_t init_numel) { return init != nullptr ? init_numel : 0; }
 
 }  // namespace
 
@@ -186,13 +256,12 @@ void launch_quantize(const void* x, DType dtype, float* residual, const int64_t*
                      int64_t num_buckets, int bits, int64_t bucket_size, bool stochastic, uint64_t seed,
                      int64_t skip_begin, int64_t skip_end, uint8_t* payload, cudaStream_t stream) {
   if (num_buckets <= 0) return;
-  bool cached = false;
-  qdev::QuantizeParams p = quantize_params(x, residual, table, 2, numel, num_buckets, bucket_size, stochastic, seed,
-                                           skip_begin, skip_end, payload);
-  p.threads_per_bucket = threads_per_bucket(bucket_size, cached);
-  p.record_size = quant::record_bytes(bits, bucket_size);
+  const qdev::QuantizeParams p =
+      quantize_params(x, residual, bucket_layout(table, 2, numel, bucket_size, 0, false), uniform_records(bucket_size),
+                      num_buckets, quant::record_bytes(bits, bucket_size), stochastic, seed, skip_begin, skip_end,
+                      payload);
   quant::dispatch_bits(bits, [&](auto bits_c) {
-    launch_quantize_kernel<decltype(bits_c)::value>(p, dtype, cached, stream);
+    launch_quantize_kernel<decltype(bits_c)::value>(p, dtype, stream);
   });
 }
 
@@ -201,42 +270,21 @@ void launch_quantize_mixed(const void* x, DType dtype, float* residual, const in
                            int64_t bucket_size, bool stochastic, uint64_t seed, int64_t skip_begin, int64_t skip_end,
                            uint8_t* payload, int64_t payload_bytes, cudaStream_t stream) {
   if (num_buckets <= 0) return;
-  bool cached = false;
-  qdev::QuantizeParams p = quantize_params(x, residual, mixed_table, 4, numel, num_buckets, bucket_size, stochastic,
-                                           seed, skip_begin, skip_end, payload);
-  p.layout.first_bucket = first_row;
-  p.layout.packed_chunk = chunk_layout;
-  p.threads_per_bucket = threads_per_bucket(bucket_size, cached);
-  p.mixed.table = mixed_table;
-  p.mixed.first_row = first_row;
-  p.mixed.payload_bytes = payload_bytes;
-  launch_quantize_kernel<0>(p, dtype, cached, stream);
+  const qdev::QuantizeParams p =
+      quantize_params(x, residual, bucket_layout(mixed_table, 4, numel, bucket_size, first_row, chunk_layout),
+                      mixed_records(mixed_table, first_row, payload_bytes, bucket_size), num_buckets, 0, stochastic,
+                      seed, skip_begin, skip_end, payload);
+  launch_quantize_kernel<0>(p, dtype, stream);
 }
 
 void launch_dequantize_into(const uint8_t* payload, int64_t num_buckets, const int64_t* table, void* out,
                             DType dtype, int64_t out_numel, int bits, int64_t bucket_size, cudaStream_t stream) {
   if (num_buckets <= 0) return;
-  const int64_t groups = bucket_size / kGroup;
-  qdev::DequantizeParams p;
-  p.payload = payload;
-  p.out = out;
-  p.layout.table = table;
-  p.layout.numel = out_numel;
-  p.layout.bucket_size = bucket_size;
-  p.layout.first_bucket = 0;
-  p.layout.columns = 2;
-  p.layout.packed_chunk = false;
-  p.mixed.table = nullptr;
-  p.num_buckets = num_buckets;
-  p.record_size = quant::record_bytes(bits, bucket_size);
-  const unsigned grid = grid_size(ceil_div(num_buckets * groups, kBlock));
-  const int shift = pow2_shift(groups);
-  dispatch_dtype(dtype, [&](auto dtype_c) {
-    constexpr DType D = decltype(dtype_c)::value;
-    quant::dispatch_bits(bits, [&](auto bits_c) {
-      constexpr int kBits = decltype(bits_c)::value;
-      decode_kernel<D, kBits><<<grid, kBlock, 0, stream>>>(p, groups, shift);
-    });
+  const qdev::DequantizeParams p =
+      dequantize_params(payload, out, bucket_layout(table, 2, out_numel, bucket_size, 0, false),
+                        uniform_records(bucket_size), num_buckets, quant::record_bytes(bits, bucket_size));
+  quant::dispatch_bits(bits, [&](auto bits_c) {
+    launch_decode_kernel<decltype(bits_c)::value>(p, dtype, stream);
   });
 }
 
@@ -244,29 +292,12 @@ void launch_dequantize_sum(const uint8_t* payloads, int64_t sources, int64_t num
                            DType init_dtype, int64_t init_numel, const int64_t* table, int64_t init_bucket_begin,
                            int bits, int64_t bucket_size, float* out, cudaStream_t stream) {
   if (num_buckets <= 0) return;
-  const int64_t groups = bucket_size / kGroup;
-  qdev::DequantizeSumParams p;
-  p.payloads = payloads;
-  p.init = init;
-  p.layout.table = table;
-  p.layout.numel = init != nullptr ? init_numel : 0;
-  p.layout.bucket_size = bucket_size;
-  p.layout.first_bucket = init_bucket_begin;
-  p.layout.columns = 2;
-  p.layout.packed_chunk = false;
-  p.mixed.table = nullptr;
-  p.out = out;
-  p.sources = sources;
-  p.num_buckets = num_buckets;
-  p.record_size = quant::record_bytes(bits, bucket_size);
-  const unsigned grid = grid_size(ceil_div(num_buckets * groups, kBlock));
-  const int shift = pow2_shift(groups);
-  dispatch_dtype(init != nullptr ? init_dtype : DType::Float32, [&](auto dtype_c) {
-    constexpr DType D = decltype(dtype_c)::value;
-    quant::dispatch_bits(bits, [&](auto bits_c) {
-      constexpr int kBits = decltype(bits_c)::value;
-      decode_kernel<D, kBits><<<grid, kBlock, 0, stream>>>(p, groups, shift);
-    });
+  const qdev::DequantizeSumParams p = dequantize_sum_params(
+      payloads, sources, init,
+      bucket_layout(table, 2, init_read_numel(init, init_numel), bucket_size, init_bucket_begin, false),
+      uniform_records(bucket_size), num_buckets, quant::record_bytes(bits, bucket_size), out);
+  quant::dispatch_bits(bits, [&](auto bits_c) {
+    launch_decode_kernel<decltype(bits_c)::value>(p, init_read_dtype(init, init_dtype), stream);
   });
 }
 
@@ -274,28 +305,10 @@ void launch_dequantize_into_mixed(const uint8_t* payload, int64_t payload_bytes,
                                   int64_t num_buckets, void* out, DType dtype, int64_t out_numel,
                                   int64_t bucket_size, cudaStream_t stream) {
   if (num_buckets <= 0) return;
-  const int64_t groups = bucket_size / kGroup;
-  qdev::DequantizeParams p;
-  p.payload = payload;
-  p.out = out;
-  p.layout.table = mixed_table;
-  p.layout.numel = out_numel;
-  p.layout.bucket_size = bucket_size;
-  p.layout.first_bucket = 0;
-  p.layout.columns = 4;
-  p.layout.packed_chunk = false;
-  p.mixed.table = mixed_table;
-  p.mixed.first_row = 0;
-  p.mixed.payload_bytes = payload_bytes;
-  p.mixed.bucket_size = bucket_size;
-  p.num_buckets = num_buckets;
-  p.record_size = 0;
-  const unsigned grid = grid_size(ceil_div(num_buckets * groups, kBlock));
-  const int shift = pow2_shift(groups);
-  dispatch_dtype(dtype, [&](auto dtype_c) {
-    constexpr DType D = decltype(dtype_c)::value;
-    decode_kernel<D, 0><<<grid, kBlock, 0, stream>>>(p, groups, shift);
-  });
+  const qdev::DequantizeParams p =
+      dequantize_params(payload, out, bucket_layout(mixed_table, 4, out_numel, bucket_size, 0, false),
+                        mixed_records(mixed_table, 0, payload_bytes, bucket_size), num_buckets, 0);
+  launch_decode_kernel<0>(p, dtype, stream);
 }
 
 void launch_dequantize_sum_mixed(const uint8_t* payloads, int64_t sources, int64_t payload_bytes,
@@ -303,30 +316,11 @@ void launch_dequantize_sum_mixed(const uint8_t* payloads, int64_t sources, int64
                                  DType init_dtype, int64_t init_numel, int64_t bucket_size, float* out,
                                  cudaStream_t stream) {
   if (num_buckets <= 0) return;
-  const int64_t groups = bucket_size / kGroup;
-  qdev::DequantizeSumParams p;
-  p.payloads = payloads;
-  p.init = init;
-  p.layout.table = mixed_table;
-  p.layout.numel = init != nullptr ? init_numel : 0;
-  p.layout.bucket_size = bucket_size;
-  p.layout.first_bucket = first_row;
-  p.layout.columns = 4;
-  p.layout.packed_chunk = false;
-  p.mixed.table = mixed_table;
-  p.mixed.first_row = first_row;
-  p.mixed.payload_bytes = payload_bytes;
-  p.mixed.bucket_size = bucket_size;
-  p.out = out;
-  p.sources = sources;
-  p.num_buckets = num_buckets;
-  p.record_size = 0;
-  const unsigned grid = grid_size(ceil_div(num_buckets * groups, kBlock));
-  const int shift = pow2_shift(groups);
-  dispatch_dtype(init != nullptr ? init_dtype : DType::Float32, [&](auto dtype_c) {
-    constexpr DType D = decltype(dtype_c)::value;
-    decode_kernel<D, 0><<<grid, kBlock, 0, stream>>>(p, groups, shift);
-  });
+  const qdev::DequantizeSumParams p = dequantize_sum_params(
+      payloads, sources, init,
+      bucket_layout(mixed_table, 4, init_read_numel(init, init_numel), bucket_size, first_row, false),
+      mixed_records(mixed_table, first_row, payload_bytes, bucket_size), num_buckets, 0, out);
+  launch_decode_kernel<0>(p, init_read_dtype(init, init_dtype), stream);
 }
 
 }  // namespace pycomm
