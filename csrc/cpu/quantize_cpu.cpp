@@ -222,8 +222,20 @@ void quantize_bucket(const T* x, float* residual, int64_t offset, int64_t length
   std::memset(data + used, 0, record_size - quant::kHeaderBytes - used);
 }
 
-// Unpacks `groups` groups of levels (compile-time shifts), so that decoding
-// runs as a separate, vectorizable loop.
+// Bucket k of x, read through the layout, into its record, with error feedback
+// when residual is not null. A skipped bucket is encoded as an empty one: an
+// all-zero record.
+template <typename T, int kBits>
+void quantize_layout_bucket(const T* x, float* residual, const BucketLayout& layout, int64_t k, bool skipped,
+                            uint8_t* record, int64_t bucket_size, bool stochastic, uint64_t seed) {
+  int64_t offset = 0, length = 0;
+  if (!skipped) layout.range(k, offset, length);
+  if (residual != nullptr)
+    quantize_bucket<T, kBits, true>(x, residual, offset, length, record, bucket_size, stochastic, seed, k);
+  else
+    quantize_bucket<T, kBits, false>(x, nullptr, offset, length, record, bucket_size, stochastic, seed, k);
+}
+
 // Unpacks `groups` groups into one byte per level, so that decoding runs as a
 // separate, vectorizable loop.
 template <int kBits>
@@ -286,20 +298,9 @@ at::Tensor quantize_mixed_cpu(const at::Tensor& x_in, c10::optional<at::Tensor> 
         int bucket_bits;
         int64_t at;
         if (!records.record(k, bucket_bits, at)) continue;
-        uint8_t* record = out + at;
-        if (k >= skip_begin && k < skip_end) {
-          std::memset(record, 0, quant::record_bytes(bucket_bits, bucket_size));
-          continue;
-        }
-        int64_t offset, length;
-        layout.range(k, offset, length);
         quant::dispatch_bits(bucket_bits, [&](auto bits_c) {
-          constexpr int kBits = decltype(bits_c)::value;
-          if (res != nullptr)
-            quantize_bucket<scalar_t, kBits, true>(xp, res, offset, length, record, bucket_size, stochastic, useed, k);
-          else
-            quantize_bucket<scalar_t, kBits, false>(xp, nullptr, offset, length, record, bucket_size, stochastic,
-                                                    useed, k);
+          quantize_layout_bucket<scalar_t, decltype(bits_c)::value>(xp, res, layout, k, k >= skip_begin && k < skip_end,
+                                                                    out + at, bucket_size, stochastic, useed);
         });
       }
     });
@@ -331,18 +332,8 @@ at::Tensor quantize_cpu(const at::Tensor& x_in, c10::optional<at::Tensor> residu
       constexpr int kBits = decltype(bits_c)::value;
       at::parallel_for(0, num_buckets, bucket_grain(bucket_size), [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
-          uint8_t* record = out + k * record_size;
-          if (k >= skip_begin && k < skip_end) {
-            std::memset(record, 0, record_size);
-            continue;
-          }
-          int64_t offset, length;
-          layout.range(k, offset, length);
-          if (res != nullptr)
-            quantize_bucket<scalar_t, kBits, true>(xp, res, offset, length, record, bucket_size, stochastic, useed, k);
-          else
-            quantize_bucket<scalar_t, kBits, false>(xp, nullptr, offset, length, record, bucket_size, stochastic,
-                                                    useed, k);
+          quantize_layout_bucket<scalar_t, kBits>(xp, res, layout, k, k >= skip_begin && k < skip_end,
+                                                  out + k * record_size, bucket_size, stochastic, useed);
         }
       });
     });
