@@ -80,6 +80,27 @@ inline void check_no_overlap(at::TensorList tensors, const char* op) {
   }
 }
 
+// The tensors are on the backend's device type (the dispatcher already routes
+// by device; this guards a direct call).
+inline void check_device_type(at::TensorList tensors, at::DeviceType device_type, const char* op) {
+  for (const at::Tensor& t : tensors) {
+    TORCH_CHECK(t.device().type() == device_type, "pycomm: ", op, ": expected ", c10::DeviceTypeName(device_type),
+                " tensors, got one on ", t.device());
+  }
+}
+
+// The checks of every op over a tensor list, in order: distribution, the
+// tensors and offset, their device type and, for the in-place ops, that no two
+// overlap. Returns the total number of elements.
+inline int64_t check_philox_list_op(at::TensorList tensors, int64_t distribution, int64_t offset, bool in_place,
+                                    at::DeviceType device_type, const char* op) {
+  check_distribution(distribution);
+  const int64_t total = check_philox_tensors(tensors, offset, in_place, op);
+  check_device_type(tensors, device_type, op);
+  if (in_place) check_no_overlap(tensors, op);
+  return total;
+}
+
 // Multi-direction ops (philox_axpy_multi_, philox_dot_multi): K seeds and,
 // for the axpy, K alphas: a float32 / float64 tensor of K elements, on the
 // tensors' device or on the CPU (then read on the host).

@@ -270,12 +270,6 @@ std::vector<double> dot(const std::vector<PhiloxSpan>& spans, const std::vector<
   return result;
 }
 
-void check_cpu(at::TensorList tensors, const char* op) {
-  for (const at::Tensor& t : tensors) {
-    TORCH_CHECK(t.device().is_cpu(), "pycomm: ", op, ": expected CPU tensors, got one on ", t.device());
-  }
-}
-
 std::vector<at::Tensor> contiguous_all(at::TensorList tensors) {
   std::vector<at::Tensor> out;
   out.reserve(tensors.size());
@@ -302,20 +296,14 @@ at::Tensor philox_variates_cpu(const at::Tensor& like, int64_t n, int64_t seed, 
 }
 
 void philox_axpy_cpu(at::TensorList tensors, int64_t seed, double alpha, int64_t distribution, int64_t offset) {
-  check_distribution(distribution);
-  check_philox_tensors(tensors, offset, /*in_place=*/true, "philox_axpy_");
-  check_cpu(tensors, "philox_axpy_");
-  check_no_overlap(tensors, "philox_axpy_");
+  check_philox_list_op(tensors, distribution, offset, /*in_place=*/true, at::kCPU, "philox_axpy_");
   elementwise(make_spans(tensors, tensors, offset), {Direction{static_cast<uint64_t>(seed), static_cast<float>(alpha)}},
               distribution, /*fill=*/false);
 }
 
 void philox_axpy_multi_cpu(at::TensorList tensors, at::IntArrayRef seeds, const at::Tensor& alphas,
                            int64_t distribution, int64_t offset) {
-  check_distribution(distribution);
-  check_philox_tensors(tensors, offset, /*in_place=*/true, "philox_axpy_multi_");
-  check_cpu(tensors, "philox_axpy_multi_");
-  check_no_overlap(tensors, "philox_axpy_multi_");
+  check_philox_list_op(tensors, distribution, offset, /*in_place=*/true, at::kCPU, "philox_axpy_multi_");
   check_alphas(alphas, seeds.size(), tensors[0].device(), "philox_axpy_multi_");
   const at::Tensor a = float_alphas(alphas);
   const float* alpha = a.data_ptr<float>();
@@ -327,9 +315,7 @@ void philox_axpy_multi_cpu(at::TensorList tensors, at::IntArrayRef seeds, const 
 
 std::vector<at::Tensor> philox_perturbed_copy_cpu(at::TensorList tensors, int64_t seed, double alpha,
                                                   int64_t distribution, int64_t offset) {
-  check_distribution(distribution);
-  check_philox_tensors(tensors, offset, /*in_place=*/false, "philox_perturbed_copy");
-  check_cpu(tensors, "philox_perturbed_copy");
+  check_philox_list_op(tensors, distribution, offset, /*in_place=*/false, at::kCPU, "philox_perturbed_copy");
   const std::vector<at::Tensor> src = contiguous_all(tensors);
   std::vector<at::Tensor> out;
   out.reserve(src.size());
@@ -340,18 +326,14 @@ std::vector<at::Tensor> philox_perturbed_copy_cpu(at::TensorList tensors, int64_
 }
 
 at::Tensor philox_dot_cpu(at::TensorList tensors, int64_t seed, int64_t distribution, int64_t offset) {
-  check_distribution(distribution);
-  check_philox_tensors(tensors, offset, /*in_place=*/false, "philox_dot");
-  check_cpu(tensors, "philox_dot");
+  check_philox_list_op(tensors, distribution, offset, /*in_place=*/false, at::kCPU, "philox_dot");
   const std::vector<at::Tensor> src = contiguous_all(tensors);
   const double result = dot(make_spans(src, src, offset), {static_cast<uint64_t>(seed)}, distribution)[0];
   return at::scalar_tensor(result, tensors[0].options().dtype(at::kDouble));
 }
 
 at::Tensor philox_dot_multi_cpu(at::TensorList tensors, at::IntArrayRef seeds, int64_t distribution, int64_t offset) {
-  check_distribution(distribution);
-  check_philox_tensors(tensors, offset, /*in_place=*/false, "philox_dot_multi");
-  check_cpu(tensors, "philox_dot_multi");
+  check_philox_list_op(tensors, distribution, offset, /*in_place=*/false, at::kCPU, "philox_dot_multi");
   const std::vector<at::Tensor> src = contiguous_all(tensors);
   const std::vector<double> result = dot(make_spans(src, src, offset), seed_words(seeds), distribution);
   at::Tensor out = at::empty({static_cast<int64_t>(result.size())}, tensors[0].options().dtype(at::kDouble));

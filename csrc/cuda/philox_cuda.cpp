@@ -22,12 +22,6 @@
 namespace pycomm {
 namespace {
 
-void check_cuda_tensors(at::TensorList tensors, const char* op) {
-  for (const at::Tensor& t : tensors) {
-    TORCH_CHECK(t.is_cuda(), "pycomm: ", op, ": expected CUDA tensors, got one on ", t.device());
-  }
-}
-
 // Consecutive spans, cut where the dtype changes or a batch is full.
 std::vector<PhiloxBatch> make_batches(const std::vector<PhiloxSpan>& spans) {
   std::vector<PhiloxBatch> batches;
@@ -125,7 +119,7 @@ at::Tensor philox_variates_cuda(const at::Tensor& like, int64_t n, int64_t seed,
   check_distribution(distribution);
   check_offset_count(offset, n);
   to_dtype(like, "like");
-  check_cuda_tensors({like}, "philox_variates");
+  check_device_type({like}, at::kCUDA, "philox_variates");
   const c10::cuda::CUDAGuard guard(like.device());
   at::Tensor out = at::empty({n}, like.options());
   if (n == 0) return out;
@@ -135,10 +129,7 @@ at::Tensor philox_variates_cuda(const at::Tensor& like, int64_t n, int64_t seed,
 }
 
 void philox_axpy_cuda(at::TensorList tensors, int64_t seed, double alpha, int64_t distribution, int64_t offset) {
-  check_distribution(distribution);
-  check_philox_tensors(tensors, offset, /*in_place=*/true, "philox_axpy_");
-  check_cuda_tensors(tensors, "philox_axpy_");
-  check_no_overlap(tensors, "philox_axpy_");
+  check_philox_list_op(tensors, distribution, offset, /*in_place=*/true, at::kCUDA, "philox_axpy_");
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   run_elementwise(make_spans(tensors, tensors, offset), {single_direction(seed, alpha)}, distribution,
                   /*fill=*/false);
@@ -146,10 +137,7 @@ void philox_axpy_cuda(at::TensorList tensors, int64_t seed, double alpha, int64_
 
 void philox_axpy_multi_cuda(at::TensorList tensors, at::IntArrayRef seeds, const at::Tensor& alphas,
                             int64_t distribution, int64_t offset) {
-  check_distribution(distribution);
-  check_philox_tensors(tensors, offset, /*in_place=*/true, "philox_axpy_multi_");
-  check_cuda_tensors(tensors, "philox_axpy_multi_");
-  check_no_overlap(tensors, "philox_axpy_multi_");
+  check_philox_list_op(tensors, distribution, offset, /*in_place=*/true, at::kCUDA, "philox_axpy_multi_");
   check_alphas(alphas, seeds.size(), tensors[0].device(), "philox_axpy_multi_");
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const at::Tensor a = float_alphas(alphas);  // on the device: a cast kernel on this stream, no wait
@@ -159,9 +147,7 @@ void philox_axpy_multi_cuda(at::TensorList tensors, at::IntArrayRef seeds, const
 
 std::vector<at::Tensor> philox_perturbed_copy_cuda(at::TensorList tensors, int64_t seed, double alpha,
                                                    int64_t distribution, int64_t offset) {
-  check_distribution(distribution);
-  check_philox_tensors(tensors, offset, /*in_place=*/false, "philox_perturbed_copy");
-  check_cuda_tensors(tensors, "philox_perturbed_copy");
+  check_philox_list_op(tensors, distribution, offset, /*in_place=*/false, at::kCUDA, "philox_perturbed_copy");
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const std::vector<at::Tensor> src = contiguous_all(tensors);
   std::vector<at::Tensor> out;
@@ -172,9 +158,8 @@ std::vector<at::Tensor> philox_perturbed_copy_cuda(at::TensorList tensors, int64
 }
 
 at::Tensor philox_dot_cuda(at::TensorList tensors, int64_t seed, int64_t distribution, int64_t offset) {
-  check_distribution(distribution);
-  const int64_t total = check_philox_tensors(tensors, offset, /*in_place=*/false, "philox_dot");
-  check_cuda_tensors(tensors, "philox_dot");
+  const int64_t total =
+      check_philox_list_op(tensors, distribution, offset, /*in_place=*/false, at::kCUDA, "philox_dot");
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const at::TensorOptions options = tensors[0].options().dtype(at::kDouble);
   if (total == 0) return at::zeros({}, options);
@@ -185,9 +170,8 @@ at::Tensor philox_dot_cuda(at::TensorList tensors, int64_t seed, int64_t distrib
 
 at::Tensor philox_dot_multi_cuda(at::TensorList tensors, at::IntArrayRef seeds, int64_t distribution,
                                  int64_t offset) {
-  check_distribution(distribution);
-  const int64_t total = check_philox_tensors(tensors, offset, /*in_place=*/false, "philox_dot_multi");
-  check_cuda_tensors(tensors, "philox_dot_multi");
+  const int64_t total =
+      check_philox_list_op(tensors, distribution, offset, /*in_place=*/false, at::kCUDA, "philox_dot_multi");
   const c10::cuda::CUDAGuard guard(tensors[0].device());
   const at::TensorOptions options = tensors[0].options().dtype(at::kDouble);
   const int64_t directions = static_cast<int64_t>(seeds.size());
