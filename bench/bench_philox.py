@@ -31,6 +31,19 @@ K = 8
 MULTI_SEEDS = [1234 + k for k in range(K)]
 
 
+def _torch_axpy(tensors, device, alphas):
+    """The MeZO way: for each alpha, t += alpha * z with z a seeded ``torch.randn`` per parameter."""
+    gen = torch.Generator(device=device).manual_seed(1234)
+    for alpha in alphas:
+        for t in tensors:
+            t.add_(torch.randn(t.shape, generator=gen, device=device), alpha=alpha)
+
+
+def _torch_dots(tensors, device, directions):
+    """``directions`` dot products of the tensors with seeded ``torch.randn`` directions (a 0-d tensor each)."""
+    gen = torch.Generator(device=device).manual_seed(1234)
+    return [sum(torch.dot(t, torch.randn(t.shape, generator=gen, device=device)) for t in tensors)
+            for _ in range(directions)]
 
 
 @pytest.fixture(scope="module")
@@ -48,13 +61,7 @@ def test_philox_axpy_pycomm(benchmark, run, device, tensors, distribution):
 
 def test_philox_axpy_torch(benchmark, run, device, tensors):
     benchmark.group = f"philox_axpy-{device}"
-
-    def mezo():
-        gen = torch.Generator(device=device).manual_seed(1234)
-        for t in tensors:
-            t.add_(torch.randn(t.shape, generator=gen, device=device), alpha=EPS)
-
-    run(benchmark, mezo)
+    run(benchmark, lambda: _torch_axpy(tensors, device, [EPS]))
 
 
 def test_philox_axpy_clone(benchmark, run, device, tensors):
@@ -69,12 +76,7 @@ def test_philox_dot_pycomm(benchmark, run, device, tensors):
 
 def test_philox_dot_torch(benchmark, run, device, tensors):
     benchmark.group = f"philox_dot-{device}"
-
-    def randn_dot():
-        gen = torch.Generator(device=device).manual_seed(1234)
-        return sum(torch.dot(t, torch.randn(t.shape, generator=gen, device=device)) for t in tensors)
-
-    run(benchmark, randn_dot)
+    run(benchmark, lambda: _torch_dots(tensors, device, 1)[0])
 
 
 def test_philox_dot_clone(benchmark, run, device, tensors):
@@ -108,14 +110,7 @@ def test_philox_multi_axpy_single(benchmark, run, device, tensors, alphas):
 def test_philox_multi_axpy_torch(benchmark, run, device, tensors, alphas):
     benchmark.group = f"philox_multi_axpy-{device}"
     values = alphas.tolist()
-
-    def mezo():
-        gen = torch.Generator(device=device).manual_seed(1234)
-        for alpha in values:
-            for t in tensors:
-                t.add_(torch.randn(t.shape, generator=gen, device=device), alpha=alpha)
-
-    run(benchmark, mezo)
+    run(benchmark, lambda: _torch_axpy(tensors, device, values))
 
 
 def test_philox_multi_axpy_clone(benchmark, run, device, tensors):
@@ -135,13 +130,7 @@ def test_philox_multi_dot_single(benchmark, run, device, tensors):
 
 def test_philox_multi_dot_torch(benchmark, run, device, tensors):
     benchmark.group = f"philox_multi_dot-{device}"
-
-    def randn_dots():
-        gen = torch.Generator(device=device).manual_seed(1234)
-        return torch.stack([sum(torch.dot(t, torch.randn(t.shape, generator=gen, device=device)) for t in tensors)
-                            for _ in range(K)])
-
-    run(benchmark, randn_dots)
+    run(benchmark, lambda: torch.stack(_torch_dots(tensors, device, K)))
 
 
 def test_philox_multi_dot_clone(benchmark, run, device, tensors):
