@@ -133,24 +133,31 @@ def test_out_of_range_indices_raise_and_write_nothing():
         ops.densify(torch.ones(2), torch.tensor([0.0, 1.0]), 10)
 
 
-def test_dgc_compressor_matches_reference_algorithm():
-    """Several steps of the stateful compressor against a pure-torch DGC (ALGORITHMS.md section 1)."""
-    torch.manual_seed(0)
-    n, density, m = 50_000, 0.01, 0.9
-    dgc = pycomm.compressors.DGC(density=density, momentum=m, exact=True)
+def assert_follows_reference_dgc(dgc, n: int, m: float, steps: int, compress, select) -> None:
+    """``steps`` calls of ``compress`` (the stateful compressor ``dgc`` on n elements) against a pure-torch
+    DGC (ALGORITHMS.md section 1) with momentum m: momentum correction, then ``select(v)`` (the
+    reference top-k indices) are sent and leave u and v."""
     u, v = torch.zeros(n), torch.zeros(n)
-    for _ in range(5):
+    for _ in range(steps):
         g = torch.randn(n)
-        values, indices = dgc.compress(g)
+        values, indices = compress(g)
         u = m * u + g
         v = v + u
-        k = math.ceil(n * density)
-        idx = reference_topk(v, k)
+        idx = select(v)
         assert torch.equal(indices.long(), idx)
         assert torch.allclose(values, v[idx], atol=1e-5)
         v[idx] = 0
         u[idx] = 0
         assert torch.allclose(dgc.u, u, atol=1e-5) and torch.allclose(dgc.v, v, atol=1e-5)
+
+
+def test_dgc_compressor_matches_reference_algorithm():
+    """Several steps of the stateful compressor against a pure-torch DGC (ALGORITHMS.md section 1)."""
+    torch.manual_seed(0)
+    n, density, m = 50_000, 0.01, 0.9
+    dgc = pycomm.compressors.DGC(density=density, momentum=m, exact=True)
+    k = math.ceil(n * density)
+    assert_follows_reference_dgc(dgc, n, m, steps=5, compress=dgc.compress, select=lambda v: reference_topk(v, k))
 
 
 def test_opcheck():
@@ -263,18 +270,12 @@ def test_dgc_compressor_with_per_segment_counts_matches_reference():
     n, m = 100_005, 0.9
     table = ops.segment_table(rows, counts=counts)
     dgc = pycomm.compressors.DGC(density=0.001, momentum=m)
-    u, v = torch.zeros(n), torch.zeros(n)
-    for _ in range(4):
-        g = torch.randn(n)
-        values, indices = dgc.compress(g, segments=table)
-        u = m * u + g
-        v = v + u
-        idx = torch.cat([stable_reference_topk(v[o:o + ln], c) + o for (o, ln), c in zip(rows, counts)])
-        assert torch.equal(indices.long(), idx)
-        assert torch.allclose(values, v[idx], atol=1e-5)
-        v[idx] = 0
-        u[idx] = 0
-        assert torch.allclose(dgc.v, v, atol=1e-5) and torch.allclose(dgc.u, u, atol=1e-5)
+
+    def select(v):
+        return torch.cat([stable_reference_topk(v[o:o + ln], c) + o for (o, ln), c in zip(rows, counts)])
+
+    assert_follows_reference_dgc(dgc, n, m, steps=4, compress=lambda g: dgc.compress(g, segments=table),
+                                 select=select)
 
 
 def test_opcheck_with_count_table():
