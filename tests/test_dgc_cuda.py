@@ -90,6 +90,16 @@ def on_gpu(t):
     return t.cuda() if t is not None else None
 
 
+def assert_topk_matches_cpu(x, x_g, table, table_g, density, exact, rank, what, host=None):
+    """topk_magnitude of x_g (x on the GPU) selects the same indices and values as on the CPU; returns
+    the CPU and the GPU (values, indices)."""
+    v_c, i_c = Q.topk_magnitude(x, table, density, exact, 0.01, rank)
+    v_g, i_g = Q.topk_magnitude(x_g, table_g, density, exact, 0.01, rank, host)
+    assert_identical(i_c, i_g, what + " indices")
+    assert_identical(v_c, v_g, what + " values")
+    return (v_c, i_c), (v_g, i_g)
+
+
 # ---- topk_magnitude --------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -102,22 +112,16 @@ def test_topk_matches_cpu(n, dtype, kind):
         table_g = on_gpu(table)
         for density, exact in itertools.product(DENSITIES, [True, False]):
             what = f"n={n} {dtype} {kind} table#{t} density={density} exact={exact}"
-            v_c, i_c = Q.topk_magnitude(x, table, density, exact, 0.01, 3)
-            v_g, i_g = Q.topk_magnitude(x_g, table_g, density, exact, 0.01, 3)
+            _, (v_g, i_g) = assert_topk_matches_cpu(x, x_g, table, table_g, density, exact, 3, what)
             assert v_g.is_cuda and i_g.is_cuda
             assert i_g.dtype == torch.int32
-            assert_identical(i_c, i_g, what + " indices")
-            assert_identical(v_c, v_g, what + " values")
 
 
 def test_topk_with_host_copy_of_the_table():
     # The DGC hook passes a CPU copy of the table so the op does not wait for the GPU.
     x = make_input(100_003, torch.float32, KINDS[0], seed=5)
     table = ops.segment_table([(0, 40_000), (40_000, 0), (50_000, 50_003)])
-    v_c, i_c = Q.topk_magnitude(x, table, 0.01, False, 0.01, 0)
-    v_g, i_g = Q.topk_magnitude(x.cuda(), table.cuda(), 0.01, False, 0.01, 0, table)
-    assert_identical(i_c, i_g, "host_segments indices")
-    assert_identical(v_c, v_g, "host_segments values")
+    assert_topk_matches_cpu(x, x.cuda(), table, table.cuda(), 0.01, False, 0, "host_segments", host=table)
     with pytest.raises(RuntimeError, match="host_segments"):
         Q.topk_magnitude(x.cuda(), table.cuda(), 0.01, False, 0.01, 0, table[:1].clone())
 
@@ -185,11 +189,8 @@ def test_topk_with_counts_matches_cpu(n, dtype, kind):
     for t, table in enumerate(count_tables(n, seed=n + 3)):
         for exact, host in itertools.product([True, False], [None, table]):
             what = f"n={n} {dtype} {kind} count table#{t} exact={exact} host_copy={host is not None}"
-            v_c, i_c = Q.topk_magnitude(x, table, 0.5, exact, 0.01, 3)
-            v_g, i_g = Q.topk_magnitude(x_g, table.cuda(), 0.5, exact, 0.01, 3, host)
+            (_, i_c), _ = assert_topk_matches_cpu(x, x_g, table, table.cuda(), 0.5, exact, 3, what, host=host)
             assert i_c.numel() == int(table[:, 2].sum())
-            assert_identical(i_c, i_g, what + " indices")
-            assert_identical(v_c, v_g, what + " values")
 
 
 def test_bad_counts_raise_like_cpu():
