@@ -260,6 +260,17 @@ void dequantize_bucket(const uint8_t* record, T* out, int64_t offset, int64_t le
   }
 }
 
+// acc [bucket_size] = bucket k of init (read through the layout), zero past
+// its length or without init: where dequantize_sum starts adding the sources.
+template <typename T>
+void start_bucket_sum(float* acc, const T* init, const BucketLayout& layout, int64_t k, int64_t bucket_size) {
+  std::memset(acc, 0, bucket_size * sizeof(float));
+  if (init == nullptr) return;
+  int64_t offset, length;
+  layout.range(k, offset, length);
+  for (int64_t j = 0; j < length; ++j) acc[j] = static_cast<float>(init[offset + j]);
+}
+
 template <int kBits>
 void accumulate_bucket(const uint8_t* record, float* acc, int64_t bucket_size) {
   if (quant::is_zero_record(record)) return;
@@ -412,12 +423,7 @@ at::Tensor dequantize_sum_mixed_cpu(const at::Tensor& payloads, const c10::optio
     at::parallel_for(0, num_buckets, bucket_grain(bucket_size), [&](int64_t begin, int64_t end) {
       for (int64_t k = begin; k < end; ++k) {
         float* acc = op + k * bucket_size;
-        std::memset(acc, 0, bucket_size * sizeof(float));
-        if (ip != nullptr) {
-          int64_t offset, length;
-          layout.range(k, offset, length);
-          for (int64_t j = 0; j < length; ++j) acc[j] = static_cast<float>(ip[offset + j]);
-        }
+        start_bucket_sum(acc, ip, layout, k, bucket_size);
         int bucket_bits;
         int64_t at;
         if (!records.record(k, bucket_bits, at)) continue;
@@ -457,12 +463,7 @@ at::Tensor dequantize_sum_cpu(const at::Tensor& payloads, const c10::optional<at
       at::parallel_for(0, num_buckets, bucket_grain(bucket_size), [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
           float* acc = op + k * bucket_size;
-          std::memset(acc, 0, bucket_size * sizeof(float));
-          if (ip != nullptr) {
-            int64_t offset, length;
-            layout.range(k, offset, length);
-            for (int64_t j = 0; j < length; ++j) acc[j] = static_cast<float>(ip[offset + j]);
-          }
+          start_bucket_sum(acc, ip, layout, k, bucket_size);
           for (int64_t s = 0; s < sources; ++s)
             accumulate_bucket<kBits>(in + (s * num_buckets + k) * record_size, acc, bucket_size);
         }
