@@ -7,14 +7,15 @@ far does the loss get?
 
 How a run works
 ---------------
-* Each method runs alone, in a fresh set of ``workers`` processes: the harness
-  starts one launcher (``python -m pycomm.bench_e2e --launch SPEC``, in a new
-  session) that forks the workers (Gloo on CPU; NCCL with one GPU per rank where
-  CUDA is available and ``backend`` asks for it). A method whose workers crash
-  is reported as failed with the exception; one whose workers stop making
-  progress (``stall_timeout_s`` without a step, e.g. a hook that deadlocks) is
-  killed, whole process group, and reported as failed; the other methods still
-  run. A method that needs a pycomm method not registered in this build (see
+* The harness starts one launcher (``python -m pycomm.bench_e2e --launch SPEC``,
+  in a new session) that forks ``workers`` processes (Gloo on CPU; NCCL with
+  one GPU per rank where CUDA is available and ``backend`` asks for it); they
+  run the methods one after the other, each in a process group of its own
+  making (DDP, hook, optimizer). A method whose workers crash is reported as
+  failed with the exception; one whose workers stop making progress
+  (``stall_timeout_s`` without a step, e.g. a hook that deadlocks) is killed,
+  with the launcher's whole process group, and reported as failed; a fresh
+  launcher then runs the remaining methods. A method that needs a pycomm method not registered in this build (see
   :func:`pycomm.available_methods`) is reported as unavailable.
 * With ``bandwidth`` set and shaping allowed (root on Linux), all workers run
   inside one network namespace whose loopback is shaped by tc
@@ -403,6 +404,7 @@ class BenchConfig:
         start_timeout_s: longest wait for a method's first step (process start, rendezvous, first step).
         stall_timeout_s: a method is killed and reported failed when no step finishes for
             ``max(stall_timeout_s, 3 x its mean step time so far)``.
+        gloo_threads: worker threads of each Gloo process group; None keeps PyTorch's default (2).
     """
 
     workers: int = 4
@@ -424,6 +426,7 @@ class BenchConfig:
     shape: bool = True
     start_timeout_s: float = 300.0
     stall_timeout_s: float = 60.0
+    gloo_threads: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -518,7 +521,8 @@ def _write_atomic(path: str, text: str) -> None:
 
 def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
                eval_set: list[tuple[torch.Tensor, torch.Tensor]], rank: int, world: int,
-               device: torch.device, run_dir: str, measure_wire: bool) -> Optional[dict[str, Any]]:
+               device: torch.device, progress: Optional[Callable[[int, float], None]],
+               measure_wire: bool) -> Optional[dict[str, Any]]:
     """Train one method on this rank; return the merged result on rank 0 (None elsewhere)."""
     torch.manual_seed(cfg.seed)
     model = cfg.model_spec.build().to(device)
@@ -534,7 +538,6 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
     clip = cfg.grad_clip if cfg.grad_clip > 0 and not spec.clip_in_hook else 0.0
     generator = train_generator(cfg.seed, rank)
     counter = CollectiveByteCounter()
-    progress_path = os.path.join(run_dir, "progress")
 
     losses: list[float] = []
     step_bytes: list[int] = []
@@ -571,8 +574,8 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
         step_bytes.append(counter.bytes_sent)
         step_calls.append(sum(counter.calls.values()))
         losses.append(loss_value)
-        if rank == 0:  # for the harness's hang detector: steps done, their total time
-            _write_atomic(progress_path, f"{step + 1} {sum(step_times):.6f}\n")
+        if progress is not None:
+            progress(step + 1, sum(step_times))
         if not math.isfinite(loss_value):
             logger.warning("%s: rank %d loss is %s at step %d", name, rank, loss_value, step)
     dist.barrier()
@@ -639,44 +642,61 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
     }
 
 
-def _worker(rank: int, world: int, port: int, cfg: BenchConfig, name: str, spec: MethodSpec, run_dir: str,
-            measure_wire: bool, log_level: Optional[int]) -> None:
-    """Entry point of one DDP process (forked, or spawned for NCCL, by :func:`_launch`)."""
+def _worker(rank: int, world: int, port: int, cfg: BenchConfig, methods: list[tuple[int, str, MethodSpec]],
+            run_dir: str, measure_wire: bool, log_level: Optional[int]) -> None:
+    """Entry point of one DDP process (forked, or spawned for NCCL, by :func:`_launch`): run the methods in turn.
+
+    Rank 0 writes ``result_<index>.json`` after each method and keeps
+    ``progress`` (method index, steps done, their total time) up to date for
+    the harness's hang detector.
+    """
     if log_level is not None:
         logging.basicConfig(level=log_level, format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     backend = cfg.resolved_backend
+    options = None
     if backend == "nccl":
         device = torch.device("cuda", rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
         torch.set_num_threads(1)
-    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=cfg.start_timeout_s))
+        if cfg.gloo_threads is not None:
+            options = dist.ProcessGroupGloo._Options()
+            options._threads = cfg.gloo_threads
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=cfg.start_timeout_s),
+                            pg_options=options)
     try:
         corpus = load_corpus(cfg.corpus_bytes)
         eval_set = eval_batches(corpus, cfg.eval_batches, cfg.eval_batch_size, cfg.model_spec.context,
                                 seed=cfg.seed + 1234)
-        result = _train_one(name, spec, cfg, corpus, eval_set, rank, world, device, run_dir, measure_wire)
-        if result is not None:
-            _write_atomic(os.path.join(run_dir, "result.json"), json.dumps(result))
-        dist.barrier()
+        for index, name, spec in methods:
+            progress = (functools.partial(_write_progress, os.path.join(run_dir, "progress"), index)
+                        if rank == 0 else None)
+            result = _train_one(name, spec, cfg, corpus, eval_set, rank, world, device, progress, measure_wire)
+            if result is not None:
+                _write_atomic(os.path.join(run_dir, f"result_{index}.json"), json.dumps(result))
+            dist.barrier()
     finally:
         dist.destroy_process_group()
 
 
+def _write_progress(path: str, index: int, steps: int, seconds: float) -> None:
+    _write_atomic(path, f"{index} {steps} {seconds:.6f}\n")
+
+
 def _launch(spec_path: str) -> int:
-    """The launcher process of one method: start the workers and wait for them (a worker failure raises)."""
+    """One launcher process: start the workers, which run the methods in turn, and wait (a worker failure raises)."""
     import torch.multiprocessing as mp
 
     with open(spec_path, "rb") as fh:
-        cfg, name, spec, run_dir, measure_wire, log_level = pickle.load(fh)
+        cfg, methods, run_dir, measure_wire, log_level = pickle.load(fh)
     if log_level is not None:
         logging.basicConfig(level=log_level, format="%(levelname)s launcher %(name)s: %(message)s")
     # fork: no second import of torch per worker; CUDA must not be initialised before a fork, so NCCL spawns
     start_method = "spawn" if cfg.resolved_backend == "nccl" else "fork"
-    mp.start_processes(_worker, args=(cfg.workers, _free_port(), cfg, name, spec, run_dir, measure_wire, log_level),
+    mp.start_processes(_worker, args=(cfg.workers, _free_port(), cfg, methods, run_dir, measure_wire, log_level),
                        nprocs=cfg.workers, join=True, start_method=start_method)
     return 0
 
@@ -721,17 +741,21 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
         return
 
 
-_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.]*(Error|Exception|Interrupt)\b.*)$")
+_ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.:]*(Error|Exception|Interrupt|EnforceNotMet)\b.*)$")
+_ABORT_LINE = re.compile(r"^\s*((terminate called|  what\(\)).*)$")
 
 
 def _failure_reason(log_text: str, returncode: Optional[int]) -> str:
-    """The most telling line of a failed launcher's output: its last exception line, else its last line."""
+    """The most telling lines of a failed launcher's output: the worker's exception (or C++ abort message)."""
     lines = [line for line in log_text.splitlines() if line.strip()]
     errors = [m.group(1) for line in lines if (m := _ERROR_LINE.match(line))]
+    aborts = [m.group(1).strip() for line in lines if (m := _ABORT_LINE.match(line))]
     # torch.multiprocessing wraps a worker's exception; the innermost line names the real one
     interesting = [e for e in errors if not e.startswith("torch.multiprocessing")]
     tail = (interesting or errors or lines[-1:] or ["no output"])[-1]
-    return f"worker crashed (exit code {returncode}): {tail[:300]}"
+    if aborts and not interesting:  # a worker died on a C++ exception: say which
+        tail = f"{tail}; {' '.join(aborts[-2:])}"
+    return f"worker crashed (exit code {returncode}): {tail[:400]}"
 
 
 def _unavailable_reason(spec: MethodSpec) -> Optional[str]:
@@ -758,64 +782,83 @@ def _empty_result(name: str, spec: MethodSpec, cfg: BenchConfig, status: str, re
     }
 
 
-def _read_progress(path: str) -> tuple[int, float]:
-    """Steps done and their total time, from rank 0's progress file ((0, 0.0) before the first step)."""
+def _read_progress(path: str) -> tuple[int, int, float]:
+    """Method index, steps done and their total time, from rank 0's progress file ((-1, 0, 0.0) before any)."""
     try:
         with open(path, encoding="utf-8") as fh:
-            steps, seconds = fh.read().split()
-        return int(steps), float(seconds)
+            index, steps, seconds = fh.read().split()
+        return int(index), int(steps), float(seconds)
     except (OSError, ValueError):
-        return 0, 0.0
+        return -1, 0, 0.0
 
 
-def _run_method(name: str, spec: MethodSpec, cfg: BenchConfig, net: Optional[ShapedNamespace], run_root: str,
-                log_level: Optional[int]) -> dict[str, Any]:
-    """Run one method in its own launcher process and return its result (failed on a crash or a stall)."""
-    run_dir = tempfile.mkdtemp(prefix=f"{name}-", dir=run_root)
-    spec_path = os.path.join(run_dir, "launch.pkl")
-    with open(spec_path, "wb") as fh:
-        pickle.dump((cfg, name, spec, run_dir, net is not None, log_level), fh)
+def _run_pool(pending: list[tuple[int, str, MethodSpec]], cfg: BenchConfig, net: Optional[ShapedNamespace],
+              run_root: str, log_level: Optional[int],
+              on_start: Callable[[int], None], on_result: Callable[[int, dict[str, Any]], None]) -> None:
+    """Run the methods in worker pools: one launcher runs them in turn; a crash or a stall fails the running
+    method, kills the whole pool, and a fresh pool takes the rest."""
     package_root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
-    command = (net.exec_prefix() if net is not None else []) + [
-        sys.executable, "-m", "pycomm.bench_e2e", "--launch", spec_path]
-    log_path = os.path.join(run_dir, "launcher.log")
-    progress_path = os.path.join(run_dir, "progress")
-    with open(log_path, "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
-    failure: Optional[str] = None
-    try:
-        started = last_change = time.monotonic()
-        seen, mean_step = 0, 0.0
-        while proc.poll() is None:
-            time.sleep(0.25)
-            now = time.monotonic()
-            done, seconds = _read_progress(progress_path)
-            if done != seen:
-                seen, last_change, mean_step = done, now, seconds / max(done, 1)
-            if seen == 0:
-                if now - started > cfg.start_timeout_s:
-                    failure = f"no step finished within {cfg.start_timeout_s:.0f} s of the start (hung; killed)"
+    # the launcher sees this process's sys.path (as multiprocessing's spawn does), so that methods defined in
+    # the caller's modules unpickle there
+    paths = [package_root, *(p for p in sys.path if p), os.environ.get("PYTHONPATH", "")]
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(p for p in paths if p)))
+    pending = list(pending)
+    while pending:
+        run_dir = tempfile.mkdtemp(prefix="pool-", dir=run_root)
+        spec_path = os.path.join(run_dir, "launch.pkl")
+        with open(spec_path, "wb") as fh:
+            pickle.dump((cfg, pending, run_dir, net is not None, log_level), fh)
+        command = (net.exec_prefix() if net is not None else []) + [
+            sys.executable, "-m", "pycomm.bench_e2e", "--launch", spec_path]
+        log_path = os.path.join(run_dir, "launcher.log")
+        progress_path = os.path.join(run_dir, "progress")
+        with open(log_path, "w", encoding="utf-8") as log:
+            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        failure: Optional[str] = None
+        try:
+            on_start(pending[0][0])
+            started = last_change = time.monotonic()
+            seen, mean_step = 0, 0.0
+            while True:
+                exited = proc.poll() is not None
+                while pending and os.path.exists(os.path.join(run_dir, f"result_{pending[0][0]}.json")):
+                    index = pending.pop(0)[0]
+                    with open(os.path.join(run_dir, f"result_{index}.json"), encoding="utf-8") as fh:
+                        result = json.load(fh)
+                    result["shaped"] = net is not None
+                    on_result(index, result)
+                    if pending:
+                        on_start(pending[0][0])
+                    started = last_change = time.monotonic()
+                    seen, mean_step = 0, 0.0
+                if exited or not pending:
                     break
-                continue
-            limit = max(cfg.stall_timeout_s, 3.0 * mean_step)
-            if now - last_change > limit:
-                failure = f"no progress for {limit:.0f} s after step {seen} of {cfg.steps} (hung; killed)"
-                break
-    finally:
-        _kill_group(proc)
-    with open(log_path, encoding="utf-8", errors="replace") as fh:
-        log_text = fh.read()
-    result_path = os.path.join(run_dir, "result.json")
-    if failure is None and proc.returncode == 0 and os.path.exists(result_path):
-        with open(result_path, encoding="utf-8") as fh:
-            result = json.load(fh)
-    else:
+                time.sleep(0.25)
+                now = time.monotonic()
+                index, done, seconds = _read_progress(progress_path)
+                if index == pending[0][0] and done != seen:
+                    seen, last_change, mean_step = done, now, seconds / max(done, 1)
+                if seen == 0:
+                    if now - started > cfg.start_timeout_s:
+                        failure = f"no step finished within {cfg.start_timeout_s:.0f} s of the start (hung; killed)"
+                        break
+                    continue
+                limit = max(cfg.stall_timeout_s, 3.0 * mean_step)
+                if now - last_change > limit:
+                    failure = f"no progress for {limit:.0f} s after step {seen} of {cfg.steps} (hung; killed)"
+                    break
+        finally:
+            _kill_group(proc)
+        if not pending:
+            break
+        with open(log_path, encoding="utf-8", errors="replace") as fh:
+            log_text = fh.read()
+        index, name, spec = pending.pop(0)
         reason = failure or _failure_reason(log_text, proc.returncode)
         logger.info("%s failed; launcher output:\n%s", name, log_text[-4000:])
         result = _empty_result(name, spec, cfg, "failed", reason)
-    result["shaped"] = net is not None
-    return result
+        result["shaped"] = net is not None
+        on_result(index, result)
 
 
 def _resolve(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]]) -> list[tuple[str, MethodSpec]]:
@@ -1030,21 +1073,32 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
             if verbose:
                 print(f"{title}: {len(resolved)} method(s); {_network_line(network)}", file=stream, flush=True)
             rate = parse_rate(cfg.bandwidth) if cfg.bandwidth else None
-            for index, (name, spec) in enumerate(resolved, 1):
-                reason = _unavailable_reason(spec)
-                if reason is not None:
-                    result = _empty_result(name, spec, cfg, "unavailable", reason)
-                    result["shaped"] = net is not None
-                else:
-                    if verbose:
-                        print(f"[{index}/{len(resolved)}] {name}: running ...", file=stream, flush=True)
-                    result = _run_method(name, spec, cfg, net, run_root, log_level)
+            total = len(resolved)
+            slots: list[Optional[dict[str, Any]]] = [None] * total
+
+            def on_start(index: int) -> None:
+                if verbose:
+                    print(f"[{index + 1}/{total}] {resolved[index][0]}: running ...", file=stream, flush=True)
+
+            def on_result(index: int, result: dict[str, Any]) -> None:
                 counted = result["bytes_per_worker_per_step"]
                 result["estimated_link_s_per_step"] = (
                     cfg.workers * counted * 8 / rate if rate is not None and counted is not None else None)
-                results.append(result)
+                slots[index] = result
                 if verbose:
-                    print(_progress_line(index, len(resolved), result), file=stream, flush=True)
+                    print(_progress_line(index + 1, total, result), file=stream, flush=True)
+
+            runnable = []
+            for index, (name, spec) in enumerate(resolved):
+                reason = _unavailable_reason(spec)
+                if reason is None:
+                    runnable.append((index, name, spec))
+                else:
+                    result = _empty_result(name, spec, cfg, "unavailable", reason)
+                    result["shaped"] = net is not None
+                    on_result(index, result)
+            _run_pool(runnable, cfg, net, run_root, log_level, on_start, on_result)
+            results = [r for r in slots if r is not None]
         finally:
             if net is not None:
                 net.remove()

@@ -81,6 +81,8 @@ def _add_run_options(parser: argparse.ArgumentParser, *, methods: Sequence[str],
                         f"and report it failed (default: {BenchConfig.stall_timeout_s:g})")
     parser.add_argument("--start-timeout", type=float, default=BenchConfig.start_timeout_s,
                         help=f"longest wait for a method's first step (default: {BenchConfig.start_timeout_s:g})")
+    parser.add_argument("--gloo-threads", type=_positive_int, default=None,
+                        help="worker threads per Gloo process group (default: PyTorch's, 2)")
     parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                         help="gloo (CPU) or nccl (one GPU per worker); auto: nccl when there is a GPU per worker")
     parser.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON to PATH")
@@ -93,7 +95,8 @@ def _add_run_options(parser: argparse.ArgumentParser, *, methods: Sequence[str],
 def _config(args: argparse.Namespace, model: str) -> BenchConfig:
     return BenchConfig(workers=args.workers, steps=args.steps, model=model, batch_size=args.batch_size,
                        seed=args.seed, bandwidth=args.bandwidth, delay=args.delay, shape=not args.no_shape,
-                       stall_timeout_s=args.stall_timeout, start_timeout_s=args.start_timeout, backend=args.backend)
+                       stall_timeout_s=args.stall_timeout, start_timeout_s=args.start_timeout, backend=args.backend,
+                       gloo_threads=args.gloo_threads)
 
 
 def _run(args: argparse.Namespace, model: str, title: str) -> int:
