@@ -69,7 +69,7 @@ import sys
 import tempfile
 import threading
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from datetime import timedelta
 from types import MappingProxyType
 from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence, TextIO, Union
@@ -316,7 +316,8 @@ def spsa_method(eps: float, lr: Optional[float] = None, description: Optional[st
     ``eps``, at ``lr`` or the model's SPSA learning rate.
     """
     return MethodSpec(attach=None, needs_pycomm=True, optimizer="spsa", lr=lr, eps=eps,
-                      description=description or f"pycomm.zo.SPSA(eps={eps:g}), zeroth order, one byte per rank per step")
+                      description=description
+                      or f"pycomm.zo.SPSA(eps={eps:g}), zeroth order, one byte per rank per step")
 
 
 #: Directions (bytes per bucket per rank) of the ``spsa-projection`` row (AdamW; on the lm demo run AdamW 3e-3
@@ -339,7 +340,8 @@ def _dgc_options(cfg: "BenchConfig") -> dict[str, Any]:
 #: Method name -> :class:`MethodSpec`: the one table behind ``pycomm bench e2e`` and ``pycomm demo``.
 METHODS: Mapping[str, MethodSpec] = MappingProxyType(
     {
-        "allreduce": torch_hook(default_hooks.allreduce_hook, "fp32 ring all-reduce (torch allreduce_hook), DDP default"),
+        "allreduce": torch_hook(default_hooks.allreduce_hook,
+                                "fp32 ring all-reduce (torch allreduce_hook), DDP default"),
         "fp16": torch_hook(default_hooks.fp16_compress_hook, "fp16 all-reduce (torch fp16_compress_hook)"),
         "powersgd1": powersgd_method(1),
         "powersgd4": powersgd_method(4),
@@ -943,7 +945,8 @@ def format_table(results: Sequence[Mapping[str, Any]], network: Optional[Mapping
         lines.append(
             f"| {r['method']} | {optimizer}{lr}{eps} | {r['final_loss']:.3f} | {r['eval_loss']:.3f} | "
             f"{r['eval_accuracy']:.3f} | {r['step_time_s']:.3f} | {speed} | "
-            f"{_format_bytes(r['bytes_per_worker_per_step'])} | {_format_bytes(r.get('wire_bytes_per_worker_per_step'))} | "
+            f"{_format_bytes(r['bytes_per_worker_per_step'])} | "
+            f"{_format_bytes(r.get('wire_bytes_per_worker_per_step'))} | "
             f"{_format_ratio(r['compression_ratio'])} | {'-' if link is None else f'{link:.3f}'} |"
         )
     if len(used) > 1:

@@ -216,3 +216,17 @@ def test_namespace_create_remove_is_idempotent():
         net.remove()
     net.remove()
     assert not net.exists()
+
+
+def test_plots_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    from pycomm.bench_e2e import write_plots
+
+    rows = [{"method": m, "status": "ok", "loss_curve": [5.5, 4.0, 3.5], "step_time_curve_s": [0.1, 0.1, 0.1],
+             "bytes_curve": [b, b, b]} for m, b in (("allreduce", 1e6), ("quant4", 1.3e5))]
+    rows.append({"method": "powersgd4", "status": "failed", "loss_curve": []})
+    paths = write_plots(rows, str(tmp_path / "run"))
+    assert [os.path.basename(p) for p in paths] == ["run_loss_vs_time.png", "run_loss_vs_bytes.png"]
+    for path in paths:
+        with open(path, "rb") as fh:
+            assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
