@@ -120,7 +120,8 @@ class ModelSpec:
             (see :mod:`pycomm.models`).
         context: bytes per training sequence.
         batch_size: default sequences per worker per step.
-        learning_rates: peak learning rate for each optimizer of :data:`OPTIMIZERS`.
+        learning_rates: peak learning rate for each optimizer of :data:`OPTIMIZERS`. ``large``: AdamW 1e-4
+            (3e-4 and 1e-3 diverged within 5-10 steps at 4 x 32 sequences per step), SGD 0.05 (clipped at 1.0).
     """
 
     description: str
@@ -155,7 +156,7 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType(
             build=ByteMLP,
             context=32,
             batch_size=32,
-            learning_rates=MappingProxyType({"adamw": 1e-3, "sgd-momentum": 0.05, "sgd": 0.05, "spsa": 1e-3}),
+            learning_rates=MappingProxyType({"adamw": 1e-4, "sgd-momentum": 0.05, "sgd": 0.05, "spsa": 1e-4}),
         ),
     }
 )
