@@ -631,7 +631,7 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
         "mean_bytes_per_worker_per_step": mean_bytes_per_step,
         "wire_bytes_per_worker_per_step": wire_bytes / (world * steps) if wire_bytes is not None else None,
         "fp32_allreduce_bytes_per_step": fp32_bytes,
-        "compression_ratio": fp32_bytes / bytes_per_step if bytes_per_step > 0 else float("inf"),
+        "compression_ratio": fp32_bytes / bytes_per_step if bytes_per_step > 0 else None,  # None: sent nothing
         "initial_loss": mean_loss[0],
         "final_loss": sum(window) / len(window),
         "eval_loss": sum(g["eval_sum"] for g in gathered) / max(1, eval_count_total),
@@ -936,7 +936,8 @@ def format_table(results: Sequence[Mapping[str, Any]], network: Optional[Mapping
         lr = f" lr {r['lr']:g}" if r.get("lr") is not None else ""
         eps = f" eps {r['eps']:g}" if r.get("eps") is not None else ""
         if r["status"] != "ok":
-            lines.append(f"| {r['method']} | {optimizer}{lr}{eps} | {r['status']}: {r['reason']} "
+            reason = " ".join(str(r["reason"]).split()).replace("|", "\\|")
+            lines.append(f"| {r['method']} | {optimizer}{lr}{eps} | {r['status']}: {reason} "
                          "| | | | | | | | |")
             continue
         if optimizer not in used:

@@ -141,8 +141,12 @@ def _hanging_attach(ddp, cfg):
     ddp.register_comm_hook(None, hook)
 
 
-def test_crash_and_hang_are_reported_and_cleaned_up(capsys):
+def test_crash_and_hang_are_reported_and_cleaned_up(capsys, tmp_path, monkeypatch):
+    import tempfile
+
     from pycomm.bench_e2e import MethodSpec
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the launchers' command lines name tmp_path
 
     methods = {
         "crashes": MethodSpec(attach=_crashing_attach, description="raises in the hook"),
@@ -157,8 +161,9 @@ def test_crash_and_hang_are_reported_and_cleaned_up(capsys):
     assert results["allreduce"]["status"] == "ok"
     printed = capsys.readouterr().out
     assert "FAILED" in printed
-    # no worker left: nothing on this machine runs the launcher module any more
-    leftovers = subprocess.run(["pgrep", "-f", "pycomm.bench_e2e --launch"], capture_output=True, text=True)
+    # no launcher or worker of this run is left (forked workers keep the launcher's command line)
+    leftovers = subprocess.run(["pgrep", "-f", f"pycomm.bench_e2e --launch {tmp_path}"], capture_output=True,
+                               text=True)
     assert leftovers.stdout.strip() == ""
 
 
