@@ -331,10 +331,12 @@ DGC_WARMUP_FRACTION: float = 0.12
 
 def _dgc_options(cfg: "BenchConfig") -> dict[str, Any]:
     """DGC options that follow the run: the paper's density warm-up (4 stages, 25% .. 0.4%) over the first ~12%
-    of the steps, and local clipping at the run's threshold (scaled by ``W^-1/2`` in the hook)."""
+    of the steps, and local clipping at the run's threshold (scaled by ``W^-1/2`` in the hook). Runs shorter
+    than 17 steps get no warm-up: 4 stages of at least one step would be most of such a run, and its medians
+    would measure the warm-up instead of DGC."""
     from pycomm.hooks.dgc import PAPER_WARMUP_DENSITIES
 
-    stage = max(1, round(cfg.steps * DGC_WARMUP_FRACTION / len(PAPER_WARMUP_DENSITIES)))
+    stage = round(cfg.steps * DGC_WARMUP_FRACTION / len(PAPER_WARMUP_DENSITIES))
     return {"warmup_steps": stage, "clip_norm": cfg.grad_clip if cfg.grad_clip > 0 else None}
 
 
