@@ -758,9 +758,9 @@ def _failure_reason(log_text: str, returncode: Optional[int]) -> str:
     # torch.multiprocessing wraps a worker's exception; the innermost line names the real one
     interesting = [e for e in errors if not e.startswith("torch.multiprocessing")]
     tail = (interesting or errors or lines[-1:] or ["no output"])[-1]
-    if aborts and not interesting:  # a worker died on a C++ exception: say which
-        tail = f"{tail}; {' '.join(aborts[-2:])}"
-    return f"worker crashed (exit code {returncode}): {tail[:400]}"
+    if aborts and not interesting:  # a worker died on a C++ exception: say which, then how the launcher saw it
+        tail = f"{' '.join(aborts[-2:])} ({tail})"
+    return f"worker crashed (exit code {returncode}): {tail[:500]}"
 
 
 def _unavailable_reason(spec: MethodSpec) -> Optional[str]:
