@@ -38,9 +38,12 @@ What is measured, per method
   times, ...): median over steps of the mean over ranks, i.e. the steady state
   (compressing methods all-reduce uncompressed for their first steps).
 * ``wire_bytes_per_worker_per_step`` (shaped runs only): the bytes that really
-  crossed the namespace's loopback during the training loop
-  (``/sys/class/net/lo/statistics/tx_bytes`` before and after, divided by
-  workers and steps): the counted bytes plus TCP/IP and Gloo overhead.
+  crossed the namespace's loopback (``/sys/class/net/lo/statistics/tx_bytes``,
+  read by rank 0 before the loop and after every step, divided by workers):
+  median over steps, like the counted bytes, so the two differ by the TCP/IP
+  and Gloo overhead; ``mean_wire_bytes_per_worker_per_step`` is the whole
+  loop's total over workers and steps (compare it with
+  ``mean_bytes_per_worker_per_step``).
 * ``compression_ratio``: an fp32 ring all-reduce's bytes over the counted bytes.
 * ``final_loss``: mean training loss of the last ``final_window`` steps (mean
   over ranks); ``eval_loss`` and ``eval_accuracy`` (next-byte top-1) on a fixed
@@ -549,7 +552,7 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
     step_calls: list[int] = []
     step_times: list[float] = []
     dist.barrier()
-    tx_start = read_tx_bytes() if measure_wire and rank == 0 else 0
+    tx_marks = [read_tx_bytes()] if measure_wire and rank == 0 else []
     wall_start = time.perf_counter()
     for step in range(cfg.steps):
         inputs, targets = train_batch(corpus, cfg.batch, cfg.model_spec.context, generator)
@@ -579,13 +582,20 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
         step_bytes.append(counter.bytes_sent)
         step_calls.append(sum(counter.calls.values()))
         losses.append(loss_value)
+        if tx_marks:  # after the step's last collective: its traffic (nearly all ranks' of it) has crossed lo
+            tx_marks.append(read_tx_bytes())
         if progress is not None:
             progress(step + 1, sum(step_times))
         if not math.isfinite(loss_value):
             logger.warning("%s: rank %d loss is %s at step %d", name, rank, loss_value, step)
     dist.barrier()
     wall = time.perf_counter() - wall_start
-    wire_bytes = read_tx_bytes() - tx_start if measure_wire and rank == 0 else None
+    if tx_marks:
+        wire_steps = [(b - a) / world for a, b in zip(tx_marks[:-1], tx_marks[1:])]
+        wire_median: Optional[float] = statistics.median(wire_steps)
+        wire_mean: Optional[float] = (read_tx_bytes() - tx_marks[0]) / (world * cfg.steps)
+    else:
+        wire_median = wire_mean = None
 
     model.eval()
     eval_sum, eval_count, eval_hits, eval_predictions = 0.0, 0, 0, 0
@@ -631,7 +641,8 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
         "step_time_s": statistics.median(step_s),
         "bytes_per_worker_per_step": bytes_per_step,
         "mean_bytes_per_worker_per_step": mean_bytes_per_step,
-        "wire_bytes_per_worker_per_step": wire_bytes / (world * steps) if wire_bytes is not None else None,
+        "wire_bytes_per_worker_per_step": wire_median,
+        "mean_wire_bytes_per_worker_per_step": wire_mean,
         "fp32_allreduce_bytes_per_step": fp32_bytes,
         "compression_ratio": fp32_bytes / bytes_per_step if bytes_per_step > 0 else None,  # None: sent nothing
         "initial_loss": mean_loss[0],
@@ -781,6 +792,7 @@ def _empty_result(name: str, spec: MethodSpec, cfg: BenchConfig, status: str, re
         "optimizer": spec.optimizer, "lr": spec.base_lr(cfg), "eps": spec.eps if spec.zeroth_order else None,
         "workers": cfg.workers, "steps": cfg.steps, "step_time_s": None, "bytes_per_worker_per_step": None,
         "mean_bytes_per_worker_per_step": None, "wire_bytes_per_worker_per_step": None,
+        "mean_wire_bytes_per_worker_per_step": None,
         "fp32_allreduce_bytes_per_step": None, "compression_ratio": None, "initial_loss": None, "final_loss": None,
         "eval_loss": None, "eval_accuracy": None, "collective_calls_per_step": None, "wall_s": None,
         "replicas_in_sync": None, "loss_curve": [], "step_time_curve_s": [], "bytes_curve": [],

@@ -176,6 +176,7 @@ def test_shaped_run_reports_wire_bytes(tmp_path):
     assert r["shaped"] is True and r["status"] == "ok"
     # what crossed lo includes the counted payload plus TCP/IP and Gloo framing, and not hugely more
     assert r["bytes_per_worker_per_step"] <= r["wire_bytes_per_worker_per_step"] < 2 * r["bytes_per_worker_per_step"]
+    assert r["mean_bytes_per_worker_per_step"] <= r["mean_wire_bytes_per_worker_per_step"]
     assert not netns.ShapedNamespace("1gbit", name=net["namespace"]).exists()
 
 
