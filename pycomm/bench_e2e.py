@@ -979,7 +979,7 @@ def _network_line(network: Mapping[str, Any]) -> str:
         note = f" ({network['delay_note']})" if network.get("delay_note") else ""
         return (f"**Shaped**: {run}; all workers in network namespace `{network['namespace']}`, loopback limited "
                 f"to {network['bandwidth']} by tc tbf{delay}, one link shared by all workers{note}. "
-                "Wire bytes: lo tx_bytes over the training loop / workers / steps.")
+                "Wire bytes: lo tx_bytes per step / workers, median over steps.")
     if network.get("bandwidth"):
         return (f"**Unshaped** ({network['unshaped_reason']}): {run}; est. link s/step = the time the counted "
                 f"bytes of all workers take on one shared {network['bandwidth']} link.")
