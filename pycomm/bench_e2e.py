@@ -343,6 +343,20 @@ def _dgc_options(cfg: "BenchConfig") -> dict[str, Any]:
     return {"warmup_steps": stage, "clip_norm": cfg.grad_clip if cfg.grad_clip > 0 else None}
 
 
+def _lgreco_options(cfg: "BenchConfig") -> dict[str, Any]:
+    """L-GreCo's schedule scaled to the run (its defaults, a first solve at step 1000 and one per 1000 steps,
+    would never solve in a benchmark): the uniform default until ~20% of the steps, then a solve every ~25%,
+    each on the gradients of the last ``min(10, steps // 10)`` steps."""
+    acc_steps = max(1, min(10, cfg.steps // 10))
+    return {"acc_steps": acc_steps, "start_iter": max(acc_steps + 2, cfg.steps // 5),
+            "period": max(acc_steps, cfg.steps // 4)}
+
+
+def _lgreco_topk_options(cfg: "BenchConfig") -> dict[str, Any]:
+    """:func:`_lgreco_options` plus DGC's run-dependent options (its inner state is DGC's)."""
+    return {**_dgc_options(cfg), **_lgreco_options(cfg)}
+
+
 #: Method name -> :class:`MethodSpec`: the one table behind ``pycomm bench e2e`` and ``pycomm demo``.
 METHODS: Mapping[str, MethodSpec] = MappingProxyType(
     {
@@ -365,8 +379,14 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                           description="pycomm dgc(density=0.001, momentum=0.9), warm-up over ~12% of steps, "
                           "local clipping; SGD momentum 0"),
             optimizer="sgd", clip_in_hook=True),
-        "lgreco-quant": pycomm_method("lgreco", family="quant"),
-        "lgreco-topk": pycomm_method("lgreco", family="topk"),
+        "lgreco-quant": pycomm_method("lgreco", family="quant", config_options=_lgreco_options,
+                                      description="pycomm lgreco(family='quant'): per-layer bits around 4, "
+                                      "schedule scaled to the run; AdamW"),
+        "lgreco-topk": replace(
+            pycomm_method("lgreco", family="topk", momentum=0.9, config_options=_lgreco_topk_options,
+                          description="pycomm lgreco(family='topk'): per-layer DGC densities around the default, "
+                          "schedule scaled to the run; SGD momentum 0 (momentum in the hook)"),
+            optimizer="sgd", clip_in_hook=True),
         "spsa-projection": pycomm_method("spsa-projection", num_directions=PROJECTION_DIRECTIONS,
                                          description=f"pycomm spsa-projection(num_directions={PROJECTION_DIRECTIONS}),"
                                          " error feedback on (the hook's default); AdamW"),
