@@ -88,3 +88,38 @@ def test_dequantize_sum_torch(benchmark, run, device, bucket, bits):
 def test_dequantize_sum_clone(benchmark, run, device, bucket, bits):
     benchmark.group = f"dequantize_sum-{device}-{bits}bit"
     run(benchmark, lambda: bucket.clone())
+
+
+# ---- mixed bit widths in one bucket (per-layer bits, L-GreCo) vs one width ----
+# The same 16 layers of the 25 MB bucket, quantized with error feedback through a
+# bucket table: one width for all (2-column table) vs widths cycling 2, 3, 4, 8
+# (4-column mixed table); same run, same baseline (clone).
+
+LAYERS = 16
+MIXED_BITS = [2, 3, 4, 8] * (LAYERS // 4)
+
+
+def _layer_segments():
+    size = NUMEL // LAYERS
+    return [(i * size, size) for i in range(LAYERS)]
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantize_table_uniform(benchmark, run, device, bucket, bits):
+    benchmark.group = f"quantize_mixed-{device}"
+    table = pycomm.ops.bucket_table(_layer_segments(), BUCKET, device=device)
+    residual = torch.zeros_like(bucket)
+    run(benchmark, lambda: torch.ops.pycomm.quantize(bucket, residual, table, -1, bits, BUCKET, False, 0, 0, 0))
+
+
+def test_quantize_table_mixed(benchmark, run, device, bucket):
+    benchmark.group = f"quantize_mixed-{device}"
+    host = pycomm.ops.bucket_table(_layer_segments(), BUCKET, bits=MIXED_BITS)
+    table = host.to(device)
+    residual = torch.zeros_like(bucket)
+    run(benchmark, lambda: torch.ops.pycomm.quantize(bucket, residual, table, -1, 0, BUCKET, False, 0, 0, 0, host))
+
+
+def test_quantize_table_clone(benchmark, run, device, bucket):
+    benchmark.group = f"quantize_mixed-{device}"
+    run(benchmark, lambda: bucket.clone())

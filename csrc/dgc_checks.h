@@ -16,12 +16,28 @@ inline SegmentTable check_segments(const c10::optional<at::Tensor>& segments, co
   if (!segments.has_value()) return table;
   const at::Tensor& t = *segments;
   check_same_device(like, t, "segments");
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2 && t.size(1) == 2 && t.is_contiguous(),
-              "pycomm: segments must be a contiguous int64 tensor of shape [num_segments, 2] (offset, length), got ",
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2 && (t.size(1) == 2 || t.size(1) == 3) &&
+                  t.is_contiguous(),
+              "pycomm: segments must be a contiguous int64 tensor of shape [num_segments, 2] (offset, length) or "
+              "[num_segments, 3] (offset, length, keep), got ",
               t.scalar_type(), " ", t.sizes());
   table.rows = t.data_ptr<int64_t>();
   table.count = t.size(0);
+  table.columns = t.size(1);
   return table;
+}
+
+// The keep column of a host table: 0 <= keep <= the segment's length (after
+// the clamping of SegmentTable::segment).
+inline void check_segment_keep(const SegmentTable& host_table) {
+  if (!host_table.has_keep()) return;
+  for (int64_t s = 0; s < host_table.count; ++s) {
+    int64_t offset, length;
+    host_table.segment(s, offset, length);
+    const int64_t keep = host_table.rows[host_table.columns * s + 2];
+    TORCH_CHECK(keep >= 0 && keep <= length, "pycomm: segment ", s, " (offset ", offset, ", length ", length,
+                ") keeps ", keep, " elements; keep must be in [0, length]");
+  }
 }
 
 inline void check_density(double density) {

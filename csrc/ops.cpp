@@ -19,17 +19,30 @@ TORCH_LIBRARY(pycomm, m) {
   // Quantizes x (flattened) into bucket records; see quant_format.h. With a
   // residual, quantizes x + residual and stores the new error in residual.
   // Buckets in [skip_begin, skip_end) are written as zero records.
+  //
+  // Mixed bit widths: a 4-column bucket_table (offset, length, bits,
+  // byte_offset; bucket_layout.h) gives each bucket its own bits (then `bits`
+  // must be 0) and the payloads are flat uint8: [bytes] (dequantize_sum:
+  // [sources, bytes]). host_table: an optional CPU copy of a CUDA mixed table,
+  // which the ops read to size and check payloads (without it they copy the
+  // table, which waits). chunk_row_begin >= 0 (mixed only): x is a reduced
+  // chunk as dequantize_sum returns it, bucket k = elements [k*B, (k+1)*B)
+  // with the bits of table row chunk_row_begin + k.
   m.def(
       "quantize(Tensor x, Tensor(a!)? residual, Tensor? bucket_table, int num_buckets, int bits, "
-      "int bucket_size, bool stochastic, int seed, int skip_begin, int skip_end) -> Tensor");
+      "int bucket_size, bool stochastic, int seed, int skip_begin, int skip_end, Tensor? host_table=None, "
+      "int chunk_row_begin=-1) -> Tensor");
   // Decodes payload [num_buckets, record_bytes] into out (flat, any float dtype).
-  m.def("dequantize_into(Tensor payload, Tensor(a!) out, Tensor? bucket_table, int bits, int bucket_size) -> ()");
+  m.def(
+      "dequantize_into(Tensor payload, Tensor(a!) out, Tensor? bucket_table, int bits, int bucket_size, "
+      "Tensor? host_table=None) -> ()");
   // Sums the decoded payloads [sources, num_buckets, record_bytes] (plus init,
   // read through bucket_table rows starting at init_bucket_begin) into a new
-  // float32 tensor of num_buckets * bucket_size elements.
+  // float32 tensor of num_buckets * bucket_size elements. Mixed: payloads
+  // [sources, bytes] hold the records of the rows from init_bucket_begin on.
   m.def(
       "dequantize_sum(Tensor payloads, Tensor? init, Tensor? bucket_table, int init_bucket_begin, int bits, "
-      "int bucket_size) -> Tensor");
+      "int bucket_size, Tensor? host_table=None) -> Tensor");
 
   // DGC momentum correction over the segments (layers) of a flat gradient:
   // u = m*u + g; v += u (Nesterov: u = m*(u + g); v += u + g). With clip_norm
@@ -40,6 +53,9 @@ TORCH_LIBRARY(pycomm, m) {
   // The ceil(length * density) elements of largest magnitude of each segment:
   // (values, indices), segment by segment, indices ascending within a segment
   // (int32 when they fit). Exact, or sampled threshold + exact among candidates.
+  // segments: [S, 2] (offset, length) rows, or [S, 3] (offset, length, keep):
+  // then segment s keeps `keep` elements (0 <= keep <= length, checked) and
+  // density is only validated.
   // host_segments: an optional CPU copy of `segments`, so that a CUDA caller
   // that already knows the table (a DDP hook) spares the op a device->host copy.
   m.def(
@@ -57,12 +73,19 @@ TORCH_LIBRARY(pycomm, m) {
   // device. distribution: 0 Gaussian, 1 Rademacher (+-1).
   // n variates of global indices offset .. offset+n-1, 1-D, with like's dtype and device.
   m.def("philox_variates(Tensor like, int n, int seed, int offset, int distribution) -> Tensor");
-  // t += alpha * z for every tensor (contiguous, non-overlapping), in float32.
+  // t += alpha * z for every tensor (contiguous, non-overlapping), in float32. alpha == 0
+  // (after rounding to float32) leaves the tensors untouched, bit for bit.
   m.def("philox_axpy_(Tensor(a!)[] tensors, int seed, float alpha, int distribution, int offset) -> ()");
   // t + alpha * z as new contiguous tensors (same rounding as philox_axpy_).
   m.def("philox_perturbed_copy(Tensor[] tensors, int seed, float alpha, int distribution, int offset) -> Tensor[]");
   // <t, z> as a float64 scalar tensor, summed in the fixed order of philox_variates.h.
   m.def("philox_dot(Tensor[] tensors, int seed, int distribution, int offset) -> Tensor");
+  // K directions in one pass: for k = 0 .. K-1 in order, t += alphas[k] * z(seeds[k]), each step
+  // exactly philox_axpy_ (float32 alpha; a zero alpha is skipped). alphas: K float32 / float64
+  // values on the tensors' device (read there, no host sync) or on the CPU.
+  m.def("philox_axpy_multi_(Tensor(a!)[] tensors, int[] seeds, Tensor alphas, int distribution, int offset) -> ()");
+  // [K] float64 on the tensors' device: element k is philox_dot(tensors, seeds[k], ...) bit for bit.
+  m.def("philox_dot_multi(Tensor[] tensors, int[] seeds, int distribution, int offset) -> Tensor");
 }
 
 }  // namespace pycomm

@@ -80,6 +80,26 @@ inline void check_no_overlap(at::TensorList tensors, const char* op) {
   }
 }
 
+// Multi-direction ops (philox_axpy_multi_, philox_dot_multi): K seeds and,
+// for the axpy, K alphas: a float32 / float64 tensor of K elements, on the
+// tensors' device or on the CPU (then read on the host).
+inline void check_alphas(const at::Tensor& alphas, size_t directions, const at::Device& device, const char* op) {
+  TORCH_CHECK(alphas.defined(), "pycomm: ", op, ": alphas is undefined");
+  TORCH_CHECK(alphas.scalar_type() == at::kFloat || alphas.scalar_type() == at::kDouble, "pycomm: ", op,
+              ": alphas must be float32 or float64, got ", alphas.scalar_type());
+  TORCH_CHECK(alphas.dim() <= 1, "pycomm: ", op, ": alphas must be 0-d or 1-D, got ", alphas.dim(), " dimensions");
+  TORCH_CHECK(static_cast<size_t>(alphas.numel()) == directions, "pycomm: ", op, ": one alpha per seed: got ",
+              alphas.numel(), " alphas for ", directions, " seeds");
+  TORCH_CHECK(alphas.device() == device || alphas.device().is_cpu(), "pycomm: ", op,
+              ": alphas must be on the tensors' device (", device, ") or on the CPU, got ", alphas.device());
+}
+
+// The alphas as float32 (each rounded to nearest, as the single-direction ops
+// round their double alpha), contiguous, on their own device.
+inline at::Tensor float_alphas(const at::Tensor& alphas) {
+  return alphas.reshape({-1}).to(at::kFloat).contiguous();
+}
+
 // The non-empty tensors as spans, numbered from `offset` in list order.
 // src and dst lists have the same shapes (dst may be src).
 inline std::vector<PhiloxSpan> make_spans(at::TensorList src, at::TensorList dst, int64_t offset) {

@@ -6,6 +6,8 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <utility>
+
 #include "pycomm/bucket_layout.h"
 #include "pycomm/common.h"
 #include "pycomm/quant_format.h"
@@ -40,10 +42,15 @@ inline int64_t check_bucket_table(const c10::optional<at::Tensor>& table, const 
   if (!table.has_value()) return -1;
   const at::Tensor& t = *table;
   check_same_device(like, t, "bucket_table");
-  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2 && t.size(1) == 2 && t.is_contiguous(),
-              "pycomm: bucket_table must be a contiguous int64 tensor of shape [num_buckets, 2], got ",
-              t.scalar_type(), " ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kLong && t.dim() == 2 && (t.size(1) == 2 || t.size(1) == 4) &&
+                  t.is_contiguous(),
+              "pycomm: bucket_table must be a contiguous int64 tensor of shape [num_buckets, 2] (or [num_buckets, "
+              "4] for mixed bit widths), got ", t.scalar_type(), " ", t.sizes());
   return t.size(0);
+}
+
+inline bool is_mixed_table(const c10::optional<at::Tensor>& table) {
+  return table.has_value() && table->dim() == 2 && table->size(1) == 4;
 }
 
 inline BucketLayout make_layout(const c10::optional<at::Tensor>& table, int64_t numel, int64_t bucket_size,
@@ -53,7 +60,88 @@ inline BucketLayout make_layout(const c10::optional<at::Tensor>& table, int64_t 
   layout.numel = numel;
   layout.bucket_size = bucket_size;
   layout.first_bucket = first_bucket;
+  layout.columns = table.has_value() ? table->size(1) : 2;
+  layout.packed_chunk = false;
   return layout;
+}
+
+// A mixed (4-column) bucket table as read on the host: the ops need its
+// contents to size and check payloads. `rows` points to the table itself (CPU)
+// or to the caller's CPU copy `host_table` (CUDA); without one, a CUDA table
+// is copied to the host, which waits for the stream.
+struct MixedTableInfo {
+  at::Tensor host;       // keeps the host rows alive
+  const int64_t* rows;
+  int64_t count;
+  int64_t total_bytes;   // bytes of the whole payload
+
+  // Byte offset of row r's record; total_bytes for r == count.
+  int64_t byte_at(int64_t r) const { return r < count ? rows[4 * r + 3] : total_bytes; }
+};
+
+inline void check_bits_argument_mixed(int64_t bits) {
+  TORCH_CHECK(bits == 0, "pycomm: with a 4-column (mixed bit widths) bucket_table each row carries its bits; "
+              "pass bits=0, got bits=", bits);
+}
+
+// Validates every row: bits in [1, 8], 0 <= length <= bucket_size, offset >= 0,
+// records packed back to back from byte 0.
+inline MixedTableInfo check_mixed_table(const at::Tensor& table, const c10::optional<at::Tensor>& host_table,
+                                        int64_t bucket_size) {
+  MixedTableInfo info;
+  if (host_table.has_value()) {
+    const at::Tensor& h = *host_table;
+    TORCH_CHECK(h.device().is_cpu() && h.scalar_type() == at::kLong && h.is_contiguous() &&
+                    h.sizes() == table.sizes(),
+                "pycomm: host_table must be a contiguous int64 CPU tensor shaped like bucket_table ", table.sizes(),
+                ", got ", h.scalar_type(), " ", h.sizes(), " on ", h.device());
+    info.host = h;
+  } else {
+    info.host = table.device().is_cpu() ? table : table.cpu();
+  }
+  info.rows = info.host.data_ptr<int64_t>();
+  info.count = table.size(0);
+  int64_t expected = 0;
+  for (int64_t r = 0; r < info.count; ++r) {
+    const int64_t* row = info.rows + 4 * r;
+    TORCH_CHECK(row[2] >= quant::kMinBits && row[2] <= quant::kMaxBits, "pycomm: bucket_table row ", r,
+                " has bits=", row[2], "; bits must be in [1, 8]");
+    TORCH_CHECK(row[0] >= 0 && row[1] >= 0 && row[1] <= bucket_size, "pycomm: bucket_table row ", r,
+                " has offset ", row[0], " and length ", row[1], "; need offset >= 0 and 0 <= length <= bucket_size (",
+                bucket_size, ")");
+    TORCH_CHECK(row[3] == expected, "pycomm: bucket_table row ", r, " has byte_offset ", row[3], " but the records ",
+                "before it end at byte ", expected, " (records are packed back to back, each 8 + bucket_size*bits/8 "
+                "bytes)");
+    expected += quant::record_bytes(static_cast<int>(row[2]), bucket_size);
+  }
+  info.total_bytes = expected;
+  return info;
+}
+
+// The row r >= begin at which a run of records starting at `begin` spans
+// exactly `bytes` bytes; fails when no row boundary is there.
+inline int64_t mixed_rows_spanning(const MixedTableInfo& info, int64_t begin, int64_t bytes, const char* what) {
+  TORCH_CHECK(begin >= 0 && begin <= info.count, "pycomm: first row ", begin, " is outside bucket_table's ",
+              info.count, " rows");
+  const int64_t target = info.byte_at(begin) + bytes;
+  int64_t lo = begin, hi = info.count;  // binary search: byte_at is strictly increasing
+  while (lo < hi) {
+    const int64_t mid = lo + (hi - lo) / 2;
+    if (info.byte_at(mid) < target) lo = mid + 1; else hi = mid;
+  }
+  TORCH_CHECK(bytes >= 0 && info.byte_at(lo) == target, "pycomm: ", what, " has ", bytes, " bytes, which is not ",
+              "a whole number of the bucket_table's records from row ", begin, " (byte ", info.byte_at(begin), ")");
+  return lo - begin;
+}
+
+inline MixedRecords make_mixed_records(const at::Tensor& table, int64_t first_row, int64_t payload_bytes,
+                                       int64_t bucket_size) {
+  MixedRecords m;
+  m.table = table.data_ptr<int64_t>();
+  m.first_row = first_row;
+  m.payload_bytes = payload_bytes;
+  m.bucket_size = bucket_size;
+  return m;
 }
 
 inline void check_payload(const at::Tensor& payload, int64_t bits, int64_t bucket_size, int64_t dims,
@@ -133,6 +221,111 @@ inline void check_dequantize_sum_args(const at::Tensor& payloads, const c10::opt
   } else {
     TORCH_CHECK(!bucket_table.has_value(), "pycomm: bucket_table is only used together with init");
   }
+}
+
+// ---------------------------------------------------------------------------
+// Mixed bit widths (4-column bucket tables).
+
+struct MixedQuantizeArgs {
+  MixedTableInfo info;
+  int64_t num_buckets;
+  int64_t first_row;      // table row of payload bucket 0
+  int64_t payload_bytes;
+  bool chunk;             // x is a reduced chunk: identity element layout
+};
+
+// quantize(x, residual, bucket_table (4 columns), num_buckets, bits = 0, ...,
+// host_table, chunk_row_begin). chunk_row_begin < 0: bucket k is row k of the
+// table. chunk_row_begin >= 0: x is a chunk laid out as dequantize_sum returns
+// it (bucket k = elements [k*B, (k+1)*B)) and bucket k takes its bits from row
+// chunk_row_begin + k; the records are packed from byte 0.
+inline MixedQuantizeArgs check_quantize_mixed_args(const at::Tensor& x, const c10::optional<at::Tensor>& residual,
+                                                   const at::Tensor& table, int64_t num_buckets, int64_t bits,
+                                                   int64_t bucket_size, const c10::optional<at::Tensor>& host_table,
+                                                   int64_t chunk_row_begin) {
+  check_bits_and_bucket(quant::kMinBits, bucket_size);
+  check_bits_argument_mixed(bits);
+  to_dtype(x, "x");
+  check_bucket_table(table, x);
+  const int64_t numel = x.numel();
+  if (residual.has_value()) {
+    check_same_device(x, *residual, "residual");
+    TORCH_CHECK(residual->scalar_type() == at::kFloat && residual->is_contiguous() && residual->numel() == numel,
+                "pycomm: residual must be a contiguous float32 tensor with as many elements as x (", numel,
+                "), got ", residual->scalar_type(), " with ", residual->numel(), " elements");
+  }
+  MixedQuantizeArgs a;
+  a.info = check_mixed_table(table, host_table, bucket_size);
+  a.chunk = chunk_row_begin >= 0;
+  if (!a.chunk) {
+    TORCH_CHECK(num_buckets < 0 || num_buckets == a.info.count, "pycomm: num_buckets (", num_buckets,
+                ") must equal the number of bucket_table rows (", a.info.count, ")");
+    a.num_buckets = a.info.count;
+    a.first_row = 0;
+  } else {
+    const int64_t needed = (numel + bucket_size - 1) / bucket_size;
+    a.num_buckets = num_buckets < 0 ? needed : num_buckets;
+    TORCH_CHECK(a.num_buckets >= needed, "pycomm: num_buckets=", a.num_buckets, " cannot hold ", numel,
+                " elements in buckets of ", bucket_size, " (need at least ", needed, ")");
+    TORCH_CHECK(chunk_row_begin + a.num_buckets <= a.info.count, "pycomm: rows [", chunk_row_begin, ", ",
+                chunk_row_begin + a.num_buckets, ") of the chunk are outside bucket_table's ", a.info.count,
+                " rows");
+    a.first_row = chunk_row_begin;
+  }
+  a.payload_bytes = a.info.byte_at(a.first_row + a.num_buckets) - a.info.byte_at(a.first_row);
+  return a;
+}
+
+inline void check_no_host_table(const c10::optional<at::Tensor>& host_table, int64_t chunk_row_begin) {
+  TORCH_CHECK(!host_table.has_value(), "pycomm: host_table is only used with a 4-column (mixed bits) bucket_table");
+  TORCH_CHECK(chunk_row_begin < 0, "pycomm: chunk_row_begin is only used with a 4-column (mixed bits) bucket_table, "
+              "got ", chunk_row_begin);
+}
+
+inline void check_flat_payload(const at::Tensor& payload, int64_t dims, int64_t bytes, const char* what) {
+  TORCH_CHECK(payload.scalar_type() == at::kByte, "pycomm: ", what, " must be uint8, got ", payload.scalar_type());
+  TORCH_CHECK(payload.dim() == dims, "pycomm: with a 4-column bucket_table ", what, " must have ", dims,
+              " dimension(s) (flat records), got shape ", payload.sizes());
+  TORCH_CHECK(payload.is_contiguous(), "pycomm: ", what, " must be contiguous");
+  if (bytes >= 0)
+    TORCH_CHECK(payload.size(dims - 1) == bytes, "pycomm: ", what, " has ", payload.size(dims - 1),
+                " bytes but bucket_table's records take ", bytes, " bytes");
+}
+
+// dequantize_into(payload [bytes], out, bucket_table (4 columns), bits = 0, ...).
+inline MixedTableInfo check_dequantize_into_mixed_args(const at::Tensor& payload, const at::Tensor& out,
+                                                       const at::Tensor& table, int64_t bits, int64_t bucket_size,
+                                                       const c10::optional<at::Tensor>& host_table) {
+  check_bits_and_bucket(quant::kMinBits, bucket_size);
+  check_bits_argument_mixed(bits);
+  to_dtype(out, "out");
+  check_same_device(payload, out, "out");
+  TORCH_CHECK(out.is_contiguous(), "pycomm: out must be contiguous");
+  check_bucket_table(table, out);
+  MixedTableInfo info = check_mixed_table(table, host_table, bucket_size);
+  check_flat_payload(payload, 1, info.total_bytes, "payload");
+  return info;
+}
+
+// dequantize_sum(payloads [sources, bytes], init, bucket_table (4 columns),
+// init_bucket_begin, bits = 0, ...): the payloads hold the records of rows
+// [init_bucket_begin, init_bucket_begin + n), n fixed by their length.
+// Returns (table info, n).
+inline std::pair<MixedTableInfo, int64_t> check_dequantize_sum_mixed_args(
+    const at::Tensor& payloads, const c10::optional<at::Tensor>& init, const at::Tensor& table,
+    int64_t init_bucket_begin, int64_t bits, int64_t bucket_size, const c10::optional<at::Tensor>& host_table) {
+  check_bits_and_bucket(quant::kMinBits, bucket_size);
+  check_bits_argument_mixed(bits);
+  check_flat_payload(payloads, 2, -1, "payloads");
+  check_same_device(payloads, table, "bucket_table");
+  check_bucket_table(table, payloads);
+  if (init.has_value()) {
+    to_dtype(*init, "init");
+    check_same_device(payloads, *init, "init");
+  }
+  MixedTableInfo info = check_mixed_table(table, host_table, bucket_size);
+  const int64_t rows = mixed_rows_spanning(info, init_bucket_begin, payloads.size(1), "each of payloads");
+  return {info, rows};
 }
 
 }  // namespace pycomm

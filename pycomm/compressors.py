@@ -79,7 +79,9 @@ class DGC:
                host_segments: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Top-k of ``v`` by magnitude (per segment), without changing ``v``.
 
-        ``host_segments`` is an optional CPU copy of a CUDA ``segments`` table (see :func:`pycomm.ops.topk`).
+        ``segments`` may carry per-segment counts (``pycomm.ops.segment_table(..., counts=...)``):
+        then each segment keeps its own count and ``density`` is not used. ``host_segments`` is an
+        optional CPU copy of a CUDA ``segments`` table (see :func:`pycomm.ops.topk`).
         """
         if self.v is None:
             raise RuntimeError("select() before compensate(): there is nothing accumulated")
@@ -93,7 +95,8 @@ class DGC:
 
     def compress(self, grad: torch.Tensor, density: Optional[float] = None,
                  segments: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """compensate + select + mask: returns the (values, indices) to send."""
+        """compensate + select + mask: returns the (values, indices) to send (see :meth:`select` for
+        per-segment counts)."""
         self.compensate(grad, segments)
         values, indices = self.select(density, segments)
         self.mask(indices)

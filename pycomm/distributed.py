@@ -15,6 +15,12 @@ Each value is quantized twice in all, whatever W is (a ring that re-quantizes
 at every hop would compound W-1 errors). Each rank sends about
 ``2 (W-1)/W * payload`` bytes, the same volume as a ring all-reduce of the
 payload: at 4 bits and buckets of 512 that is 7.8x less than fp32.
+
+With a mixed (4-column) bucket table from :func:`pycomm.ops.bucket_table` with
+``bits``, every bucket has its own bit width. The table's W chunks have equal
+bytes (the table builder balances them), so the collectives are the same two
+calls with equal splits; each rank sends exactly ``(W-1)/W`` of the table's
+payload in the all-to-all and ``(W-1)/W`` of it in the all-gather.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ import torch.distributed as dist
 
 from pycomm import ops
 
-__all__ = ["quantized_all_reduce", "mix_seed", "chunk_layout"]
+__all__ = ["quantized_all_reduce", "mix_seed", "chunk_layout", "mixed_chunk_bytes"]
 
 _MASK64 = (1 << 64) - 1
 
@@ -67,9 +73,38 @@ def _completed(value: torch.Tensor) -> torch.futures.Future:
     return fut
 
 
-def _headers_nonfinite(payload: torch.Tensor) -> bool:
-    header = payload[:, : ops.HEADER_BYTES].contiguous().view(torch.float32)
+def _headers_nonfinite(payload: torch.Tensor, host_table: Optional[torch.Tensor] = None) -> bool:
+    if host_table is None:
+        header = payload[:, : ops.HEADER_BYTES].contiguous().view(torch.float32)
+    else:  # a mixed table's flat payload: the header bytes of each record
+        index = host_table[:, 3:4] + torch.arange(ops.HEADER_BYTES)
+        header = payload[index.to(payload.device)].view(torch.float32)
     return not bool(torch.isfinite(header).all())
+
+
+def mixed_chunk_bytes(host_table: torch.Tensor, bucket_size: int, world_size: int) -> int:
+    """Bytes of each of the ``world_size`` chunks of a mixed bucket table (CPU copy).
+
+    Raises ValueError unless the rows split into ``world_size`` runs of equal row counts that
+    start at multiples of the same byte size, which :func:`pycomm.ops.bucket_table` with
+    ``bits`` and ``pad_to_multiple=world_size`` guarantees. (The ops check the rest of the table.)
+    """
+    if host_table.device.type != "cpu" or host_table.dtype != torch.int64 or host_table.dim() != 2 \
+            or host_table.shape[1] != 4:
+        raise ValueError(f"the host copy of a mixed bucket_table must be an int64 CPU tensor [rows, 4], got "
+                         f"{host_table.dtype} {tuple(host_table.shape)} on {host_table.device}")
+    rows = host_table.shape[0]
+    if rows % world_size:
+        raise ValueError(f"bucket_table has {rows} rows; build it with pad_to_multiple={world_size} (the world size)")
+    total = ops.mixed_payload_bytes(host_table, bucket_size)
+    chunk = total // world_size
+    if rows:
+        starts = host_table[:: rows // world_size, 3]
+        if total % world_size or not torch.equal(starts, torch.arange(world_size) * chunk):
+            raise ValueError(f"the {world_size} chunks of the mixed bucket_table differ in bytes (chunk starts "
+                             f"{starts.tolist()}, total {total}); build it with ops.bucket_table(..., bits=..., "
+                             f"pad_to_multiple={world_size})")
+    return chunk
 
 
 def quantized_all_reduce(
@@ -84,6 +119,7 @@ def quantized_all_reduce(
     worker_residual: Optional[torch.Tensor] = None,
     server_residual: Optional[torch.Tensor] = None,
     bucket_table: Optional[torch.Tensor] = None,
+    host_bucket_table: Optional[torch.Tensor] = None,
 ) -> Optional[torch.futures.Future]:
     """All-reduce ``tensor`` in place, sending it quantized to ``bits`` bits.
 
@@ -92,7 +128,7 @@ def quantized_all_reduce(
 
     Args:
         tensor: contiguous float32/float16/bfloat16 tensor, the same shape on every rank.
-        bits: 1..8 bits per element.
+        bits: 1..8 bits per element (ignored with a mixed bucket table, whose rows carry their bits).
         bucket_size: elements per quantization bucket (a multiple of 8).
         op: ``ReduceOp.SUM`` or ``ReduceOp.AVG``.
         group: the process group (default: the world).
@@ -106,7 +142,13 @@ def quantized_all_reduce(
         server_residual: float32 tensor of ``buckets_per_chunk * bucket_size`` elements for error
             feedback of the re-quantization of this rank's chunk (updated in place), or None.
         bucket_table: optional layout from :func:`pycomm.ops.bucket_table` (padded to a multiple of W);
-            elements not covered by it are left untouched.
+            elements not covered by it are left untouched. A mixed table (built with ``bits=`` and
+            ``pad_to_multiple=W``) quantizes each bucket with its own bits, in both phases.
+        host_bucket_table: a CPU copy of a CUDA mixed ``bucket_table``; the ops read it to size
+            the payloads. Without it the table is copied to the host, which waits for the stream.
+
+    Volume per rank: the all-to-all sends ``(W-1)/W`` of the payload (``num_buckets`` records; of
+    a mixed table, :func:`pycomm.ops.mixed_payload_bytes`) and the all-gather the same again.
 
     Non-finite values: on CPU, if any bucket held a NaN or Inf on any rank (every rank sees this in
     the gathered payload, so all agree), the tensor is all-reduced again uncompressed, so the
@@ -135,24 +177,43 @@ def quantized_all_reduce(
         raise ValueError(f"server_residual must be float32 with {per_chunk * bucket_size} elements")
     first = rank * per_chunk
 
+    mixed = bucket_table is not None and bucket_table.dim() == 2 and bucket_table.shape[1] == 4
+    host = None
+    if mixed:
+        if host_bucket_table is not None:
+            host = host_bucket_table
+        else:
+            host = bucket_table if bucket_table.device.type == "cpu" else bucket_table.cpu()  # waits (documented)
+        mixed_chunk_bytes(host, bucket_size, world)
+        # Each row carries its bits (the ops take bits=0); chunk byte sizes are equal, so the
+        # collectives below take the flat payloads with equal splits.
+        bits = 0
+        extra: dict = {"host_table": host}
+    else:
+        extra = {}
+
     # Phase 1: quantize the peers' chunks (ours is written as zero records and
     # kept in full precision), exchange, and reduce our chunk.
     send = torch.ops.pycomm.quantize(flat, worker_residual, bucket_table, total, bits, bucket_size, stochastic,
-                                     mix_seed(seed, rank, 1), first, first + per_chunk)
+                                     mix_seed(seed, rank, 1), first, first + per_chunk, **extra)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    reduced = torch.ops.pycomm.dequantize_sum(recv.view(world, per_chunk, -1), flat, bucket_table, first, bits,
-                                              bucket_size)
+    reduced = torch.ops.pycomm.dequantize_sum(recv.view(world, per_chunk, -1) if not mixed else recv.view(world, -1),
+                                              flat, bucket_table, first, bits, bucket_size, **extra)
     if op == dist.ReduceOp.AVG:
         reduced.div_(world)
 
     # Phase 2: re-quantize the reduced chunk once and gather every chunk.
-    own = torch.ops.pycomm.quantize(reduced, server_residual, None, per_chunk, bits, bucket_size, stochastic,
-                                    mix_seed(seed, rank, 2), 0, 0)
+    if mixed:
+        own = torch.ops.pycomm.quantize(reduced, server_residual, bucket_table, per_chunk, 0, bucket_size,
+                                        stochastic, mix_seed(seed, rank, 2), 0, 0, host, first)
+    else:
+        own = torch.ops.pycomm.quantize(reduced, server_residual, None, per_chunk, bits, bucket_size, stochastic,
+                                        mix_seed(seed, rank, 2), 0, 0)
     gathered = torch.empty_like(send)
 
     def decode(_: object = None) -> torch.Tensor:
-        torch.ops.pycomm.dequantize_into(gathered, flat, bucket_table, bits, bucket_size)
+        torch.ops.pycomm.dequantize_into(gathered, flat, bucket_table, bits, bucket_size, **extra)
         return tensor
 
     if tensor.is_cuda:
@@ -164,7 +225,7 @@ def quantized_all_reduce(
         return None
 
     all_gather_into_tensor(gathered, own, group=group)
-    if _headers_nonfinite(gathered):
+    if _headers_nonfinite(gathered, host):
         # Every rank sees the same gathered bytes, so every rank takes this branch.
         dist.all_reduce(flat, group=group)
         if op == dist.ReduceOp.AVG:

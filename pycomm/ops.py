@@ -15,6 +15,7 @@ Example::
 
 from __future__ import annotations
 
+import heapq
 import math
 from dataclasses import dataclass
 from typing import Optional, Sequence, Union
@@ -32,6 +33,7 @@ __all__ = [
     "record_bytes",
     "num_buckets",
     "bucket_table",
+    "mixed_payload_bytes",
     "SUPPORTED_DTYPES",
     "segment_table",
     "topk_count",
@@ -232,61 +234,180 @@ def dequantize_sum(payloads: Union[Sequence[QuantizedTensor], torch.Tensor], bit
 
 
 def bucket_table(segments: Sequence[tuple[int, int]], bucket_size: int, pad_to_multiple: int = 1,
-                 device: Union[str, torch.device, None] = None) -> torch.Tensor:
+                 device: Union[str, torch.device, None] = None,
+                 bits: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Build a bucket table: each (offset, length) segment of a flat tensor gets its own buckets.
 
-    Segments must not overlap. The table has one ``(offset, length)`` row per bucket, padded with
-    empty rows to a multiple of ``pad_to_multiple`` (for splitting into equal chunks). Built once per
-    layout; pass it to the ``torch.ops.pycomm`` kernels as ``bucket_table``.
+    Segments must not overlap. Without ``bits`` the table has one ``(offset, length)`` row per
+    bucket, padded with empty rows to a multiple of ``pad_to_multiple`` (for splitting into equal
+    chunks). Built once per layout; pass it to the ``torch.ops.pycomm`` kernels as ``bucket_table``.
+
+    With ``bits`` (one bit width in 1..8 per segment, in the order of ``segments``) the table is a
+    *mixed* table of ``(offset, length, bits, byte_offset)`` rows: each bucket is quantized with its
+    segment's bits and its record starts at ``byte_offset`` of a flat uint8 payload (records packed
+    back to back, each ``record_bytes(bits, bucket_size)`` bytes; see :func:`mixed_payload_bytes`).
+    Pass it to the ops with ``bits=0``. The rows are then split into ``pad_to_multiple`` chunks
+    (the world size, for :func:`pycomm.distributed.quantized_all_reduce`) of equal row counts AND
+    equal byte sizes: buckets are assigned to chunks greedily (largest bit width first, to the
+    chunk with the fewest bits so far), so rows are no longer in segment order, and each chunk is
+    topped up with empty padding rows whose bit widths (as small as possible) even out the bytes.
+    The padding costs at most a few small records per chunk. With ``pad_to_multiple=1`` the rows
+    stay in segment order and nothing is added.
     """
     _check_bits_bucket(1, bucket_size)
-    rows: list[tuple[int, int]] = []
+    if not isinstance(pad_to_multiple, int) or pad_to_multiple < 1:
+        raise ValueError(f"pad_to_multiple must be a positive integer, got {pad_to_multiple!r}")
+    segments = list(segments)
+    if bits is not None:
+        bits = list(bits)
+        if len(bits) != len(segments):
+            raise ValueError(f"bits must have one entry per segment ({len(segments)}), got {len(bits)}")
+        for b in bits:
+            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
+                raise ValueError(f"bits must be integers in [1, 8], got {b!r}")
+    order = sorted(range(len(segments)), key=lambda i: segments[i])
+    rows: list[tuple[int, ...]] = []
     end = -1
-    for offset, length in sorted(segments):
+    for i in order:
+        offset, length = segments[i]
         if offset < 0 or length < 0:
             raise ValueError(f"segment ({offset}, {length}) must have a non-negative offset and length")
         if offset < end:
             raise ValueError(f"segment ({offset}, {length}) overlaps the previous one")
         end = offset + length
         for start in range(offset, offset + length, bucket_size):
-            rows.append((start, min(bucket_size, offset + length - start)))
-    while len(rows) % pad_to_multiple:
-        rows.append((0, 0))
-    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 2)
+            row = (start, min(bucket_size, offset + length - start))
+            rows.append(row if bits is None else row + (bits[i],))
+    if bits is None:
+        while len(rows) % pad_to_multiple:
+            rows.append((0, 0))
+        return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 2)
+    if pad_to_multiple > 1:
+        rows = _balanced_chunks(rows, pad_to_multiple)
+    table = torch.tensor(rows, dtype=torch.int64).reshape(-1, 3)
+    sizes = HEADER_BYTES + table[:, 2] * (bucket_size // 8)
+    byte_offsets = torch.cumsum(sizes, 0) - sizes
+    return torch.cat([table, byte_offsets[:, None]], dim=1).to(device)
+
+
+def _balanced_chunks(rows: list[tuple[int, ...]], chunks: int) -> list[tuple[int, ...]]:
+    """Order (offset, length, bits) rows into ``chunks`` runs of equal length and equal bit sums.
+
+    Chunk bytes are ``8 * rows + bucket_size / 8 * sum(bits)``, so equal row counts and equal bit
+    sums give equal bytes. Empty padding rows (bits 1..8, chosen as small as possible) fill the
+    gaps. Tries R = ceil(n / chunks) rows per chunk, then R + 1, ... until padding can even out
+    the sums (each extra row per chunk adds room for 7 more bits, so this ends within a few steps).
+    """
+    n = len(rows)
+    by_bits = sorted(range(n), key=lambda i: (-rows[i][2], i))
+    per_chunk = -(-n // chunks)
+    while True:
+        members: list[list[int]] = [[] for _ in range(chunks)]
+        sums = [0] * chunks
+        # Padding rows count as 1 bit (their minimum) so that chunks with padding get fewer real bits.
+        heap = [(0, c) for c in range(chunks)]
+        pads_total = chunks * per_chunk - n
+        items = [rows[i][2] for i in by_bits] + [1] * pads_total
+        ids = by_bits + [-1] * pads_total
+        full: list[tuple[int, int]] = []
+        for b, i in zip(items, ids):
+            total, c = heapq.heappop(heap)
+            members[c].append(i)
+            sums[c] = total + b
+            if len(members[c]) < per_chunk:
+                heapq.heappush(heap, (sums[c], c))
+        target = max(sums)
+        pads = [sum(1 for i in m if i < 0) for m in members]
+        if all(target - sums[c] <= 7 * pads[c] for c in range(chunks)):
+            break
+        per_chunk += 1
+    out: list[tuple[int, ...]] = []
+    for c in range(chunks):
+        real = sorted(i for i in members[c] if i >= 0)
+        out.extend(rows[i] for i in real)
+        extra = target - sums[c]  # bits to add on top of 1 per padding row
+        for _ in range(pads[c]):
+            add = min(7, extra)
+            extra -= add
+            out.append((0, 0, 1 + add))
+    return out
+
+
+def mixed_payload_bytes(table: torch.Tensor, bucket_size: int) -> int:
+    """Bytes of the payload of a mixed (4-column) bucket table: the end of its last record."""
+    if table.dim() != 2 or table.shape[1] != 4:
+        raise ValueError(f"expected a mixed bucket table of shape [rows, 4], got {tuple(table.shape)}")
+    if table.shape[0] == 0:
+        return 0
+    last = table[-1].tolist()
+    return int(last[3]) + record_bytes(int(last[2]), bucket_size)
 
 
 # ---- fake kernels (shape propagation for torch.compile / meta tensors) ----
 
 @torch.library.register_fake("pycomm::quantize")
 def _quantize_fake(x, residual, bucket_table, num_buckets, bits, bucket_size, stochastic, seed, skip_begin,
-                   skip_end):
+                   skip_end, host_table=None, chunk_row_begin=-1):
+    if bucket_table is not None and bucket_table.shape[1] == 4:
+        # The payload's length depends on the table's contents.
+        return x.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)
     if num_buckets < 0:
         num_buckets = bucket_table.shape[0] if bucket_table is not None else (x.numel() + bucket_size - 1) // bucket_size
     return x.new_empty((num_buckets, HEADER_BYTES + bucket_size * bits // 8), dtype=torch.uint8)
 
 
 @torch.library.register_fake("pycomm::dequantize_into")
-def _dequantize_into_fake(payload, out, bucket_table, bits, bucket_size):
+def _dequantize_into_fake(payload, out, bucket_table, bits, bucket_size, host_table=None):
     return None
 
 
 @torch.library.register_fake("pycomm::dequantize_sum")
-def _dequantize_sum_fake(payloads, init, bucket_table, init_bucket_begin, bits, bucket_size):
+def _dequantize_sum_fake(payloads, init, bucket_table, init_bucket_begin, bits, bucket_size, host_table=None):
+    if bucket_table is not None and bucket_table.shape[1] == 4:
+        rows = torch.library.get_ctx().new_dynamic_size()
+        return payloads.new_empty((rows * bucket_size,), dtype=torch.float32)
     return payloads.new_empty((payloads.shape[1] * bucket_size,), dtype=torch.float32)
 
 
 # ---- DGC: momentum correction, top-k selection, masking, densify ----
 
-def segment_table(segments: Sequence[tuple[int, int]], device: Union[str, torch.device, None] = None) -> torch.Tensor:
-    """int64 ``[S, 2]`` table of (offset, length) rows: the layers of a flat buffer, for one launch per bucket."""
+def segment_table(segments: Sequence[tuple[int, int]], device: Union[str, torch.device, None] = None,
+                  counts: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """Segment table of the layers of a flat buffer, for one launch per bucket.
+
+    Args:
+        segments: ``(offset, length)`` of each layer.
+        device: where the table lives (that of the tensors it is used with).
+        counts: optional number of elements :func:`topk` keeps in each segment (per-layer
+            densities in one launch; see :func:`topk_count`), each in ``[0, length]``.
+
+    Returns:
+        int64 ``[S, 2]`` rows ``(offset, length)``, or ``[S, 3]`` rows ``(offset, length, count)``
+        with ``counts``.
+    """
+    segments = [(int(offset), int(length)) for offset, length in segments]
     for offset, length in segments:
         if offset < 0 or length < 0:
             raise ValueError(f"segment ({offset}, {length}) must have a non-negative offset and length")
-    return torch.tensor(list(segments), dtype=torch.int64, device=device).reshape(-1, 2)
+    if counts is None:
+        return torch.tensor(segments, dtype=torch.int64, device=device).reshape(-1, 2)
+    counts = [int(c) for c in counts]
+    if len(counts) != len(segments):
+        raise ValueError(f"counts has {len(counts)} entries for {len(segments)} segments")
+    for (offset, length), count in zip(segments, counts):
+        if not 0 <= count <= length:
+            raise ValueError(f"segment ({offset}, {length}) cannot keep {count} elements: counts must be in "
+                             f"[0, length]")
+    rows = [(offset, length, count) for (offset, length), count in zip(segments, counts)]
+    return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
 
 
 def topk_count(numel: int, density: float) -> int:
-    """Elements kept at ``density``: ``ceil(numel * density)``, at least 1 for a non-empty tensor."""
+    """Elements kept at ``density``: ``ceil(numel * density)``, at least 1 for a non-empty tensor.
+
+    The rule of the C++ ops (``csrc/include/pycomm/segments.h``); use it to build the counts of
+    a :func:`segment_table` from per-layer densities.
+    """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if numel <= 0:
@@ -301,12 +422,14 @@ def topk(x: torch.Tensor, density: float, exact: bool = False, sample_ratio: flo
 
     Args:
         x: float32/float16/bfloat16 tensor, CPU or CUDA.
-        density: fraction kept, in (0, 1].
+        density: fraction kept, in (0, 1] (validated, but not used with a 3-column table).
         exact: exact selection; otherwise (default) large tensors estimate a threshold from a
             strided sample (``sample_ratio`` of the elements, Philox-random start), collect the
             candidates above it in one pass and select exactly among them, which gives the same
             set as the exact top-k unless the threshold search fails (then it lowers the threshold).
-        segments: optional :func:`segment_table`; then each segment keeps its own ``ceil(length * density)``.
+        segments: optional :func:`segment_table`; then each segment keeps its own
+            ``ceil(length * density)``, or, with a ``counts`` column, its own count (per-layer
+            densities in one launch; a count outside ``[0, length]`` raises).
         host_segments: optional CPU copy of a CUDA ``segments`` table; with it the CUDA op sizes its
             outputs without a device-to-host copy (no synchronisation).
 
@@ -399,6 +522,8 @@ __all__ += [
     "philox_axpy_",
     "philox_perturbed_copy",
     "philox_dot",
+    "philox_axpy_multi_",
+    "philox_dot_multi",
 ]
 
 PHILOX_DISTRIBUTIONS = {"gaussian": 0, "rademacher": 1}
@@ -430,6 +555,27 @@ def _philox_alpha(alpha: float) -> float:
     if isinstance(alpha, bool) or not isinstance(alpha, (int, float)):
         raise ValueError(f"alpha must be a real number, got {type(alpha).__name__}")
     return float(alpha)
+
+
+def _philox_seeds(seeds: Sequence[int]) -> list[int]:
+    if isinstance(seeds, (str, bytes, torch.Tensor)) or not isinstance(seeds, Sequence):
+        raise ValueError(f"seeds must be a sequence of ints, got {type(seeds).__name__}")
+    return [_philox_seed(s) for s in seeds]
+
+
+def _philox_alphas(alphas: Union[torch.Tensor, Sequence[float]], count: int, device: torch.device) -> torch.Tensor:
+    """``count`` alphas as a float32 / float64 tensor on ``device`` or the CPU (a sequence becomes a CPU tensor)."""
+    if not isinstance(alphas, torch.Tensor):
+        if isinstance(alphas, (str, bytes)) or not isinstance(alphas, Sequence):
+            raise ValueError(f"alphas must be a tensor or a sequence of numbers, got {type(alphas).__name__}")
+        alphas = torch.tensor([_philox_alpha(a) for a in alphas], dtype=torch.float64)
+    if alphas.dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"alphas must be float32 or float64, got {alphas.dtype}")
+    if alphas.dim() > 1 or alphas.numel() != count:
+        raise ValueError(f"need one alpha per seed ({count}), as a 0-d or 1-D tensor; got shape {tuple(alphas.shape)}")
+    if alphas.device != device and alphas.device.type != "cpu":
+        raise ValueError(f"alphas must be on the tensors' device ({device}) or on the CPU, got {alphas.device}")
+    return alphas.reshape(-1)
 
 
 def _philox_tensors(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], offset: int, in_place: bool
@@ -498,8 +644,8 @@ def philox_rademacher(n: int, seed: int, offset: int = 0, dtype: torch.dtype = t
     return _philox_variates(n, seed, offset, 1, dtype, device)
 
 
-def philox_axpy_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int, alpha: float,
-                 distribution: str = "gaussian", offset: int = 0) -> None:
+def philox_axpy_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int,
+                 alpha: Union[float, torch.Tensor], distribution: str = "gaussian", offset: int = 0) -> None:
     """In place, ``t += alpha * z`` for every tensor, with ``z`` regenerated from ``seed`` (never stored).
 
     The tensors are numbered as one concatenation: element j of ``tensors[i]`` uses the
@@ -512,24 +658,68 @@ def philox_axpy_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int
         tensors: a tensor or a sequence of contiguous float32 / float16 / bfloat16 tensors on one
             device, not sharing memory. Call under ``torch.no_grad()`` for parameters.
         seed: 64-bit seed.
-        alpha: scale of the perturbation (e.g. ``+eps``, ``-2 * eps``, ``-lr * g``).
+        alpha: scale of the perturbation (e.g. ``+eps``, ``-2 * eps``, ``-lr * g``): a number, or a
+            one-element float32 / float64 tensor on the tensors' device (read by the kernel, so a
+            CUDA caller does not wait for it) or on the CPU. ``alpha == 0`` (after rounding to
+            float32) leaves the tensors untouched, bit for bit.
         distribution: ``"gaussian"`` or ``"rademacher"``.
         offset: global index of the first element of ``tensors[0]``, >= 0.
 
     Note: ``t + eps*z - 2*eps*z + eps*z`` is not exactly ``t`` in floating point.
     """
+    if isinstance(alpha, torch.Tensor):
+        philox_axpy_multi_(tensors, [seed], alpha.reshape(-1) if alpha.dim() == 0 else alpha, distribution, offset)
+        return
     dist = _philox_distribution(distribution)
     offset = _philox_count(offset, "offset")
+    ts = _philox_in_place_tensors(tensors, offset, "philox_axpy_")
+    if ts:
+        torch.ops.pycomm.philox_axpy_(ts, _philox_seed(seed), _philox_alpha(alpha), dist, offset)
+        _bump_versions(ts)
+
+
+def _philox_in_place_tensors(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], offset: int, op: str
+                             ) -> list[torch.Tensor]:
     ts = _philox_tensors(tensors, offset, in_place=True)
     if torch.is_grad_enabled():
         for i, t in enumerate(ts):
             if t.requires_grad and t.is_leaf:
-                raise ValueError(f"tensors[{i}] is a leaf that requires grad: call philox_axpy_ under "
+                raise ValueError(f"tensors[{i}] is a leaf that requires grad: call {op} under "
                                  "torch.no_grad() (as for any in-place update of parameters)")
-    if ts:
-        torch.ops.pycomm.philox_axpy_(ts, _philox_seed(seed), _philox_alpha(alpha), dist, offset)
-        # The op writes through data pointers: tell autograd, as torch's own in-place ops do.
-        torch.autograd.graph.increment_version([t for t in ts if not t.is_inference()])
+    return ts
+
+
+def _bump_versions(ts: list[torch.Tensor]) -> None:
+    # The ops write through data pointers: tell autograd, as torch's own in-place ops do.
+    torch.autograd.graph.increment_version([t for t in ts if not t.is_inference()])
+
+
+def philox_axpy_multi_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seeds: Sequence[int],
+                       alphas: Union[torch.Tensor, Sequence[float]], distribution: str = "gaussian",
+                       offset: int = 0) -> None:
+    """In place, ``t += Σ_k alphas[k] * z(seeds[k])`` in one pass over the tensors.
+
+    Bit for bit the K calls ``philox_axpy_(tensors, seeds[k], alphas[k])`` for k = 0, 1, ...
+    in order (each alpha rounded to float32; each step rounded to the tensor's dtype; a zero
+    alpha skipped), but the tensors are read and written once and, on CUDA, one launch covers
+    up to 32 directions.
+
+    Args:
+        tensors: as for :func:`philox_axpy_`.
+        seeds: the K 64-bit seeds.
+        alphas: K scales: a float32 / float64 tensor on the tensors' device (the kernel reads it,
+            so a CUDA caller never waits for the host) or on the CPU, or a sequence of numbers.
+        distribution, offset: as for :func:`philox_axpy_`.
+    """
+    dist = _philox_distribution(distribution)
+    offset = _philox_count(offset, "offset")
+    seeds = _philox_seeds(seeds)
+    ts = _philox_in_place_tensors(tensors, offset, "philox_axpy_multi_")
+    device = ts[0].device if ts else torch.device("cpu")
+    alphas = _philox_alphas(alphas, len(seeds), device)
+    if ts and seeds:
+        torch.ops.pycomm.philox_axpy_multi_(ts, seeds, alphas, dist, offset)
+        _bump_versions(ts)
 
 
 def philox_perturbed_copy(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int, alpha: float,
@@ -554,8 +744,8 @@ def philox_dot(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int, 
     Each product ``double(t_i) * double(z_i)`` is exact; the products are summed in double in a
     fixed order (chunks of 4096 global indices, 32 interleaved lanes per chunk, halving trees;
     see ``philox_variates.h``), so CPU and CUDA return the same double bit for bit, for any
-    tensor split. On CUDA this synchronizes (``.item()``); use ``torch.ops.pycomm.philox_dot``
-    for the float64 device tensor.
+    tensor split. On CUDA this synchronizes (``.item()``); :func:`philox_dot_multi` returns the
+    float64 device tensor without waiting.
     """
     dist = _philox_distribution(distribution)
     offset = _philox_count(offset, "offset")
@@ -563,6 +753,24 @@ def philox_dot(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int, 
     if not ts:
         return 0.0
     return torch.ops.pycomm.philox_dot(ts, _philox_seed(seed), dist, offset).item()
+
+
+def philox_dot_multi(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seeds: Sequence[int],
+                     distribution: str = "gaussian", offset: int = 0) -> torch.Tensor:
+    """``<t, z(seeds[k])>`` for every seed, as a float64 tensor of shape ``[K]`` on the tensors' device.
+
+    Element k equals ``philox_dot(tensors, seeds[k], distribution, offset)`` bit for bit (same
+    summation order). The tensors are read once for all K directions on the CPU; on CUDA one
+    launch covers up to 32 directions and nothing waits for the device (no ``.item()``).
+    An empty tensor list gives K zeros on the CPU.
+    """
+    dist = _philox_distribution(distribution)
+    offset = _philox_count(offset, "offset")
+    seeds = _philox_seeds(seeds)
+    ts = _philox_tensors(tensors, offset, in_place=False)
+    if not ts:
+        return torch.zeros(len(seeds), dtype=torch.float64)
+    return torch.ops.pycomm.philox_dot_multi(ts, seeds, dist, offset)
 
 
 @torch.library.register_fake("pycomm::philox_variates")
@@ -583,3 +791,13 @@ def _philox_perturbed_copy_fake(tensors, seed, alpha, distribution, offset):
 @torch.library.register_fake("pycomm::philox_dot")
 def _philox_dot_fake(tensors, seed, distribution, offset):
     return tensors[0].new_empty((), dtype=torch.float64)
+
+
+@torch.library.register_fake("pycomm::philox_axpy_multi_")
+def _philox_axpy_multi_fake(tensors, seeds, alphas, distribution, offset):
+    return None
+
+
+@torch.library.register_fake("pycomm::philox_dot_multi")
+def _philox_dot_multi_fake(tensors, seeds, distribution, offset):
+    return tensors[0].new_empty((len(seeds),), dtype=torch.float64)

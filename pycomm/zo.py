@@ -198,11 +198,10 @@ class SPSA:
             codes = code
         self.last_codes = codes.cpu()
         decoded = self.codec.decode(self.last_codes)
-        for r in range(world):  # rank order, the sender's own decoded value included
-            g_hat = float(decoded[r])
-            if g_hat != 0.0:
-                ops.philox_axpy_(self.params, self.seed_for(self.step_count, r), -self.lr / world * g_hat,
-                                 self.distribution, 0)
+        # Rank order, the sender's own decoded value included; one pass over the parameters
+        # (bit for bit the W successive philox_axpy_ updates, zero coefficients skipped).
+        seeds = [self.seed_for(self.step_count, r) for r in range(world)]
+        ops.philox_axpy_multi_(self.params, seeds, (-self.lr / world) * decoded, self.distribution, 0)
         self.step_count += 1
         return 0.5 * (loss_plus + loss_minus)
 

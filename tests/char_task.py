@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
@@ -26,22 +26,34 @@ def batch(data: torch.Tensor, gen: torch.Generator, size: int = 64) -> tuple[tor
 
 
 def train(rank: int, method: str, kwargs: dict, steps: int,
-          make_optimizer: Callable[[Any, bool], torch.optim.Optimizer]) -> dict[str, Any]:
+          make_optimizer: Callable[[Any, bool], torch.optim.Optimizer],
+          wrap_hook: Optional[Callable[[Any, Callable], Callable]] = None,
+          bucket_cap_mb: float = 0.25) -> dict[str, Any]:
     """Train the MLP under DDP with ``method`` ("allreduce": torch's allreduce_hook, else a pycomm
-    method); ``make_optimizer(params, dense)``. Returns the held-out loss, the bytes each collective
-    sent in the last step, the hook state and the final parameters."""
+    method); ``make_optimizer(params, dense)``. ``wrap_hook(state, hook)``, if given, returns the
+    hook to register instead of the method's own; ``bucket_cap_mb`` is DDP's. Returns the held-out loss, the bytes each
+    collective sent in the last step, the hook state and the final parameters."""
     import pycomm
     from pycomm.data import load_corpus
     from pycomm.traffic import CollectiveByteCounter
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
     corpus = load_corpus(max_bytes=400_000)
-    model = DDP(char_mlp(), bucket_cap_mb=0.25)
+    model = DDP(char_mlp(), bucket_cap_mb=bucket_cap_mb)
     state = None
     if method == "allreduce":
         model.register_comm_hook(None, allreduce_hook)
-    else:
+    elif wrap_hook is None:
         state = pycomm.register(model, method, **kwargs)
+    else:
+        captured: dict[str, Any] = {}
+
+        class _Capture:  # takes the hook pycomm.register would install
+            def register_comm_hook(self, hook_state: Any, hook: Callable) -> None:
+                captured["hook"] = hook
+
+        state = pycomm.register(_Capture(), method, **kwargs)
+        model.register_comm_hook(state, wrap_hook(state, captured["hook"]))
     opt = make_optimizer(model.parameters(), method == "allreduce")
     gen = torch.Generator().manual_seed(100 + rank)
     counter = CollectiveByteCounter()

@@ -41,8 +41,11 @@ def uniforms(seed: int, count: int, stream: int = STREAM_STOCHASTIC_ROUNDING) ->
     return (words >> np.uint32(8)).astype(np.float32) * np.float32(1.0 / 16777216.0)
 
 
-def quantize_reference(x: torch.Tensor, bits: int, bucket_size: int, stochastic: bool, seed: int) -> np.ndarray:
-    """The payload bytes, uint8 [num_buckets, 8 + bucket_size * bits / 8] (identity layout)."""
+def quantize_reference(x: torch.Tensor, bits: int, bucket_size: int, stochastic: bool, seed: int,
+                       first_bucket: int = 0) -> np.ndarray:
+    """The payload bytes, uint8 [num_buckets, 8 + bucket_size * bits / 8] (identity layout), for
+    buckets that sit at positions first_bucket, first_bucket + 1, ... of the payload (this picks
+    their stochastic-rounding stream)."""
     v = x.reshape(-1).float().numpy()
     n = v.size
     nb = -(-n // bucket_size)
@@ -60,7 +63,8 @@ def quantize_reference(x: torch.Tensor, bits: int, bucket_size: int, stochastic:
         unit = ((mx - mn) / max_level).astype(np.float32)
         unit = np.minimum(unit, np.float32(3.402823466e38))
         inv = np.where(unit > 0, np.float32(1.0) / np.where(unit > 0, unit, 1), np.float32(0)).astype(np.float32)
-    r = (uniforms(seed, nb * bucket_size).reshape(nb, bucket_size) if stochastic
+    r = (uniforms(seed, (first_bucket + nb) * bucket_size)[first_bucket * bucket_size:].reshape(nb, bucket_size)
+         if stochastic
          else np.full((nb, bucket_size), 0.5, dtype=np.float32))
     t = ((padded - mn[:, None]) * inv[:, None]).astype(np.float32) + r
     t = np.clip(t, 0, max_level)
@@ -73,3 +77,19 @@ def quantize_reference(x: torch.Tensor, bits: int, bucket_size: int, stochastic:
     packed = packed.astype(np.uint8).reshape(nb, -1)
     header = np.stack([mn, unit], axis=1).astype("<f4").view(np.uint8).reshape(nb, 8)
     return np.concatenate([header, packed], axis=1)
+
+
+def mixed_reference(x: torch.Tensor, table: torch.Tensor, bucket_size: int, stochastic: bool,
+                    seed: int) -> np.ndarray:
+    """The flat payload of a mixed (offset, length, bits, byte_offset) table: row k's record is the
+    record of elements [offset, offset + length) of x with the row's bits, at payload position k
+    (an empty row is an all-zero record), concatenated in row order."""
+    flat = x.reshape(-1)
+    records = []
+    for k, (offset, length, bits, _) in enumerate(table.tolist()):
+        if length == 0:
+            records.append(np.zeros(8 + bucket_size * bits // 8, dtype=np.uint8))
+        else:
+            records.append(quantize_reference(flat[offset:offset + length], bits, bucket_size, stochastic, seed,
+                                              first_bucket=k).reshape(-1))
+    return np.concatenate(records) if records else np.zeros(0, dtype=np.uint8)

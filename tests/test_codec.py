@@ -1,4 +1,5 @@
-"""The one-byte log codec: round trip, error bound, zero, saturation."""
+"""The one-byte log codec: round trip, error bound, zero, saturation; the table form of
+encode / decode (what runs on the device) against the float64 reference definition."""
 
 import math
 
@@ -43,3 +44,79 @@ def test_zero_exact_and_extremes():
         LogByteCodec(0.0, 1.0)
     with pytest.raises(ValueError, match="uint8"):
         codec.decode(torch.zeros(3))
+
+
+CODECS = [LogByteCodec(1e-3, 1e2), LogByteCodec(1e-4, 1e4), LogByteCodec(1e-7, 10.0), LogByteCodec(0.37, 0.5)]
+
+
+def _boundary_values(codec):
+    """Both sides of every step-up point and of the below-lo rounding point, plus specials."""
+    points = codec._tables(torch.device("cpu"))[0]
+    below = torch.tensor([codec._below_bound], dtype=torch.float64).sqrt()
+    edges = torch.cat([points, below, torch.tensor([codec.lo, codec.hi], dtype=torch.float64)])
+    near = [edges]
+    for direction in (0.0, math.inf):
+        step = edges
+        for _ in range(3):
+            step = torch.nextafter(step, torch.full_like(step, direction))
+            near.append(step)
+    specials = torch.tensor([0.0, 5e-324, 1e-300, math.inf, math.nan, 1e300], dtype=torch.float64)
+    mags = torch.cat(near + [specials])
+    return torch.cat([mags, -mags])
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=str)
+def test_table_encode_equals_reference(codec):
+    g = torch.cat([_boundary_values(codec), _signed_logspace(codec.lo / 10, codec.hi * 10, 100_001, seed=1),
+                   torch.randn(10_000, dtype=torch.float64, generator=torch.Generator().manual_seed(2))])
+    assert torch.equal(codec.encode(g), codec.encode_reference(g))
+    # float32 inputs, other shapes
+    f = g.float()[: g.numel() // 2 * 2].reshape(-1, 2)
+    assert torch.equal(codec.encode(f), codec.encode_reference(f).reshape(f.shape))
+    assert codec.encode(torch.tensor(0.5)).shape == ()
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=str)
+def test_table_decode_equals_formula(codec):
+    codes = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    m = (codes & 0x7F).long()
+    formula = torch.where((codes & 0x80) != 0, -codec.decode_magnitude(m), codec.decode_magnitude(m))
+    formula[0x80] = math.nan  # the non-finite marker
+    assert torch.equal(codec.decode(codes).nan_to_num(7.0), formula.nan_to_num(7.0))
+    assert torch.isnan(codec.decode(codes))[0x80] and torch.isnan(codec.decode(codes)).sum() == 1
+    assert torch.equal(codec.decode(codes.reshape(16, 16)).nan_to_num(7.0), formula.nan_to_num(7.0).reshape(16, 16))
+
+
+def test_pickle_drops_device_tables():
+    import pickle
+
+    codec = LogByteCodec(1e-5, 1.0)
+    codec.encode(torch.ones(3))
+    clone = pickle.loads(pickle.dumps(codec))
+    assert clone == codec and clone._cache == {}
+    g = torch.randn(1000, dtype=torch.float64)
+    assert torch.equal(clone.encode(g), codec.encode(g))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("codec", CODECS, ids=str)
+def test_cuda_codes_and_values_equal_cpu(codec):
+    g = torch.cat([_boundary_values(codec), _signed_logspace(codec.lo / 10, codec.hi * 10, 100_001, seed=3)])
+    codes = codec.encode(g.cuda())
+    assert codes.device.type == "cuda"
+    assert torch.equal(codes.cpu(), codec.encode_reference(g))
+    all_codes = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    assert torch.equal(codec.decode(all_codes.cuda()).cpu(), codec.decode(all_codes))
+
+
+@pytest.mark.parametrize("codec", CODECS, ids=str)
+def test_nonfinite_values_keep_a_marker(codec):
+    from pycomm.codec import NONFINITE_CODE
+
+    g = torch.tensor([math.nan, math.inf, -math.inf, -math.nan, 1.0, -0.0], dtype=torch.float64)
+    codes = codec.encode(g)
+    assert codes[:4].tolist() == [NONFINITE_CODE] * 4
+    assert torch.equal(codes, codec.encode_reference(g))
+    decoded = codec.decode(codes)
+    assert torch.isnan(decoded[:4]).all() and torch.isfinite(decoded[4:]).all()
+    assert codes[5].item() == 0 and decoded[5].item() == 0.0  # minus zero is zero, not the marker

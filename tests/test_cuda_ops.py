@@ -338,3 +338,78 @@ def test_validation_matches_cpu():
     assert "residual" in _error(lambda: Q.quantize(x.cuda(), torch.zeros(1000), None, -1, 4, 512, False, 0, 0, 0))
     assert "bucket_table" in _error(lambda: Q.quantize(x.cuda(), None, table, -1, 4, 512, False, 0, 0, 0))
     assert "out" in _error(lambda: Q.dequantize_into(p.cuda(), torch.empty(1000), None, 4, 512))
+
+
+# ---- mixed bit widths (4-column bucket tables) ------------------------------------
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("stochastic", [False, True])
+@pytest.mark.parametrize("bucket_size", [8, 64, 512, 4096])
+def test_mixed_tables_match_cpu(dtype, stochastic, bucket_size):
+    n = 40 * bucket_size + 13
+    x = make_input(n, dtype, bucket_size, seed=bucket_size)
+    segs = segments_for(n, bucket_size, seed=bucket_size + 1)
+    bits = [1 + (7 * i + bucket_size) % 8 for i in range(len(segs))]
+    for world in [1, 3, 4]:
+        host = ops.bucket_table(segs, bucket_size, pad_to_multiple=world, bits=bits)
+        table = host.cuda()
+        for use_host in [True, False]:
+            extra = (host,) if use_host else (None,)
+            r_c = torch.randn(n, generator=torch.Generator().manual_seed(5)) * 0.01
+            r_g = r_c.cuda()
+            p_c = Q.quantize(x, r_c, host, -1, 0, bucket_size, stochastic, 11, 1, 3)
+            p_g = Q.quantize(x.cuda(), r_g, table, -1, 0, bucket_size, stochastic, 11, 1, 3, *extra)
+            what = f"mixed {dtype} B={bucket_size} W={world}"
+            assert_identical(p_c, p_g, f"{what} payload")
+            assert_identical(r_c, r_g, f"{what} residual")
+            for out_dtype in DTYPES:
+                o_c = torch.full((n,), 7.0, dtype=out_dtype)
+                o_g = o_c.cuda()
+                Q.dequantize_into(p_c, o_c, host, 0, bucket_size)
+                Q.dequantize_into(p_g, o_g, table, 0, bucket_size, *extra)
+                assert_identical(o_c, o_g, f"{what} dequantize_into->{out_dtype}")
+            per = host.shape[0] // world
+            chunk = ops.mixed_payload_bytes(host, bucket_size) // world
+            stacked = torch.stack([p_c, Q.quantize(x * 2, None, host, -1, 0, bucket_size, True, 4, 0, 0)])
+            for c in range(world):
+                part = stacked[:, c * chunk:(c + 1) * chunk].contiguous()
+                s_c = Q.dequantize_sum(part, x, host, c * per, 0, bucket_size)
+                s_g = Q.dequantize_sum(part.cuda(), x.cuda(), table, c * per, 0, bucket_size, *extra)
+                assert_identical(s_c, s_g, f"{what} dequantize_sum chunk {c}")
+                server_c = torch.zeros(per * bucket_size)
+                server_g = server_c.cuda()
+                q_c = Q.quantize(s_c, server_c, host, per, 0, bucket_size, stochastic, 3, 0, 0, host, c * per)
+                q_g = Q.quantize(s_g, server_g, table, per, 0, bucket_size, stochastic, 3, 0, 0, *extra, c * per) \
+                    if use_host else Q.quantize(s_g, server_g, table, per, 0, bucket_size, stochastic, 3, 0, 0,
+                                                None, c * per)
+                assert_identical(q_c, q_g, f"{what} chunk re-quantize {c}")
+                assert_identical(server_c, server_g, f"{what} server residual {c}")
+
+
+def test_mixed_validation_matches_cpu():
+    x = torch.randn(1000)
+    host = ops.bucket_table([(0, 300), (300, 700)], 64, pad_to_multiple=2, bits=[3, 7])
+    p = Q.quantize(x, None, host, -1, 0, 64, False, 0, 0, 0)
+    bad_bits = host.clone()
+    bad_bits[1, 2] = 9
+    bad_offset = host.clone()
+    bad_offset[2, 3] += 1
+    cases = [
+        lambda d: Q.quantize(x.to(d), None, bad_bits.to(d), -1, 0, 64, False, 0, 0, 0),
+        lambda d: Q.quantize(x.to(d), None, bad_offset.to(d), -1, 0, 64, False, 0, 0, 0),
+        lambda d: Q.quantize(x.to(d), None, host.to(d), -1, 4, 64, False, 0, 0, 0),
+        lambda d: Q.quantize(x.to(d), None, host.to(d), -1, 0, 64, False, 0, 0, 0, host[:-1].contiguous()),
+        lambda d: Q.dequantize_into(p.to(d)[:-1], torch.empty(1000, device=d), host.to(d), 0, 64),
+        lambda d: Q.dequantize_sum(p.to(d)[None, :-5], None, host.to(d), 0, 0, 64),
+        lambda d: Q.dequantize_sum(p.to(d)[None], None, host.to(d), 1, 0, 64),
+    ]
+    for i, case in enumerate(cases):
+        assert _error(lambda: case("cpu")) == _error(lambda: case("cuda")), f"case {i}"
+    # A host copy that disagrees with the device table (smaller records) cannot make the
+    # kernels write outside the payload: rows whose records would leave it are skipped.
+    lying = host.clone()
+    lying[:, 2] = 1
+    lying[:, 3] = torch.arange(host.shape[0]) * ops.record_bytes(1, 64)
+    out = Q.quantize(x.cuda(), None, host.cuda(), -1, 0, 64, False, 0, 0, 0, lying)
+    assert out.numel() == ops.mixed_payload_bytes(lying, 64)
+    torch.cuda.synchronize()

@@ -151,6 +151,70 @@ def test_topk_is_deterministic_and_overlapping_segments():
     assert_identical(v_c, first[0], "overlapping segments values")
 
 
+def count_tables(n: int, seed: int):
+    """3-column tables over n elements: counts of 0, 1, the whole segment and random ones, empty and
+    one-element segments, segments of one tile and one element more (for large n)."""
+    g = torch.Generator().manual_seed(seed)
+    if n == 0:
+        return [ops.segment_table([(0, 0)], counts=[0]), ops.segment_table([], counts=[])]
+    cuts = sorted(set(torch.randint(0, n + 1, (6,), generator=g).tolist() + [0, n]))
+    rows = []
+    for a, b in zip(cuts, cuts[1:]):
+        rows += [(a, b - a), (b, 0)]
+    tables = []
+    for pick in ["random", "zero", "whole", "one"]:
+        counts = []
+        for _, length in rows:
+            if pick == "random" and length:
+                counts.append(int(torch.randint(0, length + 1, (1,), generator=g)))
+            else:
+                counts.append({"zero": 0, "whole": length, "one": min(1, length)}.get(pick, 0))
+        tables.append(ops.segment_table(rows, counts=counts))
+    if n > 10_000:
+        tables.append(ops.segment_table([(0, 4096), (4096, 4097), (8193, 1), (8194, n - 8194)],
+                                        counts=[4095, 1, 0, max(0, (n - 8194) // 1000)]))
+    return tables
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("n", SIZES)
+def test_topk_with_counts_matches_cpu(n, dtype, kind):
+    x = make_input(n, dtype, kind, seed=n + 29)
+    x_g = x.cuda()
+    for t, table in enumerate(count_tables(n, seed=n + 3)):
+        for exact, host in itertools.product([True, False], [None, table]):
+            what = f"n={n} {dtype} {kind} count table#{t} exact={exact} host_copy={host is not None}"
+            v_c, i_c = Q.topk_magnitude(x, table, 0.5, exact, 0.01, 3)
+            v_g, i_g = Q.topk_magnitude(x_g, table.cuda(), 0.5, exact, 0.01, 3, host)
+            assert i_c.numel() == int(table[:, 2].sum())
+            assert_identical(i_c, i_g, what + " indices")
+            assert_identical(v_c, v_g, what + " values")
+
+
+def test_bad_counts_raise_like_cpu():
+    x = torch.randn(10_000)
+    for row in [(0, 100, -1), (0, 100, 101), (9990, 100, 11)]:
+        table = torch.tensor([(0, 10, 1), row], dtype=torch.int64)
+        with pytest.raises(RuntimeError) as cpu_error:
+            Q.topk_magnitude(x, table, 0.1, True, 0.01, 0)
+        for host in [None, table]:
+            with pytest.raises(RuntimeError) as gpu_error:
+                Q.topk_magnitude(x.cuda(), table.cuda(), 0.1, True, 0.01, 0, host)
+            assert str(cpu_error.value).splitlines()[0] == str(gpu_error.value).splitlines()[0]
+
+
+def test_compensate_with_count_table_matches_cpu():
+    grad = make_input(100_003, torch.float32, "random", seed=8)
+    table = ops.segment_table([(0, 50_000), (50_000, 3), (50_003, 50_000)], counts=[10, 0, 3])
+    u_c, v_c = torch.zeros(100_003), torch.zeros(100_003)
+    u_g, v_g = u_c.cuda(), v_c.cuda()
+    Q.dgc_compensate(grad, u_c, v_c, table, 0.9, False, 1.0)
+    Q.dgc_compensate(grad.cuda(), u_g, v_g, table.cuda(), 0.9, False, 1.0)
+    assert_identical(u_c, u_g, "u")
+    assert_identical(v_c, v_g, "v")
+
+
 # ---- dgc_compensate --------------------------------------------------------------------
 
 @pytest.mark.parametrize("kind", KINDS)

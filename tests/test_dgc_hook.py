@@ -123,3 +123,222 @@ def test_overflow_goes_uncompressed_and_state_is_per_rank():
             assert torch.equal(before["u"], after["u"]) and torch.equal(before["v"], after["v"])
         assert torch.isfinite(after["u"]).all() and torch.isfinite(after["v"]).all()
     assert not torch.equal(results[0][2]["v"], results[1][2]["v"]), "each rank keeps its own accumulators"
+
+
+# ---- per-layer densities (set_layer_params), observer, checkpoint ------------------------------
+
+def _stable_topk(v: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest |v| (ties to the lower index), ascending."""
+    return torch.sort(v.double().abs(), descending=True, stable=True).indices[:k].sort().values
+
+
+def _layer_net() -> torch.nn.Module:
+    torch.manual_seed(0)  # three compressed weights (4096, 3072, 1536 elements) and dense biases in one bucket
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 48), torch.nn.Tanh(),
+                               torch.nn.Linear(48, 32))
+
+
+def _inputs(step: int, rank: int) -> torch.Tensor:
+    return torch.randn(8, 64, generator=torch.Generator().manual_seed(1000 * step + rank))
+
+
+def _per_layer_worker(rank, world, overrides_at, steps, nesterov):
+    """Trains with the DGC hook, giving layers their own densities from step 2 on (DDP's bucket
+    layout, and so the layer keys, is stable from step 1), and replays the algorithm in pure torch
+    for all W ranks (ALGORITHMS.md section 1 with a k per layer)."""
+    import pycomm
+    from pycomm.traffic import CollectiveByteCounter
+
+    m, lr, warmup = 0.9, 0.1, (0.25, 0.25, 0.0625)
+    model = DDP(_layer_net())
+    state = pycomm.register(model, "dgc", density=0.01, momentum=m, nesterov=nesterov, min_numel=1024,
+                            warmup_steps=1, warmup_densities=warmup)
+    seen = []
+    state.observer = lambda index, values, layers: seen.append((index, values.clone(), layers))
+    opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
+    replica = _layer_net()  # computes every rank's local gradient at the current parameters
+    counter = CollectiveByteCounter()
+    ref_u = ref_v = None
+    report = {"max_err": 0.0, "bytes_ok": True, "observer_ok": True, "ks": [], "sizes": []}
+    for step in range(steps):
+        overrides = {}
+        if step >= 2:
+            (plan,) = state._plans.values()
+            overrides = {(0, p): d for p, d in zip(plan.positions, overrides_at)}
+            if step == 2:
+                state.set_layer_params(overrides)
+        seen.clear()
+        opt.zero_grad()
+        counter.reset()
+        with counter:
+            model(_inputs(step, rank)).pow(2).mean().backward()
+        (plan,) = state._plans.values()
+        params = plan.params
+        numel = sum(p.numel() for p in params)
+        # Reference: local gradients of every rank, and u and v per parameter (module order), flattened
+        # in this step's bucket order.
+        order = [{id(p): i for i, p in enumerate(model.module.parameters())}[id(p)] for p in params]
+        replica.load_state_dict(model.module.state_dict())
+        grads = []
+        for r in range(world):
+            replica.zero_grad()
+            replica(_inputs(step, r)).pow(2).mean().backward()
+            replica_params = list(replica.parameters())
+            grads.append(torch.cat([replica_params[i].grad.reshape(-1) for i in order]))
+        if ref_u is None:
+            ref_u = [[torch.zeros(p.numel()) for p in model.module.parameters()] for _ in range(world)]
+            ref_v = [[torch.zeros(p.numel()) for p in model.module.parameters()] for _ in range(world)]
+        flat_u = [torch.cat([ref_u[r][i] for i in order]) for r in range(world)]
+        flat_v = [torch.cat([ref_v[r][i] for i in order]) for r in range(world)]
+        stage = warmup[step] if step < len(warmup) else None
+        ks = []
+        for (o, n), pos in zip(plan.compressed, plan.positions):
+            d = overrides.get((0, pos), state.density)
+            d = d if stage is None else max(stage, d)
+            ks.append(pycomm.ops.topk_count(n, d))
+        report["ks"].append(ks)
+        report["sizes"].append([n for _, n in plan.compressed])
+        total = torch.zeros(numel)
+        observed_v = None
+        for r in range(world):
+            u, v, g = flat_u[r], flat_v[r], grads[r]
+            for o, n in plan.compressed:
+                s = slice(o, o + n)
+                if nesterov:
+                    u[s] = m * (u[s] + g[s])
+                    v[s] = v[s] + (u[s] + g[s])
+                else:
+                    u[s] = m * u[s] + g[s]
+                    v[s] = v[s] + u[s]
+            if r == rank:
+                observed_v = v.clone()
+            for (o, n), k in zip(plan.compressed, ks):
+                idx = _stable_topk(v[o:o + n], k) + o
+                total[idx] += v[idx]
+                v[idx] = 0
+                u[idx] = 0
+        expected = total / world
+        dense_avg = sum(grads) / world
+        for o, n in plan.dense:
+            s = slice(o, o + n)
+            u0 = flat_u[0][s]  # dense momentum is the same on every rank
+            if nesterov:
+                new_u = m * (u0 + dense_avg[s])
+                out = new_u + dense_avg[s]
+            else:
+                new_u = m * u0 + dense_avg[s]
+                out = new_u
+            for r in range(world):
+                flat_u[r][s] = new_u
+            expected[s] = out
+        for r in range(world):
+            for i, uu, vv in zip(order, flat_u[r].split([p.numel() for p in params]),
+                                 flat_v[r].split([p.numel() for p in params])):
+                ref_u[r][i], ref_v[r][i] = uu, vv
+        got = torch.cat([p.grad.reshape(-1) for p in params])
+        report["max_err"] = max(report["max_err"], (got - expected).abs().max().item())
+        sent = counter.bytes_by_collective
+        gathered = sent.get("all_gather_single", 0) + sent.get("all_gather_into_tensor", 0)
+        report["bytes_ok"] &= gathered == (world - 1) * (sum(ks) * (4 + 4) + 4)
+        (index, values, layers), = seen
+        report["observer_ok"] &= (index == 0 and values.dtype == torch.float32 and values.numel() == numel
+                                  and layers == plan.layers and torch.equal(values, observed_v))
+        opt.step()
+    report["params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    report["layer_params"] = state.layer_params
+    report["layers"] = plan.layers
+    return report
+
+
+@pytest.mark.parametrize("world,nesterov", [(2, False), (4, True)])
+def test_per_layer_densities_in_one_bucket(world, nesterov):
+    steps = 6
+    results = run_distributed(_per_layer_worker, world, (0.1, 0.02, 1.0), steps, nesterov)
+    r0 = results[0]
+    sizes = r0["sizes"]  # compressed layer sizes per step, in buffer order (DDP reorders after step 0)
+    assert sorted(sizes[0]) == [1536, 3072, 4096] and len(r0["layer_params"]) == 3
+    # Steps 0-1: no overrides (warm-up 25%); step 2: warm-up 6.25% floors the layer densities; then their own.
+    ks = r0["ks"]
+    assert ks[0] == [max(1, -(-n // 4)) for n in sizes[0]]
+    assert ks[2] == [pycomm_count(n, d) for n, d in zip(sizes[2], (0.1, 0.0625, 1.0))]
+    assert ks[3] == [pycomm_count(n, d) for n, d in zip(sizes[3], (0.1, 0.02, 1.0))]
+    for r in results:
+        assert r["bytes_ok"], "bytes sent must match the per-layer counts"
+        assert r["observer_ok"], "the observer must see v after momentum correction, before top-k"
+        assert r["max_err"] < 1e-6, r["max_err"]
+        assert torch.equal(r["params"], r0["params"]), "ranks diverged"
+
+
+def pycomm_count(n: int, density: float) -> int:
+    import pycomm
+
+    return pycomm.ops.topk_count(n, density)
+
+
+def _same_bytes_worker(rank, world, mode):
+    import pycomm
+
+    model = DDP(_layer_net())
+    state = pycomm.register(model, "dgc", density=0.02, momentum=0.9, min_numel=1024)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.0)
+    for step in range(4):
+        if step == 2 and mode != "none":  # the bucket layout is stable from step 1
+            (plan,) = state._plans.values()
+            # "default": every layer at the default density (the 3-column path); "cleared": set then cleared.
+            state.set_layer_params({(0, p): 0.02 if mode == "default" else 0.5 for p in plan.positions})
+            if mode == "cleared":
+                state.set_layer_params(None)
+        opt.zero_grad()
+        model(_inputs(step, rank)).pow(2).mean().backward()
+        opt.step()
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+
+def test_overrides_at_the_default_density_send_the_same_bytes():
+    base = run_distributed(_same_bytes_worker, 2, "none")
+    for mode in ("default", "cleared"):
+        other = run_distributed(_same_bytes_worker, 2, mode)
+        for a, b in zip(base, other):
+            assert torch.equal(a, b), mode
+
+
+def _layer_state_worker(rank, world):
+    import pickle
+
+    import pycomm
+
+    model = DDP(_layer_net())
+    state = pycomm.register(model, "dgc", density=0.01, min_numel=1024)
+    model(_inputs(0, rank)).pow(2).mean().backward()
+    (plan,) = state._plans.values()
+    errors = {}
+    bias = next(i for i, q in enumerate(plan.params) if q is model.module[0].bias)
+    for name, bad in [("density 0", {(0, plan.positions[0]): 0.0}), ("density > 1", {(0, plan.positions[0]): 1.5}),
+                      ("bool", {(0, plan.positions[0]): True}), ("key", {(0,): 0.1}),
+                      ("negative key", {(-1, 0): 0.1}), ("dense layer", {(0, bias): 0.1})]:
+        try:
+            state.set_layer_params(bad)
+        except ValueError as e:
+            errors[name] = str(e)
+    assert state.layer_params == {}
+    state.set_layer_params({(0, plan.positions[0]): 0.5, (0, plan.positions[2]): 0.05})
+    state.observer = lambda *args: None
+    saved = state.state_dict()
+    restored = pycomm.hooks.DGCState()
+    restored.load_state_dict(saved)
+    old = {k: v for k, v in saved.items() if k != "layer_params"}  # a checkpoint from before per-layer densities
+    restored_old = pycomm.hooks.DGCState()
+    restored_old.load_state_dict(old)
+    unpickled = pickle.loads(pickle.dumps(state))  # the observer (a lambda) is dropped
+    return {"errors": errors, "saved": saved["layer_params"], "restored": restored.layer_params,
+            "old": restored_old.layer_params, "unpickled_observer": unpickled.observer,
+            "unpickled": unpickled.layer_params, "positions": plan.positions}
+
+
+def test_layer_params_validation_and_state_dict():
+    (r,) = run_distributed(_layer_state_worker, 1)
+    assert set(r["errors"]) == {"density 0", "density > 1", "bool", "key", "negative key", "dense layer"}, r["errors"]
+    assert "not compressed" in r["errors"]["dense layer"]
+    p = r["positions"]
+    assert r["saved"] == r["restored"] == r["unpickled"] == {(0, p[0]): 0.5, (0, p[2]): 0.05}
+    assert r["old"] == {} and r["unpickled_observer"] is None

@@ -162,3 +162,122 @@ def test_opcheck():
                           (x, torch.zeros(5000), torch.zeros(5000), None, 0.9, False, 0.0))
     torch.library.opcheck(torch.ops.pycomm.dgc_mask.default,
                           (torch.randn(100), torch.randn(100), torch.tensor([1, 2], dtype=torch.int32)))
+
+
+# ---- per-segment counts: a third column (offset, length, count) -------------------------
+
+def stable_reference_topk(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the k largest |x| (NaN first, ties to the lower index), ascending: a stable float64 sort."""
+    mag = x.double().abs()
+    mag = torch.where(torch.isnan(mag), torch.full_like(mag, math.inf), mag)
+    return torch.sort(mag, descending=True, stable=True).indices[:k].sort().values
+
+
+# A 300k-element buffer: layer-like rows with empty and tiny segments, counts of 0 and of the
+# whole segment, and large segments that take the sampled path (length >= 32768, 4k <= length).
+COUNT_ROWS = [(0, 100_000, 100), (100_000, 0, 0), (100_000, 1, 0), (100_001, 1, 1), (100_002, 7, 3),
+              (100_009, 50_000, 0), (150_009, 1000, 1000), (151_009, 148_991, 5000)]
+
+
+def count_table(rows=COUNT_ROWS):
+    return ops.segment_table([(o, n) for o, n, _ in rows], counts=[c for _, _, c in rows])
+
+
+@pytest.mark.parametrize("exact", [True, False])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_segment_counts_match_reference(dtype, exact):
+    x = (torch.randn(300_000, generator=torch.Generator().manual_seed(11)) * 3).to(dtype)  # fp16/bf16: ties
+    table = count_table()
+    assert table.shape == (len(COUNT_ROWS), 3)
+    values, indices = ops.topk(x, 0.5, exact=exact, seed=4, segments=table)
+    assert indices.numel() == sum(c for _, _, c in COUNT_ROWS)
+    assert values.dtype == dtype and indices.dtype == torch.int32
+    start = 0
+    for off, n, c in COUNT_ROWS:
+        part = indices[start:start + c].long()
+        assert torch.equal(part, stable_reference_topk(x[off:off + n], c) + off), (off, n, c)
+        start += c
+    assert torch.equal(values, x[indices.long()])
+
+
+def test_segment_counts_sampled_quality():
+    gen = torch.Generator().manual_seed(6)
+    x = torch.cat([torch.randn(1_000_000, generator=gen), torch.distributions.StudentT(1.5).sample((1_000_000,))])
+    rows = [(0, 1_000_000, 1000), (1_000_000, 1_000_000, 20_000)]
+    _, idx = ops.topk(x, 0.001, exact=False, sample_ratio=0.01, seed=2, segments=count_table(rows))
+    assert idx.numel() == 21_000
+    for (off, n, c), part in zip(rows, idx.split([1000, 20_000])):
+        best = stable_reference_topk(x[off:off + n], c) + off
+        captured = x[part.long()].double().pow(2).sum()
+        assert captured >= 0.95 * x[best].double().pow(2).sum()
+        assert torch.equal(part.long(), best)  # the candidates hold every element above the k-th
+
+
+def test_segment_counts_equal_densities_and_ignore_density_argument():
+    x = torch.randn(300_000, generator=torch.Generator().manual_seed(3))
+    rows = [(o, n) for o, n, _ in COUNT_ROWS]
+    for density in [0.001, 0.3, 1.0]:
+        two = ops.topk(x, density, segments=ops.segment_table(rows))
+        counts = [ops.topk_count(n, density) for _, n in rows]
+        for other in [density, 1.0, 1e-6]:  # the density argument is not used with counts
+            three = ops.topk(x, other, segments=ops.segment_table(rows, counts=counts))
+            assert torch.equal(two[0], three[0]) and torch.equal(two[1], three[1])
+    with pytest.raises(ValueError, match="density"):
+        ops.topk(x, 0.0, segments=count_table())  # still validated
+
+
+def test_bad_count_rows_are_rejected():
+    x = torch.randn(10_000)
+    raw = torch.ops.pycomm.topk_magnitude
+    for row in [(0, 100, -1), (0, 100, 101), (9990, 100, 11), (10_000, 5, 1), (-5, 3, 4)]:
+        # (9990, 100) and (10_000, 5) are clamped to lengths 10 and 0; (-5, 3) to offset 0, length 3.
+        table = torch.tensor([(0, 10, 1), row], dtype=torch.int64)
+        with pytest.raises(RuntimeError, match=r"segment 1 .* keep must be in \[0, length\]"):
+            raw(x, table, 0.1, True, 0.01, 0)
+    assert raw(x, torch.tensor([(9990, 100, 10)]), 0.1, True, 0.01, 0)[1].tolist() == list(range(9990, 10_000))
+    with pytest.raises(RuntimeError, match=r"\[num_segments, 3\]"):
+        raw(x, torch.zeros(2, 4, dtype=torch.int64), 0.1, True, 0.01, 0)
+    with pytest.raises(ValueError, match="counts must be in"):
+        ops.segment_table([(0, 5)], counts=[6])
+    with pytest.raises(ValueError, match="counts must be in"):
+        ops.segment_table([(0, 5)], counts=[-1])
+    with pytest.raises(ValueError, match="2 entries for 1 segments"):
+        ops.segment_table([(0, 5)], counts=[1, 2])
+
+
+def test_compensate_accepts_count_tables():
+    g = torch.randn(3000)
+    rows = [(0, 1000), (1000, 2000)]
+    results = []
+    for table in [ops.segment_table(rows), ops.segment_table(rows, counts=[3, 0])]:
+        u, v = torch.zeros(3000), torch.zeros(3000)
+        ops.dgc_compensate(g, u, v, 0.9, False, 1.0, table)
+        results.append((u, v))
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+
+
+def test_dgc_compressor_with_per_segment_counts_matches_reference():
+    torch.manual_seed(1)
+    rows = [(0, 40_000), (40_000, 5), (40_005, 60_000)]
+    counts = [400, 0, 6000]
+    n, m = 100_005, 0.9
+    table = ops.segment_table(rows, counts=counts)
+    dgc = pycomm.compressors.DGC(density=0.001, momentum=m)
+    u, v = torch.zeros(n), torch.zeros(n)
+    for _ in range(4):
+        g = torch.randn(n)
+        values, indices = dgc.compress(g, segments=table)
+        u = m * u + g
+        v = v + u
+        idx = torch.cat([stable_reference_topk(v[o:o + ln], c) + o for (o, ln), c in zip(rows, counts)])
+        assert torch.equal(indices.long(), idx)
+        assert torch.allclose(values, v[idx], atol=1e-5)
+        v[idx] = 0
+        u[idx] = 0
+        assert torch.allclose(dgc.v, v, atol=1e-5) and torch.allclose(dgc.u, u, atol=1e-5)
+
+
+def test_opcheck_with_count_table():
+    x = torch.randn(5000)
+    table = ops.segment_table([(0, 3000), (3000, 2000)], counts=[7, 0])
+    torch.library.opcheck(torch.ops.pycomm.topk_magnitude.default, (x, table, 0.01, False, 0.01, 0))

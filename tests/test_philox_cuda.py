@@ -1,5 +1,6 @@
 """CUDA Philox ops against the CPU ops: identical variates, axpy / perturbed-copy results
-and dot products, bit for bit.
+and dot products (one or K directions per launch), bit for bit, and the projection hook
+without a host sync.
 
 The CPU kernels (csrc/cpu/philox_cpu.cpp, checked against a numpy reference in
 test_philox_ops.py) are the reference. The cases cross the CUDA kernels' internal
@@ -116,3 +117,87 @@ def test_runs_on_a_side_stream():
         ops.philox_axpy_(g, 9, 1.0)
     s.synchronize()
     assert_identical(ref, g)
+
+
+# ---- K directions in one launch ------------------------------------------------------------
+
+@pytest.mark.parametrize("layout", sorted(LISTS))
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.bfloat16,), (torch.float32, torch.float16)])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_multi_direction_ops_identical(layout, dtypes, distribution):
+    xs = params(LISTS[layout], seed=4, dtypes=dtypes)
+    seeds = [SEEDS[k % len(SEEDS)] + k for k in range(37)]  # two launch groups (32 + 5)
+    alphas = torch.linspace(-2e-3, 2e-3, len(seeds), dtype=torch.float64)
+    alphas[5] = 0.0  # skipped
+    for offset in (0, 4090):
+        cpu = [x.clone() for x in xs]
+        ops.philox_axpy_multi_(cpu, seeds, alphas, distribution, offset)
+        for where in ("cuda", "cpu"):  # alphas read by the kernel, or on the host
+            gpu = [x.cuda() for x in xs]
+            ops.philox_axpy_multi_(gpu, seeds, alphas.to(where), distribution, offset)
+            for i, (c, g) in enumerate(zip(cpu, gpu)):
+                assert_identical(c, g, f"axpy_multi tensor {i}, alphas on {where}")
+        d_cpu = ops.philox_dot_multi(xs, seeds, distribution, offset)
+        d_gpu = ops.philox_dot_multi([x.cuda() for x in xs], seeds, distribution, offset)
+        assert d_gpu.device.type == "cuda" and d_gpu.dtype == torch.float64
+        assert torch.equal(d_cpu, d_gpu.cpu())
+
+
+def test_multi_direction_ops_do_not_sync():
+    xs = [x.cuda() for x in params(LISTS["mixed_sizes"], seed=5)]
+    seeds = list(range(40))
+    ops.philox_dot_multi(xs, seeds)  # warm-up: allocator, module loading
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        d = ops.philox_dot_multi(xs, seeds)
+        ops.philox_axpy_multi_(xs, seeds, -d / 1e3)
+        ops.philox_axpy_(xs, 1, d[0])
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert torch.isfinite(d).all()
+
+
+class _Bucket:
+    """What projection_hook reads of a DDP GradBucket."""
+
+    def __init__(self, buffer: torch.Tensor, index: int = 0, last: bool = True) -> None:
+        self._buffer, self._index, self._last = buffer, index, last
+
+    def buffer(self) -> torch.Tensor:
+        return self._buffer
+
+    def index(self) -> int:
+        return self._index
+
+    def is_last(self) -> bool:
+        return self._last
+
+
+@pytest.mark.skipif(not torch.distributed.is_nccl_available(), reason="needs NCCL")
+def test_projection_hook_no_host_sync_and_same_bits_as_cpu(tmp_path):
+    import torch.distributed as dist
+    from pycomm.hooks.spsa_projection import ProjectionState, projection_hook
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("nccl", store=store, rank=0, world_size=1)
+    try:
+        gloo = dist.new_group(backend="gloo")
+        grads = [torch.randn(300_001, generator=torch.Generator().manual_seed(s)) for s in range(4)]
+        gpu_state = ProjectionState(num_directions=40, seed=3)
+        cpu_state = ProjectionState(process_group=gloo, num_directions=40, seed=3)
+        projection_hook(gpu_state, _Bucket(grads[0].cuda()))  # first call: the codec's tables reach the GPU
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            gpu_out = [projection_hook(gpu_state, _Bucket(g.cuda())).value() for g in grads[1:]]
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        projection_hook(cpu_state, _Bucket(grads[0].clone()))
+        cpu_out = [projection_hook(cpu_state, _Bucket(g.clone())).value() for g in grads[1:]]
+        for c, g in zip(cpu_out, gpu_out):
+            assert_identical(c, g, "hook output")
+            assert c.abs().sum() > 0
+        assert_identical(cpu_state.residuals[0], gpu_state.residuals[0], "residual")
+    finally:
+        dist.destroy_process_group()

@@ -1,5 +1,6 @@
 """Philox variates and the ops built on them (CPU): philox_normal / philox_rademacher,
-philox_axpy_, philox_perturbed_copy, philox_dot.
+philox_axpy_, philox_perturbed_copy, philox_dot, and their K-direction forms
+philox_axpy_multi_ and philox_dot_multi.
 
 The variates are checked bit for bit against an independent numpy float32
 implementation of the formulas in csrc/include/pycomm/philox_variates.h (numpy's
@@ -408,6 +409,140 @@ def test_empty_inputs():
     ops.philox_axpy_([torch.empty(0)], 1, 1.0)
 
 
+# ---- K directions in one pass: philox_axpy_multi_, philox_dot_multi ------------------------
+
+MULTI_SEEDS = [3, -9, 2**63 + 1, 77, 0, 12345]
+
+
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+@pytest.mark.parametrize("dtypes", [(torch.float32,), (torch.float16,), (torch.bfloat16,),
+                                    (torch.float32, torch.bfloat16, torch.float16)])
+def test_axpy_multi_equals_successive_axpy(distribution, dtypes):
+    sizes = [1000, 1, 0, 4097, 33, 130]
+    xs = [params([n], seed=20 + i, dtype=dtypes[i % len(dtypes)])[0] for i, n in enumerate(sizes)]
+    alphas = torch.tensor([1.5e-3, -0.25, 0.0, 2.0, -1e-7, 0.75], dtype=torch.float64)
+    multi = [x.clone() for x in xs]
+    ops.philox_axpy_multi_(multi, MULTI_SEEDS, alphas, distribution, offset=7)
+    single = [x.clone() for x in xs]
+    for seed, alpha in zip(MULTI_SEEDS, alphas.tolist()):
+        ops.philox_axpy_(single, seed, alpha, distribution, offset=7)
+    for m, s in zip(multi, single):
+        assert_bitwise(m, s)
+    if dtypes == (torch.float32,):
+        # Against float64: t + Σ_k alpha_k z_k, up to float32 rounding of each of the K steps.
+        make = ops.philox_normal if distribution == "gaussian" else ops.philox_rademacher
+        total = sum(sizes)
+        ref = torch.cat(xs).double()
+        for seed, alpha in zip(MULTI_SEEDS, alphas.tolist()):
+            ref += alpha * make(total, seed, 7).double()
+        assert torch.allclose(torch.cat(multi).double(), ref, rtol=1e-6, atol=1e-6)
+        assert not torch.equal(torch.cat(multi), torch.cat(xs))
+
+
+def test_axpy_multi_alpha_forms():
+    x = params([5000], seed=21)[0]
+    seeds = [4, 5, 6]
+    ref = x.clone()
+    for seed, alpha in zip(seeds, [0.5, -1e-3, 3.0]):
+        ops.philox_axpy_(ref, seed, alpha)
+    for alphas in ([0.5, -1e-3, 3.0], (0.5, -1e-3, 3), torch.tensor([0.5, -1e-3, 3.0]),
+                   torch.tensor([0.5, -1e-3, 3.0], dtype=torch.float64)):
+        y = x.clone()
+        ops.philox_axpy_multi_(y, seeds, alphas)
+        assert_bitwise(y, ref)
+    # A one-element tensor alpha in philox_axpy_ is the float alpha.
+    for alpha in (torch.tensor(-0.3, dtype=torch.float64), torch.tensor([-0.3])):
+        a, b = x.clone(), x.clone()
+        ops.philox_axpy_(a, 9, alpha, "rademacher", 3)
+        ops.philox_axpy_(b, 9, -0.3, "rademacher", 3)
+        assert_bitwise(a, b)
+    # More directions than one CUDA launch takes (32).
+    seeds = list(range(100, 140))
+    alphas = torch.linspace(-1, 1, 40, dtype=torch.float64)
+    a, b = x.clone(), x.clone()
+    ops.philox_axpy_multi_(a, seeds, alphas)
+    for seed, alpha in zip(seeds, alphas.tolist()):
+        ops.philox_axpy_(b, seed, alpha)
+    assert_bitwise(a, b)
+
+
+def test_zero_alpha_leaves_tensors_untouched():
+    x = torch.tensor([-0.0, 0.0, 1.0, float("nan"), float("-inf"), -2.5] * 50)
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        t = x.to(dtype)
+        a = t.clone()
+        ops.philox_axpy_(a, 1, 0.0)
+        ops.philox_axpy_(a, 1, 1e-60)  # rounds to 0 in float32
+        ops.philox_axpy_multi_(a, [1, 2, 3], torch.zeros(3, dtype=torch.float64))
+        assert_bitwise(a, t)  # -0 stays -0, NaN bits kept
+        (c,) = ops.philox_perturbed_copy([t], 1, 0.0)
+        assert_bitwise(c, t)
+    # A zero among other directions is skipped, as if absent.
+    y = params([300], seed=22)[0]
+    a, b = y.clone(), y.clone()
+    ops.philox_axpy_multi_(a, [1, 2, 3], [0.5, 0.0, -0.5])
+    ops.philox_axpy_multi_(b, [1, 3], [0.5, -0.5])
+    assert_bitwise(a, b)
+
+
+@pytest.mark.parametrize("offset", [0, 3, 4095, 4096 * 7 + 100])
+@pytest.mark.parametrize("distribution", ["gaussian", "rademacher"])
+def test_dot_multi_equals_dot(offset, distribution):
+    sizes = [5000, 17, 0, 130_001]
+    xs = params(sizes, seed=23)
+    d = ops.philox_dot_multi(xs, MULTI_SEEDS, distribution, offset)
+    assert d.dtype == torch.float64 and d.shape == (len(MULTI_SEEDS),) and d.device.type == "cpu"
+    make = ops.philox_normal if distribution == "gaussian" else ops.philox_rademacher
+    t = torch.cat(xs)
+    for k, seed in enumerate(MULTI_SEEDS):
+        assert d[k].item() == ops.philox_dot(xs, seed, distribution, offset)  # bitwise
+        z = make(t.numel(), seed, offset)
+        assert d[k].item() == dot_reference(t.numpy(), z.numpy(), offset)
+        assert math.isclose(d[k].item(), (t.double() * z.double()).sum().item(), rel_tol=1e-12, abs_tol=1e-9)
+
+
+def test_dot_multi_mixed_dtypes_split_and_edges():
+    xs = [params([100], 1)[0], params([4000], 2, torch.float16)[0], params([3000], 3, torch.bfloat16)[0]]
+    seeds = list(range(40))  # more than one CUDA launch group (32)
+    d = ops.philox_dot_multi(xs, seeds, offset=4090)
+    flat = torch.cat([x.float() for x in xs])
+    assert torch.equal(d, ops.philox_dot_multi(flat, seeds, offset=4090))
+    assert [ops.philox_dot(xs, s, offset=4090) for s in seeds] == d.tolist()
+    assert torch.equal(ops.philox_dot_multi(xs, []), torch.zeros(0, dtype=torch.float64))
+    assert torch.equal(ops.philox_dot_multi([], [1, 2]), torch.zeros(2, dtype=torch.float64))
+    assert torch.equal(ops.philox_dot_multi([torch.empty(0)], [1, 2]), torch.zeros(2, dtype=torch.float64))
+    ops.philox_axpy_multi_([], [1], [1.0])
+    ops.philox_axpy_multi_([torch.empty(0)], [1], [1.0])
+
+
+def test_multi_ops_bad_arguments():
+    x = torch.zeros(10)
+    with pytest.raises(ValueError, match="one alpha per seed"):
+        ops.philox_axpy_multi_(x, [1, 2], [1.0])
+    with pytest.raises(ValueError, match="float32 or float64"):
+        ops.philox_axpy_multi_(x, [1], torch.ones(1, dtype=torch.float16))
+    with pytest.raises(ValueError, match="one alpha per seed"):
+        ops.philox_axpy_multi_(x, [1, 2], torch.ones(1, 2))
+    with pytest.raises(ValueError, match="one alpha per seed"):
+        ops.philox_axpy_(x, 1, torch.ones(2))
+    with pytest.raises(ValueError, match="alphas"):
+        ops.philox_axpy_multi_(x, [1], torch.ones(1, device="meta"))
+    with pytest.raises(ValueError, match="seeds"):
+        ops.philox_dot_multi(x, 5)
+    with pytest.raises(ValueError, match="seed"):
+        ops.philox_dot_multi(x, [1.5])
+    with pytest.raises(ValueError, match="real number"):
+        ops.philox_axpy_multi_(x, [1], ["a"])
+    with pytest.raises(RuntimeError, match="one alpha per seed"):
+        Q.philox_axpy_multi_([x], [1, 2], torch.ones(3), 0, 0)
+    with pytest.raises(RuntimeError, match="float32 or float64"):
+        Q.philox_axpy_multi_([x], [1], torch.ones(1, dtype=torch.int32), 0, 0)
+    with pytest.raises(RuntimeError, match="overlap"):
+        Q.philox_axpy_multi_([x[:6], x[4:]], [1], torch.ones(1), 0, 0)
+    with pytest.raises(RuntimeError, match="distribution"):
+        Q.philox_dot_multi([x], [1], 5, 0)
+
+
 # ---- bad inputs -----------------------------------------------------------------------------
 
 def test_bad_arguments_raise():
@@ -470,6 +605,9 @@ def test_opcheck():
     torch.library.opcheck(Q.philox_axpy_.default, ([x.clone() for x in xs], 1, 0.5, 0, 0))
     torch.library.opcheck(Q.philox_perturbed_copy.default, (xs, 1, 0.5, 1, 2))
     torch.library.opcheck(Q.philox_dot.default, (xs, 1, 0, 2))
+    torch.library.opcheck(Q.philox_axpy_multi_.default,
+                          ([x.clone() for x in xs], [1, -2, 3], torch.tensor([0.5, 0.0, -1.0]), 1, 4))
+    torch.library.opcheck(Q.philox_dot_multi.default, (xs, [1, 2, 2**40], 0, 2))
 
 
 def test_fake_shapes():
@@ -480,6 +618,8 @@ def test_fake_shapes():
         outs = Q.philox_perturbed_copy(xs, 0, 1.0, 0, 0)
         assert [o.shape for o in outs] == [(3, 4), (5,)] and outs[1].dtype == torch.bfloat16
         assert Q.philox_dot(xs, 0, 0, 0).dtype == torch.float64
+        d = Q.philox_dot_multi(xs, [1, 2, 3], 0, 0)
+        assert d.dtype == torch.float64 and d.shape == (3,)
 
 
 def test_axpy_and_autograd():

@@ -110,7 +110,7 @@ def _projection_worker(rank, world):
 
     torch.manual_seed(0)
     model = DDP(torch.nn.Linear(64, 8))
-    state = pycomm.register(model, "spsa-projection", num_directions=4)
+    state = pycomm.register(model, "spsa-projection", num_directions=4, error_feedback=True)
     counter = CollectiveByteCounter()
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(rank))
     with counter:
@@ -127,3 +127,89 @@ def test_projection_hook_sends_k_bytes_and_ranks_agree():
     assert sent == 4 * 1  # K bytes to the one peer, one bucket
     assert torch.isfinite(g0).all() and g0.abs().sum() > 0
     assert res0 and not torch.equal(next(iter(res0.values())), next(iter(res1.values())))
+
+
+def _projection_overflow_worker(rank, world):
+    from pycomm.hooks.spsa_projection import ProjectionState, projection_hook
+
+    state = ProjectionState(num_directions=4, error_feedback=True)
+    g = torch.randn(5000, generator=torch.Generator().manual_seed(rank))
+    projection_hook(state, _Bucket(g.clone(), index=0)).value()  # a finite step first: a non-zero residual
+    before = state.residuals[0].clone()
+    g = torch.randn(5000, generator=torch.Generator().manual_seed(10 + rank))
+    if rank == 1:
+        g[17] = float("inf")
+    out = projection_hook(state, _Bucket(g.clone(), index=0)).value()
+    exact = g.clone()
+    torch.distributed.all_reduce(exact)
+    return out, exact.div_(world), torch.equal(state.residuals[0], before)
+
+
+@pytest.mark.parametrize("world", [2, 4])
+def test_projection_overflow_goes_uncompressed(world):
+    # One rank's Inf travels as the codec's non-finite byte; every rank then all-reduces the
+    # bucket uncompressed (CPU), so GradScaler sees the exact overflow, and no residual changes.
+    for out, exact, residual_kept in run_distributed(_projection_overflow_worker, world):
+        assert torch.equal(out, exact) and not torch.isfinite(out).all()
+        assert residual_kept
+
+
+class _Bucket:
+    """What projection_hook reads of a DDP GradBucket."""
+
+    def __init__(self, buffer, index=0, last=True):
+        self._buffer, self._index, self._last = buffer, index, last
+
+    def buffer(self):
+        return self._buffer
+
+    def index(self):
+        return self._index
+
+    def is_last(self):
+        return self._last
+
+
+def test_projection_hook_equals_per_direction_reference(tmp_path):
+    # One rank (Gloo, in process): the hook's K-direction kernels and device-side codec give
+    # exactly what per-direction philox_dot / philox_axpy_ and the float64 codec definition give.
+    import torch.distributed as dist
+    from pycomm import ops
+    from pycomm.distributed import mix_seed
+    from pycomm.hooks.spsa_projection import ProjectionState, projection_hook
+
+    dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
+    try:
+        n, k = 10_007, 40
+        state = ProjectionState(num_directions=k, seed=5, error_feedback=True)
+        residual = torch.zeros(n)
+        for step in range(3):
+            g = torch.randn(n, generator=torch.Generator().manual_seed(step))
+            out = projection_hook(state, _Bucket(g.clone(), index=2)).value()
+            x = g + residual
+            seeds = [mix_seed(5, step, 2, j) for j in range(k)]
+            a = torch.tensor([ops.philox_dot([x], s) / n for s in seeds], dtype=torch.float64)
+            a_hat = state.codec.decode(state.codec.encode_reference(a))
+            assert (a_hat != 0).sum() > k // 2
+            residual, ref = x.clone(), torch.zeros(n)
+            for s, c in zip(seeds, a_hat.tolist()):
+                if c != 0.0:
+                    ops.philox_axpy_(residual, s, -c)
+                    ops.philox_axpy_(ref, s, c)
+            assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+            assert torch.equal(state.residuals[2].view(torch.int32), residual.view(torch.int32))
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("world", range(1, 10))
+def test_projection_rank_sum_order(world):
+    from pycomm.hooks.spsa_projection import _rank_sum
+
+    rows = torch.randn(world, 3, dtype=torch.float64) * torch.logspace(-8, 8, world, dtype=torch.float64)[:, None]
+    parts = list(rows)
+    while len(parts) > 1:  # halving: row i + row i + h, an odd last row carried over
+        h = len(parts) // 2
+        parts = [parts[i] + parts[i + h] for i in range(h)] + parts[2 * h:]
+    assert torch.equal(_rank_sum(rows), parts[0])
+    assert torch.allclose(_rank_sum(rows), rows.sum(0), rtol=1e-12, atol=0)

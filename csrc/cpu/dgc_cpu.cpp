@@ -200,12 +200,9 @@ std::tuple<at::Tensor, at::Tensor> topk_magnitude_cpu(const at::Tensor& x_in, co
   check_topk_args(x_in, density, sample_ratio);
   const at::Tensor x = x_in.contiguous().view(-1);
   const SegmentTable table = check_segments(segments, x);
+  check_segment_keep(table);
   std::vector<int64_t> first(table.count + 1, 0);
-  for (int64_t s = 0; s < table.count; ++s) {
-    int64_t offset, length;
-    table.segment(s, offset, length);
-    first[s + 1] = first[s] + topk_count(length, density);
-  }
+  for (int64_t s = 0; s < table.count; ++s) first[s + 1] = first[s] + table.keep(s, density);
   const int64_t total = first[table.count];
   at::Tensor values = at::empty({total}, x.options());
   at::Tensor indices = at::empty({total}, x.options().dtype(index_type_for(x.numel())));

@@ -1,5 +1,6 @@
-// CPU implementation of the Philox ops: variates, multi-tensor axpy, perturbed
-// copy and dot product, with the variates of pycomm/philox_variates.h.
+// CPU implementation of the Philox ops: variates, multi-tensor axpy (one or K
+// directions), perturbed copy and dot product (one or K directions), with the
+// variates of pycomm/philox_variates.h.
 //
 // The global index space is cut into aligned tiles of 128 elements (32 Gaussian
 // Philox blocks, or one Rademacher block); at::parallel_for spreads the tiles
@@ -143,9 +144,25 @@ inline void with_type(DType dtype, Fn&& fn) {
   }
 }
 
-// fill: dst = z; otherwise dst = src + alpha * z.
-void elementwise(const std::vector<PhiloxSpan>& spans, uint64_t seed, int64_t distribution, float alpha, bool fill) {
-  if (spans.empty()) return;
+template <typename T>
+inline void copy_run(const T* src, T* dst, int64_t n) {
+  if (src != dst) std::memcpy(dst, src, static_cast<size_t>(n) * sizeof(T));
+}
+
+// One direction of an axpy: its seed and its alpha, rounded to float32.
+struct Direction {
+  uint64_t seed;
+  float alpha;
+};
+
+// fill: dst = z of directions[0]. Otherwise, for each direction in order whose
+// alpha is not zero, dst = src + alpha * z, rounded to the dtype, with src = dst
+// after the first applied direction: exactly the successive single-direction
+// updates. A direction with alpha == 0 is skipped (no variates), and with none
+// left the elements are copied bit for bit.
+void elementwise(const std::vector<PhiloxSpan>& spans, const std::vector<Direction>& directions,
+                 int64_t distribution, bool fill) {
+  if (spans.empty() || directions.empty()) return;
   const int64_t begin = spans.front().start, end = spans.back().start + spans.back().numel;
   const GaussianTileFn gaussian = select_gaussian_tile();
   at::parallel_for(begin / kTile, (end - 1) / kTile + 1, kTileGrain, [&](int64_t tile_begin, int64_t tile_end) {
@@ -153,44 +170,70 @@ void elementwise(const std::vector<PhiloxSpan>& spans, uint64_t seed, int64_t di
     size_t cursor = span_index(spans, std::max(tile_begin * kTile, begin));
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t base = tile * kTile;
-      tile_variates(gaussian, seed, distribution, tile, z);
-      for_each_piece(spans, &cursor, base, std::max(base, begin), std::min(base + kTile, end),
-                     [&](const PhiloxSpan& span, int64_t local, int64_t zi, int64_t n) {
-                       with_type(span.dtype, [&](auto tag) {
-                         using T = decltype(tag);
-                         T* dst = static_cast<T*>(span.dst) + local;
-                         if (fill) {
-                           fill_run(dst, z + zi, n);
-                         } else {
-                           axpy_run(static_cast<const T*>(span.src) + local, dst, z + zi, n, alpha);
-                         }
-                       });
-                     });
+      const int64_t lo = std::max(base, begin), hi = std::min(base + kTile, end);
+      const size_t tile_cursor = cursor;
+      if (fill) {
+        tile_variates(gaussian, directions.front().seed, distribution, tile, z);
+        for_each_piece(spans, &cursor, base, lo, hi, [&](const PhiloxSpan& span, int64_t local, int64_t zi, int64_t n) {
+          with_type(span.dtype, [&](auto tag) {
+            using T = decltype(tag);
+            fill_run(static_cast<T*>(span.dst) + local, z + zi, n);
+          });
+        });
+        continue;
+      }
+      bool applied = false;
+      for (const Direction& d : directions) {
+        if (d.alpha == 0.0f) continue;
+        tile_variates(gaussian, d.seed, distribution, tile, z);
+        cursor = tile_cursor;
+        for_each_piece(spans, &cursor, base, lo, hi, [&](const PhiloxSpan& span, int64_t local, int64_t zi, int64_t n) {
+          with_type(span.dtype, [&](auto tag) {
+            using T = decltype(tag);
+            T* dst = static_cast<T*>(span.dst) + local;
+            const T* src = applied ? dst : static_cast<const T*>(span.src) + local;
+            axpy_run(src, dst, z + zi, n, d.alpha);
+          });
+        });
+        applied = true;
+      }
+      if (!applied) {
+        for_each_piece(spans, &cursor, base, lo, hi, [&](const PhiloxSpan& span, int64_t local, int64_t, int64_t n) {
+          with_type(span.dtype, [&](auto tag) {
+            using T = decltype(tag);
+            copy_run(static_cast<const T*>(span.src) + local, static_cast<T*>(span.dst) + local, n);
+          });
+        });
+      }
     }
   });
 }
 
-// <t, z> in the order stated in philox_variates.h (chunks of 4096 global
-// indices, 32 lanes per chunk, halving trees).
-double dot(const std::vector<PhiloxSpan>& spans, uint64_t seed, int64_t distribution) {
-  if (spans.empty()) return 0.0;
+// <t, z_k> for every seed k, each in the order stated in philox_variates.h
+// (chunks of 4096 global indices, 32 lanes per chunk, halving trees). The
+// elements are loaded once per 128-index step for all directions.
+std::vector<double> dot(const std::vector<PhiloxSpan>& spans, const std::vector<uint64_t>& seeds,
+                        int64_t distribution) {
+  const size_t directions = seeds.size();
+  std::vector<double> result(directions, 0.0);
+  if (spans.empty() || directions == 0) return result;
   const int64_t begin = spans.front().start, end = spans.back().start + spans.back().numel;
   const int64_t chunk_first = begin / philox::kDotChunk, chunk_last = (end - 1) / philox::kDotChunk;
-  std::vector<double> partials(static_cast<size_t>(chunk_last - chunk_first + 1));
+  const size_t chunks = static_cast<size_t>(chunk_last - chunk_first + 1);
+  std::vector<double> partials(directions * chunks);  // [direction][chunk]
   const GaussianTileFn gaussian = select_gaussian_tile();
   at::parallel_for(chunk_first, chunk_last + 1, kChunkGrain, [&](int64_t chunk_begin, int64_t chunk_end) {
     alignas(64) float z[kTile];
     alignas(64) float v[kTile];
+    std::vector<double> lanes(directions * philox::kDotLanes);
     size_t cursor = span_index(spans, std::max(chunk_begin * philox::kDotChunk, begin));
     for (int64_t chunk = chunk_begin; chunk < chunk_end; ++chunk) {
-      double lanes[philox::kDotLanes];
-      for (int l = 0; l < philox::kDotLanes; ++l) lanes[l] = 0.0;
+      std::fill(lanes.begin(), lanes.end(), 0.0);
       for (int64_t step = 0; step < kTilesPerChunk; ++step) {
         const int64_t tile = chunk * kTilesPerChunk + step;
         const int64_t base = tile * kTile;
         const int64_t lo = std::max(base, begin), hi = std::min(base + kTile, end);
         if (lo >= hi) continue;
-        tile_variates(gaussian, seed, distribution, tile, z);
         if (lo > base || hi < base + kTile) {
           for (int64_t i = 0; i < kTile; ++i) v[i] = 0.0f;  // absent indices contribute +-0: no change
         }
@@ -200,20 +243,31 @@ double dot(const std::vector<PhiloxSpan>& spans, uint64_t seed, int64_t distribu
             load_run(static_cast<const T*>(span.src) + local, v + zi, n);
           });
         });
-        // Lane l owns positions 4l .. 4l+3 of the step, in that order.
-        for (int j = 0; j < 4; ++j) {
-          for (int l = 0; l < philox::kDotLanes; ++l) {
-            lanes[l] += static_cast<double>(v[4 * l + j]) * static_cast<double>(z[4 * l + j]);
+        for (size_t k = 0; k < directions; ++k) {
+          tile_variates(gaussian, seeds[k], distribution, tile, z);
+          double* acc = lanes.data() + k * philox::kDotLanes;
+          // Lane l owns positions 4l .. 4l+3 of the step, in that order.
+          for (int j = 0; j < 4; ++j) {
+            for (int l = 0; l < philox::kDotLanes; ++l) {
+              acc[l] += static_cast<double>(v[4 * l + j]) * static_cast<double>(z[4 * l + j]);
+            }
           }
         }
       }
-      partials[static_cast<size_t>(chunk - chunk_first)] = philox::reduce_lanes32(lanes);
+      for (size_t k = 0; k < directions; ++k) {
+        double chunk_lanes[philox::kDotLanes];
+        std::copy_n(lanes.data() + k * philox::kDotLanes, philox::kDotLanes, chunk_lanes);
+        partials[k * chunks + static_cast<size_t>(chunk - chunk_first)] = philox::reduce_lanes32(chunk_lanes);
+      }
     }
   });
-  double lanes[philox::kDotLanes];
-  for (int l = 0; l < philox::kDotLanes; ++l) lanes[l] = 0.0;
-  for (size_t p = 0; p < partials.size(); ++p) lanes[p % philox::kDotLanes] += partials[p];
-  return philox::reduce_lanes32(lanes);
+  for (size_t k = 0; k < directions; ++k) {
+    double lanes[philox::kDotLanes];
+    for (int l = 0; l < philox::kDotLanes; ++l) lanes[l] = 0.0;
+    for (size_t p = 0; p < chunks; ++p) lanes[p % philox::kDotLanes] += partials[k * chunks + p];
+    result[k] = philox::reduce_lanes32(lanes);
+  }
+  return result;
 }
 
 void check_cpu(at::TensorList tensors, const char* op) {
@@ -229,6 +283,13 @@ std::vector<at::Tensor> contiguous_all(at::TensorList tensors) {
   return out;
 }
 
+std::vector<uint64_t> seed_words(at::IntArrayRef seeds) {
+  std::vector<uint64_t> out;
+  out.reserve(seeds.size());
+  for (const int64_t s : seeds) out.push_back(static_cast<uint64_t>(s));
+  return out;
+}
+
 at::Tensor philox_variates_cpu(const at::Tensor& like, int64_t n, int64_t seed, int64_t offset, int64_t distribution) {
   check_distribution(distribution);
   check_offset_count(offset, n);
@@ -236,7 +297,7 @@ at::Tensor philox_variates_cpu(const at::Tensor& like, int64_t n, int64_t seed, 
   at::Tensor out = at::empty({n}, like.options());
   if (n == 0) return out;
   const std::vector<PhiloxSpan> spans{PhiloxSpan{offset, n, to_dtype(out, "out"), nullptr, out.data_ptr()}};
-  elementwise(spans, static_cast<uint64_t>(seed), distribution, 0.0f, /*fill=*/true);
+  elementwise(spans, {Direction{static_cast<uint64_t>(seed), 0.0f}}, distribution, /*fill=*/true);
   return out;
 }
 
@@ -245,8 +306,23 @@ void philox_axpy_cpu(at::TensorList tensors, int64_t seed, double alpha, int64_t
   check_philox_tensors(tensors, offset, /*in_place=*/true, "philox_axpy_");
   check_cpu(tensors, "philox_axpy_");
   check_no_overlap(tensors, "philox_axpy_");
-  elementwise(make_spans(tensors, tensors, offset), static_cast<uint64_t>(seed), distribution,
-              static_cast<float>(alpha), /*fill=*/false);
+  elementwise(make_spans(tensors, tensors, offset), {Direction{static_cast<uint64_t>(seed), static_cast<float>(alpha)}},
+              distribution, /*fill=*/false);
+}
+
+void philox_axpy_multi_cpu(at::TensorList tensors, at::IntArrayRef seeds, const at::Tensor& alphas,
+                           int64_t distribution, int64_t offset) {
+  check_distribution(distribution);
+  check_philox_tensors(tensors, offset, /*in_place=*/true, "philox_axpy_multi_");
+  check_cpu(tensors, "philox_axpy_multi_");
+  check_no_overlap(tensors, "philox_axpy_multi_");
+  check_alphas(alphas, seeds.size(), tensors[0].device(), "philox_axpy_multi_");
+  const at::Tensor a = float_alphas(alphas);
+  const float* alpha = a.data_ptr<float>();
+  std::vector<Direction> directions;
+  directions.reserve(seeds.size());
+  for (size_t k = 0; k < seeds.size(); ++k) directions.push_back(Direction{static_cast<uint64_t>(seeds[k]), alpha[k]});
+  elementwise(make_spans(tensors, tensors, offset), directions, distribution, /*fill=*/false);
 }
 
 std::vector<at::Tensor> philox_perturbed_copy_cpu(at::TensorList tensors, int64_t seed, double alpha,
@@ -258,8 +334,8 @@ std::vector<at::Tensor> philox_perturbed_copy_cpu(at::TensorList tensors, int64_
   std::vector<at::Tensor> out;
   out.reserve(src.size());
   for (const at::Tensor& t : src) out.push_back(at::empty_like(t, at::MemoryFormat::Contiguous));
-  elementwise(make_spans(src, out, offset), static_cast<uint64_t>(seed), distribution, static_cast<float>(alpha),
-              /*fill=*/false);
+  elementwise(make_spans(src, out, offset), {Direction{static_cast<uint64_t>(seed), static_cast<float>(alpha)}},
+              distribution, /*fill=*/false);
   return out;
 }
 
@@ -268,8 +344,19 @@ at::Tensor philox_dot_cpu(at::TensorList tensors, int64_t seed, int64_t distribu
   check_philox_tensors(tensors, offset, /*in_place=*/false, "philox_dot");
   check_cpu(tensors, "philox_dot");
   const std::vector<at::Tensor> src = contiguous_all(tensors);
-  const double result = dot(make_spans(src, src, offset), static_cast<uint64_t>(seed), distribution);
+  const double result = dot(make_spans(src, src, offset), {static_cast<uint64_t>(seed)}, distribution)[0];
   return at::scalar_tensor(result, tensors[0].options().dtype(at::kDouble));
+}
+
+at::Tensor philox_dot_multi_cpu(at::TensorList tensors, at::IntArrayRef seeds, int64_t distribution, int64_t offset) {
+  check_distribution(distribution);
+  check_philox_tensors(tensors, offset, /*in_place=*/false, "philox_dot_multi");
+  check_cpu(tensors, "philox_dot_multi");
+  const std::vector<at::Tensor> src = contiguous_all(tensors);
+  const std::vector<double> result = dot(make_spans(src, src, offset), seed_words(seeds), distribution);
+  at::Tensor out = at::empty({static_cast<int64_t>(result.size())}, tensors[0].options().dtype(at::kDouble));
+  std::copy(result.begin(), result.end(), out.data_ptr<double>());
+  return out;
 }
 
 }  // namespace
@@ -279,6 +366,8 @@ TORCH_LIBRARY_IMPL(pycomm, CPU, m) {
   m.impl("philox_axpy_", &philox_axpy_cpu);
   m.impl("philox_perturbed_copy", &philox_perturbed_copy_cpu);
   m.impl("philox_dot", &philox_dot_cpu);
+  m.impl("philox_axpy_multi_", &philox_axpy_multi_cpu);
+  m.impl("philox_dot_multi", &philox_dot_multi_cpu);
 }
 
 }  // namespace pycomm

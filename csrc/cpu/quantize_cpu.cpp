@@ -1,7 +1,8 @@
 // CPU implementation of the quantization ops (see quant_format.h for the
 // byte format). Buckets are independent, so they are spread over threads with
 // at::parallel_for; within a bucket the loops run over groups of 8 lanes with
-// the bit width a compile-time constant, which the compiler vectorizes.
+// the bit width a compile-time constant, which the compiler vectorizes. With a
+// mixed (4-column) bucket table the bit width is dispatched per bucket.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/Dispatch.h>
@@ -262,9 +263,58 @@ void accumulate_bucket(const uint8_t* record, float* acc, int64_t bucket_size) {
   }
 }
 
+// Mixed bit widths: the bucket's bits are dispatched per bucket (a switch per
+// bucket of B elements, nothing per element).
+at::Tensor quantize_mixed_cpu(const at::Tensor& x_in, c10::optional<at::Tensor> residual, const at::Tensor& table,
+                              int64_t num_buckets, int64_t bits, int64_t bucket_size, bool stochastic, int64_t seed,
+                              int64_t skip_begin, int64_t skip_end, const c10::optional<at::Tensor>& host_table,
+                              int64_t chunk_row_begin) {
+  const MixedQuantizeArgs a = check_quantize_mixed_args(x_in, residual, table, num_buckets, bits, bucket_size,
+                                                        host_table, chunk_row_begin);
+  const at::Tensor x = x_in.contiguous();
+  at::Tensor payload = at::empty({a.payload_bytes}, x.options().dtype(at::kByte));
+  BucketLayout layout = make_layout(table, x.numel(), bucket_size, a.first_row);
+  layout.packed_chunk = a.chunk;
+  const MixedRecords records = make_mixed_records(table, a.first_row, a.payload_bytes, bucket_size);
+  uint8_t* out = payload.data_ptr<uint8_t>();
+  float* res = residual.has_value() ? residual->data_ptr<float>() : nullptr;
+  const uint64_t useed = static_cast<uint64_t>(seed);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "pycomm_quantize_mixed_cpu", [&] {
+    const scalar_t* xp = x.data_ptr<scalar_t>();
+    at::parallel_for(0, a.num_buckets, bucket_grain(bucket_size), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        int bucket_bits;
+        int64_t at;
+        if (!records.record(k, bucket_bits, at)) continue;
+        uint8_t* record = out + at;
+        if (k >= skip_begin && k < skip_end) {
+          std::memset(record, 0, quant::record_bytes(bucket_bits, bucket_size));
+          continue;
+        }
+        int64_t offset, length;
+        layout.range(k, offset, length);
+        quant::dispatch_bits(bucket_bits, [&](auto bits_c) {
+          constexpr int kBits = decltype(bits_c)::value;
+          if (res != nullptr)
+            quantize_bucket<scalar_t, kBits, true>(xp, res, offset, length, record, bucket_size, stochastic, useed, k);
+          else
+            quantize_bucket<scalar_t, kBits, false>(xp, nullptr, offset, length, record, bucket_size, stochastic,
+                                                    useed, k);
+        });
+      }
+    });
+  });
+  return payload;
+}
+
 at::Tensor quantize_cpu(const at::Tensor& x_in, c10::optional<at::Tensor> residual,
                         const c10::optional<at::Tensor>& bucket_table, int64_t num_buckets, int64_t bits,
-                        int64_t bucket_size, bool stochastic, int64_t seed, int64_t skip_begin, int64_t skip_end) {
+                        int64_t bucket_size, bool stochastic, int64_t seed, int64_t skip_begin, int64_t skip_end,
+                        const c10::optional<at::Tensor>& host_table, int64_t chunk_row_begin) {
+  if (is_mixed_table(bucket_table))
+    return quantize_mixed_cpu(x_in, residual, *bucket_table, num_buckets, bits, bucket_size, stochastic, seed,
+                              skip_begin, skip_end, host_table, chunk_row_begin);
+  check_no_host_table(host_table, chunk_row_begin);
   num_buckets = check_quantize_args(x_in, residual, bucket_table, num_buckets, bits, bucket_size);
   const at::Tensor x = x_in.contiguous();
   const int64_t numel = x.numel();
@@ -300,8 +350,34 @@ at::Tensor quantize_cpu(const at::Tensor& x_in, c10::optional<at::Tensor> residu
   return payload;
 }
 
+void dequantize_into_mixed_cpu(const at::Tensor& payload, at::Tensor out, const at::Tensor& table, int64_t bits,
+                               int64_t bucket_size, const c10::optional<at::Tensor>& host_table) {
+  const MixedTableInfo info = check_dequantize_into_mixed_args(payload, out, table, bits, bucket_size, host_table);
+  const BucketLayout layout = make_layout(table, out.numel(), bucket_size, 0);
+  const MixedRecords records = make_mixed_records(table, 0, info.total_bytes, bucket_size);
+  const uint8_t* in = payload.data_ptr<uint8_t>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, out.scalar_type(), "pycomm_dequantize_mixed_cpu", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    at::parallel_for(0, info.count, bucket_grain(bucket_size), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        int bucket_bits;
+        int64_t at;
+        if (!records.record(k, bucket_bits, at)) continue;
+        int64_t offset, length;
+        layout.range(k, offset, length);
+        quant::dispatch_bits(bucket_bits, [&](auto bits_c) {
+          dequantize_bucket<scalar_t, decltype(bits_c)::value>(in + at, op, offset, length);
+        });
+      }
+    });
+  });
+}
+
 void dequantize_into_cpu(const at::Tensor& payload, at::Tensor out, const c10::optional<at::Tensor>& bucket_table,
-                         int64_t bits, int64_t bucket_size) {
+                         int64_t bits, int64_t bucket_size, const c10::optional<at::Tensor>& host_table) {
+  if (is_mixed_table(bucket_table))
+    return dequantize_into_mixed_cpu(payload, out, *bucket_table, bits, bucket_size, host_table);
+  check_no_host_table(host_table, -1);
   check_dequantize_into_args(payload, out, bucket_table, bits, bucket_size);
   const int64_t num_buckets = payload.size(0);
   const int64_t record_size = payload.size(1);
@@ -322,9 +398,55 @@ void dequantize_into_cpu(const at::Tensor& payload, at::Tensor out, const c10::o
   });
 }
 
+at::Tensor dequantize_sum_mixed_cpu(const at::Tensor& payloads, const c10::optional<at::Tensor>& init_in,
+                                    const at::Tensor& table, int64_t first_row, int64_t bits, int64_t bucket_size,
+                                    const c10::optional<at::Tensor>& host_table) {
+  const auto checked =
+      check_dequantize_sum_mixed_args(payloads, init_in, table, first_row, bits, bucket_size, host_table);
+  const int64_t num_buckets = checked.second;
+  const int64_t sources = payloads.size(0), payload_bytes = payloads.size(1);
+  at::Tensor out = at::empty({num_buckets * bucket_size}, payloads.options().dtype(at::kFloat));
+  at::Tensor init;
+  BucketLayout layout{};
+  if (init_in.has_value()) {
+    init = init_in->contiguous();
+    layout = make_layout(table, init.numel(), bucket_size, first_row);
+  }
+  const MixedRecords records = make_mixed_records(table, first_row, payload_bytes, bucket_size);
+  const uint8_t* in = payloads.data_ptr<uint8_t>();
+  float* op = out.data_ptr<float>();
+  const at::ScalarType init_type = init.defined() ? init.scalar_type() : at::kFloat;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, init_type, "pycomm_dequantize_sum_mixed_cpu", [&] {
+    const scalar_t* ip = init.defined() ? init.data_ptr<scalar_t>() : nullptr;
+    at::parallel_for(0, num_buckets, bucket_grain(bucket_size), [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        float* acc = op + k * bucket_size;
+        std::memset(acc, 0, bucket_size * sizeof(float));
+        if (ip != nullptr) {
+          int64_t offset, length;
+          layout.range(k, offset, length);
+          for (int64_t j = 0; j < length; ++j) acc[j] = static_cast<float>(ip[offset + j]);
+        }
+        int bucket_bits;
+        int64_t at;
+        if (!records.record(k, bucket_bits, at)) continue;
+        quant::dispatch_bits(bucket_bits, [&](auto bits_c) {
+          for (int64_t s = 0; s < sources; ++s)
+            accumulate_bucket<decltype(bits_c)::value>(in + s * payload_bytes + at, acc, bucket_size);
+        });
+      }
+    });
+  });
+  return out;
+}
+
 at::Tensor dequantize_sum_cpu(const at::Tensor& payloads, const c10::optional<at::Tensor>& init_in,
                               const c10::optional<at::Tensor>& bucket_table, int64_t init_bucket_begin, int64_t bits,
-                              int64_t bucket_size) {
+                              int64_t bucket_size, const c10::optional<at::Tensor>& host_table) {
+  if (is_mixed_table(bucket_table))
+    return dequantize_sum_mixed_cpu(payloads, init_in, *bucket_table, init_bucket_begin, bits, bucket_size,
+                                    host_table);
+  check_no_host_table(host_table, -1);
   check_dequantize_sum_args(payloads, init_in, bucket_table, init_bucket_begin, bits, bucket_size);
   const int64_t sources = payloads.size(0), num_buckets = payloads.size(1), record_size = payloads.size(2);
   at::Tensor out = at::empty({num_buckets * bucket_size}, payloads.options().dtype(at::kFloat));

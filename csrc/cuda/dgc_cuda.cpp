@@ -8,7 +8,8 @@
 //   - topk_magnitude with a segment table: the outputs' length is the sum of
 //     each segment's k, so the table is read on the host: from the caller's
 //     `host_segments` copy (the DGC hook passes one; nothing waits), or else
-//     copied from the device (a few hundred bytes; this waits).
+//     copied from the device (a few hundred bytes; this waits). A keep column
+//     is validated on that host copy.
 //   - dgc_mask and densify: the indices usually come from other ranks, and an
 //     index out of range must raise. A kernel records the lowest bad position
 //     and the writing kernels skip everything when it is set; then one 8-byte
@@ -51,7 +52,7 @@ void dgc_compensate_cuda(const at::Tensor& grad_in, at::Tensor u, at::Tensor v,
   const size_t bytes = dgc_compensate_workspace_bytes(grad.numel(), table.count, clip);
   at::Tensor ws = workspace(bytes, grad);
   C10_CUDA_CHECK(launch_dgc_compensate(grad.data_ptr(), to_dtype(grad, "grad"), u.data_ptr<float>(),
-                                       v.data_ptr<float>(), table.rows, table.count, grad.numel(),
+                                       v.data_ptr<float>(), table.rows, table.count, table.columns, grad.numel(),
                                        static_cast<float>(momentum), nesterov, clip_norm, ws.data_ptr(), bytes,
                                        at::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -83,15 +84,17 @@ std::tuple<at::Tensor, at::Tensor> topk_magnitude_cuda(const at::Tensor& x_in,
       host_rows = segments->cpu();
     }
   }
-  const TopkPlan plan =
-      topk_plan(host_rows.defined() ? host_rows.data_ptr<int64_t>() : nullptr, table.count, x.numel(), density);
+  const SegmentTable host_table{host_rows.defined() ? host_rows.data_ptr<int64_t>() : nullptr, table.count,
+                                x.numel(), table.columns};
+  check_segment_keep(host_table);
+  const TopkPlan plan = topk_plan(host_table.rows, table.count, table.columns, x.numel(), density);
   at::Tensor values = at::empty({plan.total_k}, x.options());
   at::Tensor indices = at::empty({plan.total_k}, x.options().dtype(index_type_for(x.numel())));
   if (plan.total_k == 0) return {values, indices};
   const size_t bytes = topk_magnitude_workspace_bytes(x.numel(), table.count, plan);
   at::Tensor ws = workspace(bytes, x);
-  C10_CUDA_CHECK(launch_topk_magnitude(x.data_ptr(), to_dtype(x, "x"), x.numel(), table.rows, table.count, density,
-                                       plan, values.data_ptr(), indices.data_ptr(),
+  C10_CUDA_CHECK(launch_topk_magnitude(x.data_ptr(), to_dtype(x, "x"), x.numel(), table.rows, table.count,
+                                       table.columns, density, plan, values.data_ptr(), indices.data_ptr(),
                                        indices.scalar_type() == at::kLong, ws.data_ptr(), bytes,
                                        at::cuda::getCurrentCUDAStream()));
   C10_CUDA_KERNEL_LAUNCH_CHECK();

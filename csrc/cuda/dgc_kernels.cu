@@ -222,13 +222,14 @@ PYCOMM_HD uint32_t key_of(const Storage<D>* x, int64_t i) {
   return float_bits(topk::magnitude_key(Elem<D>::to_float(x[i]))) & 0x7fffffffu;
 }
 
-enum : uint32_t { kModeRadix = 0, kModeAll = 1 };
+enum : uint32_t { kModeRadix = 0, kModeAll = 1, kModeNone = 2 };
 
 // Per segment: the key bits fixed so far (prefix) and how many of the
 // elements matching them are still to be taken (rem). After the last pass,
 // prefix is the k-th key K and rem the number of elements equal to K taken
 // (the elements above K are all taken). kModeAll: the segment is taken whole
-// (k == length).
+// (k == length); kModeNone: nothing is taken (k == 0 < length, possible with a
+// keep column).
 struct SelectState {
   uint32_t prefix;
   uint32_t mode;
@@ -238,7 +239,7 @@ struct SelectState {
 PYCOMM_HD SelectState init_select(int64_t length, int64_t k) {
   SelectState st;
   st.prefix = 0;
-  st.mode = k >= length ? kModeAll : kModeRadix;
+  st.mode = k >= length ? kModeAll : (k <= 0 ? kModeNone : kModeRadix);
   st.rem = k;
   return st;
 }
@@ -266,6 +267,7 @@ PYCOMM_HD bool radix_pick(const SelectState& st, int shift, uint32_t digit, uint
 // 1: ranked above the k-th key (taken); 2: equal to it (taken in index order
 // while rem lasts); 0: not taken.
 PYCOMM_HD uint32_t classify(uint32_t key, const SelectState& st) {
+  if (st.mode == kModeNone) return 0;
   if (st.mode == kModeAll || key > st.prefix) return 1;
   return key == st.prefix ? 2 : 0;
 }
@@ -290,7 +292,7 @@ __global__ void topk_init_kernel(const SegmentTable table, double density, int64
       int64_t offset, length;
       table.segment(s, offset, length);
       n = tile_count(length);
-      k = topk_count(length, density);
+      k = table.keep(s, density);
       state[s] = init_select(length, k);
     }
     tiles[s] = n;
@@ -661,9 +663,10 @@ size_t dgc_compensate_workspace_bytes(int64_t numel, int64_t num_segments, bool 
 }
 
 cudaError_t launch_dgc_compensate(const void* grad, DType dtype, float* u, float* v, const int64_t* table,
-                                  int64_t num_segments, int64_t numel, float momentum, bool nesterov,
-                                  double clip_norm, void* workspace, size_t workspace_bytes, cudaStream_t stream) {
-  const SegmentTable segs{table, table != nullptr ? num_segments : 1, numel};
+                                  int64_t num_segments, int64_t columns, int64_t numel, float momentum,
+                                  bool nesterov, double clip_norm, void* workspace, size_t workspace_bytes,
+                                  cudaStream_t stream) {
+  const SegmentTable segs{table, table != nullptr ? num_segments : 1, numel, columns};
   if (segs.count <= 0 || numel <= 0) return cudaSuccess;
   const bool clip = clip_norm > 0.0;
   CompensateWorkspace w;
@@ -700,10 +703,10 @@ size_t topk_magnitude_workspace_bytes(int64_t numel, int64_t num_segments, const
 }
 
 cudaError_t launch_topk_magnitude(const void* x, DType dtype, int64_t numel, const int64_t* table,
-                                  int64_t num_segments, double density, const TopkPlan& plan, void* values,
-                                  void* indices, bool indices64, void* workspace, size_t workspace_bytes,
-                                  cudaStream_t stream) {
-  const SegmentTable segs{table, table != nullptr ? num_segments : 1, numel};
+                                  int64_t num_segments, int64_t columns, double density, const TopkPlan& plan,
+                                  void* values, void* indices, bool indices64, void* workspace,
+                                  size_t workspace_bytes, cudaStream_t stream) {
+  const SegmentTable segs{table, table != nullptr ? num_segments : 1, numel, columns};
   if (segs.count <= 0 || numel <= 0 || plan.total_k <= 0 || plan.total_tiles <= 0) return cudaSuccess;
   TopkWorkspace w;
   if (carve_topk(workspace, numel, segs.count, plan, w) > workspace_bytes) return cudaErrorInvalidValue;
@@ -723,8 +726,8 @@ cudaError_t launch_topk_magnitude(const void* x, DType dtype, int64_t numel, con
   dispatch_dtype(dtype, [&](auto tag) {
     constexpr DType D = decltype(tag)::value;
     const Storage<D>* xp = static_cast<const Storage<D>*>(x);
-    // density 1 takes every segment whole: no k-th key to find.
-    if (density < 1.0) {
+    // Segments taken whole or not at all have no k-th key to find.
+    if (plan.partial_segments > 0) {
       err = cudaMemsetAsync(w.hist, 0, static_cast<size_t>(segs.count) * kBins * counter_bytes, stream);
       if (err != cudaSuccess) return;
       for (int pass = 0; pass < kPasses; ++pass) {

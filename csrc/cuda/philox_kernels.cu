@@ -8,7 +8,11 @@
 // start table (in kernel parameter space), and uses one 16-byte (float32) or
 // 8-byte (16-bit) access when its four elements lie in one tensor, aligned.
 //
-// Dot: one warp per chunk of 4096 global indices, exactly the order stated in
+// Several directions (seeds) per launch: the elementwise threads apply them in
+// order to their four elements (the data is read and written once); the dot
+// kernel gives each (chunk, direction) pair its own warp.
+//
+// Dot: one warp per chunk of 4096 global indices and direction, exactly the order stated in
 // philox_variates.h: in step k (0..31) lane l owns the indices
 // chunk_base + 128k + 4l .. +3 and adds their products to its double
 // accumulator in index order; then the xor-shuffle butterfly (the halving tree
@@ -113,49 +117,77 @@ __device__ __forceinline__ void store4(S* p, const S (&v)[4]) {
 
 template <DType D, bool kFill>
 __global__ void __launch_bounds__(kBlock)
-    elementwise_kernel(const __grid_constant__ PhiloxBatch b, uint64_t seed, int distribution, float alpha,
-                       int64_t q_begin, int64_t q_count) {
+    elementwise_kernel(const __grid_constant__ PhiloxBatch b, const __grid_constant__ PhiloxDirections dirs,
+                       int distribution, int64_t q_begin, int64_t q_count) {
   using E = Elem<D>;
   using S = typename E::Storage;
   const int64_t begin = b.start[0], end = b.start[b.count];
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < q_count; i += stride) {
     const int64_t q = q_begin + i;
-    float z[4];
-    group_variates(seed, distribution, static_cast<uint64_t>(q), z);
     const int64_t g0 = 4 * q;
-    int t = find_tensor(b, g0 > begin ? g0 : begin);
-    if (g0 >= b.start[t] && g0 + 4 <= b.start[t + 1]) {
-      const int64_t local = g0 - b.start[t];
-      S* dst = static_cast<S*>(b.dst[t]) + local;
-      const S* src = kFill ? nullptr : static_cast<const S*>(b.src[t]) + local;
-      if (qdev::aligned_to(dst, 4 * sizeof(S)) && (kFill || qdev::aligned_to(src, 4 * sizeof(S)))) {
-        S out[4];
-        if (kFill) {
+    const int t = find_tensor(b, g0 > begin ? g0 : begin);
+    const bool whole = g0 >= b.start[t] && g0 + 4 <= b.start[t + 1];
+    S* const dst_whole = whole ? static_cast<S*>(b.dst[t]) + (g0 - b.start[t]) : nullptr;
+    const S* const src_whole = whole && !kFill ? static_cast<const S*>(b.src[t]) + (g0 - b.start[t]) : nullptr;
+    const bool vector = whole && qdev::aligned_to(dst_whole, 4 * sizeof(S)) &&
+                        (kFill || qdev::aligned_to(src_whole, 4 * sizeof(S)));
+    // Otherwise element by element: the tensor of each index, -1 outside the batch.
+    int tensor_of[4];
+    if (!vector) {
+      int u = t;
 #pragma unroll
-          for (int j = 0; j < 4; ++j) out[j] = E::from_float(z[j]);
-        } else {
-          S in[4];
-          load4(src, in);
-#pragma unroll
-          for (int j = 0; j < 4; ++j) out[j] = E::from_float(axpy_value(E::to_float(in[j]), alpha, z[j]));
+      for (int j = 0; j < 4; ++j) {
+        const int64_t g = g0 + j;
+        if (g < begin || g >= end) {
+          tensor_of[j] = -1;
+          continue;
         }
-        store4(dst, out);
-        continue;
+        while (g >= b.start[u + 1]) ++u;
+        tensor_of[j] = u;
       }
     }
+    S out[4];
+    if (kFill) {
+      float z[4];
+      group_variates(dirs.seed[0], distribution, static_cast<uint64_t>(q), z);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
-      const int64_t g = g0 + j;
-      if (g < begin || g >= end) continue;
-      while (g >= b.start[t + 1]) ++t;
-      const int64_t local = g - b.start[t];
-      S* dst = static_cast<S*>(b.dst[t]) + local;
-      if (kFill) {
-        *dst = E::from_float(z[j]);
+      for (int j = 0; j < 4; ++j) out[j] = E::from_float(z[j]);
+    } else {
+      S in[4];
+      if (vector) {
+        load4(src_whole, in);
       } else {
-        const float v = E::to_float(static_cast<const S*>(b.src[t])[local]);
-        *dst = E::from_float(axpy_value(v, alpha, z[j]));
+#pragma unroll
+        for (int j = 0; j < 4; ++j) {
+          const int u = tensor_of[j];
+          in[j] = u >= 0 ? static_cast<const S*>(b.src[u])[g0 + j - b.start[u]] : S(0);
+        }
+      }
+      float v[4];
+#pragma unroll
+      for (int j = 0; j < 4; ++j) v[j] = E::to_float(in[j]);
+      bool applied = false;
+      for (int k = 0; k < dirs.count; ++k) {
+        const float alpha = dirs.device_alpha != nullptr ? dirs.device_alpha[k] : dirs.alpha[k];
+        if (alpha == 0.0f) continue;
+        float z[4];
+        group_variates(dirs.seed[k], distribution, static_cast<uint64_t>(q), z);
+        // Rounded to the dtype after every direction, as successive single-direction ops store it.
+#pragma unroll
+        for (int j = 0; j < 4; ++j) v[j] = E::to_float(E::from_float(axpy_value(v[j], alpha, z[j])));
+        applied = true;
+      }
+#pragma unroll
+      for (int j = 0; j < 4; ++j) out[j] = applied ? E::from_float(v[j]) : in[j];
+    }
+    if (vector) {
+      store4(dst_whole, out);
+    } else {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const int u = tensor_of[j];
+        if (u >= 0) static_cast<S*>(b.dst[u])[g0 + j - b.start[u]] = out[j];
       }
     }
   }
@@ -169,26 +201,34 @@ __device__ __forceinline__ double warp_tree(double acc) {
   return acc;
 }
 
+// One warp per (chunk, direction) pair; the directions of a chunk are
+// neighbouring warps, so they read the chunk's elements while it is in cache.
+// Per direction k: partials[k * chunks_total + chunk - chunk_first] and the
+// carries carry_in / carry_out + 32 k.
 template <DType D>
 __global__ void __launch_bounds__(kBlock)
-    dot_kernel(const __grid_constant__ PhiloxBatch b, uint64_t seed, int distribution, int64_t op_begin,
-               int64_t op_end, int64_t chunk_first, int64_t chunk_lo, int64_t chunk_count, const double* carry_in,
-               double* carry_out, double* partials) {
+    dot_kernel(const __grid_constant__ PhiloxBatch b, const __grid_constant__ PhiloxDirections dirs,
+               int distribution, int64_t op_begin, int64_t op_end, int64_t chunk_first, int64_t chunks_total,
+               int64_t chunk_lo, int64_t chunk_count, const double* carry_in, double* carry_out,
+               double* partials) {
   using E = Elem<D>;
   using S = typename E::Storage;
   const int lane = static_cast<int>(threadIdx.x) & (kWarp - 1);
   const int64_t warp = (static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x) / kWarp;
   const int64_t warps = static_cast<int64_t>(gridDim.x) * blockDim.x / kWarp;
   const int64_t begin = b.start[0], end = b.start[b.count];
-  for (int64_t w = warp; w < chunk_count; w += warps) {  // uniform within the warp
-    const int64_t chunk = chunk_lo + w;
+  const int64_t items = chunk_count * dirs.count;
+  for (int64_t w = warp; w < items; w += warps) {  // uniform within the warp
+    const int64_t chunk = chunk_lo + w / dirs.count;
+    const int k = static_cast<int>(w % dirs.count);
+    const uint64_t seed = dirs.seed[k];
     const int64_t base = chunk * kDotChunk;
     const int64_t first = base > begin ? base : begin;
     double acc = 0.0;
-    if ((base > op_begin ? base : op_begin) < begin) acc = carry_in[lane];  // the chunk began in an earlier batch
+    if ((base > op_begin ? base : op_begin) < begin) acc = carry_in[kDotLanes * k + lane];  // began in an earlier batch
     int t = find_tensor(b, first);
-    for (int k = 0; k < 32; ++k) {
-      const int64_t step = base + 128 * k;
+    for (int step_index = 0; step_index < 32; ++step_index) {
+      const int64_t step = base + 128 * step_index;
       if (step + 128 <= begin || step >= end) continue;
       const int64_t q = step / 4 + lane;
       float z[4];
@@ -205,91 +245,79 @@ __global__ void __launch_bounds__(kBlock)
     const int64_t chunk_end = base + kDotChunk < op_end ? base + kDotChunk : op_end;
     if (chunk_end <= end) {
       acc = warp_tree(acc);
-      if (lane == 0) partials[chunk - chunk_first] = acc;
+      if (lane == 0) partials[k * chunks_total + (chunk - chunk_first)] = acc;
     } else {
-      carry_out[lane] = acc;  // continued by the next batch
+      carry_out[kDotLanes * k + lane] = acc;  // continued by the next batch
     }
   }
 }
 
+// One warp per direction (block k): lane l sums partials l, l+32, ... in order.
 __global__ void dot_final_kernel(const double* partials, int64_t count, double* out) {
   const int lane = static_cast<int>(threadIdx.x);
+  const double* p = partials + static_cast<int64_t>(blockIdx.x) * count;
   double acc = 0.0;
-  for (int64_t p = lane; p < count; p += kWarp) acc = dadd_rn(acc, partials[p]);
+  for (int64_t i = lane; i < count; i += kWarp) acc = dadd_rn(acc, p[i]);
   acc = warp_tree(acc);
-  if (lane == 0) out[0] = acc;
+  if (lane == 0) out[blockIdx.x] = acc;
 }
 
 template <bool kFill>
-void launch_elementwise_typed(const PhiloxBatch& b, uint64_t seed, int distribution, float alpha,
+void launch_elementwise_typed(const PhiloxBatch& b, const PhiloxDirections& dirs, int distribution,
                               cudaStream_t stream) {
   const int64_t begin = b.start[0], end = b.start[b.count];
   const int64_t q_begin = begin / 4, q_count = (end - 1) / 4 + 1 - q_begin;
   const unsigned grid = grid_size(ceil_div(q_count, kBlock));
-  switch (b.dtype) {
-    case DType::Float32:
-      elementwise_kernel<DType::Float32, kFill><<<grid, kBlock, 0, stream>>>(b, seed, distribution, alpha, q_begin,
-                                                                             q_count);
-      break;
-    case DType::Float16:
-      elementwise_kernel<DType::Float16, kFill><<<grid, kBlock, 0, stream>>>(b, seed, distribution, alpha, q_begin,
-                                                                             q_count);
-      break;
-    case DType::BFloat16:
-      elementwise_kernel<DType::BFloat16, kFill><<<grid, kBlock, 0, stream>>>(b, seed, distribution, alpha,
-                                                                              q_begin, q_count);
-      break;
-  }
+  dispatch_dtype(b.dtype, [&](auto tag) {
+    constexpr DType D = decltype(tag)::value;
+    elementwise_kernel<D, kFill><<<grid, kBlock, 0, stream>>>(b, dirs, distribution, q_begin, q_count);
+  });
 }
 
 int64_t chunk_of(int64_t g) { return g / kDotChunk; }
 
+int64_t chunk_count_of(int64_t begin, int64_t end) {
+  return end > begin ? chunk_of(end - 1) - chunk_of(begin) + 1 : 0;
+}
+
 }  // namespace
 
-void launch_philox_elementwise(const PhiloxBatch& batch, uint64_t seed, int distribution, float alpha, bool fill,
-                               cudaStream_t stream) {
-  if (batch.count <= 0 || batch.start[batch.count] <= batch.start[0]) return;
+void launch_philox_elementwise(const PhiloxBatch& batch, const PhiloxDirections& directions, int distribution,
+                               bool fill, cudaStream_t stream) {
+  if (batch.count <= 0 || batch.start[batch.count] <= batch.start[0] || directions.count <= 0) return;
   if (fill) {
-    launch_elementwise_typed<true>(batch, seed, distribution, alpha, stream);
+    launch_elementwise_typed<true>(batch, directions, distribution, stream);
   } else {
-    launch_elementwise_typed<false>(batch, seed, distribution, alpha, stream);
+    launch_elementwise_typed<false>(batch, directions, distribution, stream);
   }
 }
 
-int64_t philox_dot_workspace_doubles(int64_t begin, int64_t end) {
-  const int64_t chunks = end > begin ? chunk_of(end - 1) - chunk_of(begin) + 1 : 0;
-  return chunks + 2 * kDotLanes;
+int64_t philox_dot_workspace_doubles(int64_t begin, int64_t end, int directions) {
+  return static_cast<int64_t>(directions) * (chunk_count_of(begin, end) + 2 * kDotLanes);
 }
 
-void launch_philox_dot_batch(const PhiloxBatch& b, int batch_index, int64_t begin, int64_t end, uint64_t seed,
-                             int distribution, double* workspace, cudaStream_t stream) {
+void launch_philox_dot_batch(const PhiloxBatch& b, int batch_index, int64_t begin, int64_t end,
+                             const PhiloxDirections& dirs, int distribution, double* workspace,
+                             cudaStream_t stream) {
   const int64_t batch_begin = b.start[0], batch_end = b.start[b.count];
-  if (b.count <= 0 || batch_end <= batch_begin) return;
-  const int64_t chunk_first = chunk_of(begin);
+  if (b.count <= 0 || batch_end <= batch_begin || dirs.count <= 0) return;
+  const int64_t chunk_first = chunk_of(begin), chunks_total = chunk_count_of(begin, end);
   const int64_t chunk_lo = chunk_of(batch_begin), chunk_count = chunk_of(batch_end - 1) - chunk_lo + 1;
-  double* carry = workspace + (chunk_of(end - 1) - chunk_first + 1);
-  const double* carry_in = carry + kDotLanes * (batch_index & 1);
-  double* carry_out = carry + kDotLanes * ((batch_index + 1) & 1);
-  const unsigned grid = grid_size(ceil_div(chunk_count, kBlock / kWarp));
-  switch (b.dtype) {
-    case DType::Float32:
-      dot_kernel<DType::Float32><<<grid, kBlock, 0, stream>>>(b, seed, distribution, begin, end, chunk_first,
-                                                              chunk_lo, chunk_count, carry_in, carry_out, workspace);
-      break;
-    case DType::Float16:
-      dot_kernel<DType::Float16><<<grid, kBlock, 0, stream>>>(b, seed, distribution, begin, end, chunk_first,
-                                                              chunk_lo, chunk_count, carry_in, carry_out, workspace);
-      break;
-    case DType::BFloat16:
-      dot_kernel<DType::BFloat16><<<grid, kBlock, 0, stream>>>(b, seed, distribution, begin, end, chunk_first,
-                                                               chunk_lo, chunk_count, carry_in, carry_out, workspace);
-      break;
-  }
+  double* carry = workspace + dirs.count * chunks_total;
+  const double* carry_in = carry + kDotLanes * dirs.count * (batch_index & 1);
+  double* carry_out = carry + kDotLanes * dirs.count * ((batch_index + 1) & 1);
+  const unsigned grid = grid_size(ceil_div(chunk_count * dirs.count, kBlock / kWarp));
+  dispatch_dtype(b.dtype, [&](auto tag) {
+    constexpr DType D = decltype(tag)::value;
+    dot_kernel<D><<<grid, kBlock, 0, stream>>>(b, dirs, distribution, begin, end, chunk_first, chunks_total,
+                                               chunk_lo, chunk_count, carry_in, carry_out, workspace);
+  });
 }
 
-void launch_philox_dot_final(int64_t begin, int64_t end, const double* workspace, double* out, cudaStream_t stream) {
-  const int64_t chunks = end > begin ? chunk_of(end - 1) - chunk_of(begin) + 1 : 0;
-  dot_final_kernel<<<1, kWarp, 0, stream>>>(workspace, chunks, out);
+void launch_philox_dot_final(int64_t begin, int64_t end, int directions, const double* workspace, double* out,
+                             cudaStream_t stream) {
+  if (directions <= 0) return;
+  dot_final_kernel<<<directions, kWarp, 0, stream>>>(workspace, chunk_count_of(begin, end), out);
 }
 
 }  // namespace pycomm

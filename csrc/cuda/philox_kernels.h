@@ -1,5 +1,6 @@
 // Host launchers of the CUDA Philox kernels (philox_kernels.cu): variates,
-// multi-tensor axpy / perturbed copy and dot product.
+// multi-tensor axpy / perturbed copy and dot product, for one or several
+// directions (seeds) per launch.
 //
 // Torch-free: raw device pointers, sizes, pycomm::DType and a stream. The
 // launchers only enqueue work on `stream`: no allocation, no synchronisation,
@@ -35,19 +36,38 @@ struct PhiloxBatch {
   void* dst[kPhiloxMaxTensors];
 };
 
-// fill: dst = z; otherwise dst = src + alpha * z (float32, mul then add, each
-// rounded; then rounded to dtype). distribution: philox::kGaussian / kRademacher.
-void launch_philox_elementwise(const PhiloxBatch& batch, uint64_t seed, int distribution, float alpha, bool fill,
-                               cudaStream_t stream);
+// Up to kPhiloxMaxDirections directions of one launch, also passed as a
+// kernel parameter: their seeds and their alphas, either in alpha[] or, when
+// device_alpha is not null, as `count` floats in device memory (read by the
+// kernels: a caller whose alphas were computed on the device never waits).
+constexpr int kPhiloxMaxDirections = 32;
 
-// Dot product <t, z> of the op's global index range [begin, end), made of
-// batches 0, 1, ... launched in order with launch_philox_dot_batch, then
-// launch_philox_dot_final. workspace: philox_dot_workspace_doubles(begin, end)
-// doubles (the chunk partials, then two 32-lane carries for chunks that span
-// two batches). out: one double on the device.
-int64_t philox_dot_workspace_doubles(int64_t begin, int64_t end);
-void launch_philox_dot_batch(const PhiloxBatch& batch, int batch_index, int64_t begin, int64_t end, uint64_t seed,
-                             int distribution, double* workspace, cudaStream_t stream);
-void launch_philox_dot_final(int64_t begin, int64_t end, const double* workspace, double* out, cudaStream_t stream);
+struct PhiloxDirections {
+  int count;
+  uint64_t seed[kPhiloxMaxDirections];
+  float alpha[kPhiloxMaxDirections];
+  const float* device_alpha;
+};
+
+// fill: dst = z of direction 0. Otherwise, for each direction k in order whose
+// alpha is not 0: dst = src + alpha_k * z_k (float32, mul then add, each
+// rounded; then rounded to dtype), src being the previous result: exactly the
+// successive single-direction updates. With no direction applied, dst = src
+// bit for bit. distribution: philox::kGaussian / kRademacher.
+void launch_philox_elementwise(const PhiloxBatch& batch, const PhiloxDirections& directions, int distribution,
+                               bool fill, cudaStream_t stream);
+
+// Dot products <t, z_k> of the op's global index range [begin, end) for the
+// directions of one group, made of batches 0, 1, ... launched in order with
+// launch_philox_dot_batch, then launch_philox_dot_final. workspace:
+// philox_dot_workspace_doubles(begin, end, directions.count) doubles (per
+// direction the chunk partials, then two 32-lane carries per direction for
+// chunks that span two batches). out: directions.count doubles on the device.
+int64_t philox_dot_workspace_doubles(int64_t begin, int64_t end, int directions);
+void launch_philox_dot_batch(const PhiloxBatch& batch, int batch_index, int64_t begin, int64_t end,
+                             const PhiloxDirections& directions, int distribution, double* workspace,
+                             cudaStream_t stream);
+void launch_philox_dot_final(int64_t begin, int64_t end, int directions, const double* workspace, double* out,
+                             cudaStream_t stream);
 
 }  // namespace pycomm

@@ -185,7 +185,8 @@ struct QuantizeParams {
   const void* x;         // [numel] elements of the dtype the kernel is instantiated for
   float* residual;       // nullptr, or [numel] float32 updated in place
   BucketLayout layout;   // where bucket k reads from (first_bucket = 0)
-  uint8_t* payload;      // [num_buckets][record_bytes]
+  uint8_t* payload;      // [num_buckets][record_bytes], or the flat records of a mixed table
+  MixedRecords mixed;    // mixed.table == nullptr: every record has record_size bytes
   int64_t num_buckets;
   int64_t record_size;
   int64_t skip_begin;    // buckets in [skip_begin, skip_end) become zero records
@@ -202,6 +203,8 @@ struct BucketJob {
   int64_t used_groups;  // groups holding elements: ceil(length / 8)
   int64_t groups;       // groups of the record: bucket_size / 8
   uint8_t* record;
+  int bits;             // this bucket's bit width (mixed tables)
+  bool valid;           // false: a mixed-table row that is malformed; the bucket is left alone
   bool zero;            // write an all-zero record (skipped, empty or past the end)
 };
 
@@ -209,7 +212,15 @@ PYCOMM_HD BucketJob make_job(const QuantizeParams& p, int64_t k) {
   BucketJob job;
   job.bucket = k;
   job.groups = p.layout.bucket_size / kGroup;
-  job.record = p.payload + k * p.record_size;
+  job.bits = quant::kMinBits;
+  job.valid = true;
+  if (p.mixed.table != nullptr) {
+    int64_t at = 0;
+    job.valid = k < p.num_buckets && p.mixed.record(k, job.bits, at);
+    job.record = p.payload + (job.valid ? at : 0);
+  } else {
+    job.record = p.payload + k * p.record_size;
+  }
   job.offset = 0;
   job.length = 0;
   if (k < p.num_buckets && !(k >= p.skip_begin && k < p.skip_end)) p.layout.range(k, job.offset, job.length);
@@ -364,25 +375,43 @@ PYCOMM_HD void quantize_phase2(const QuantizeParams& p, const BucketJob& job, in
   }
 }
 
+// Phase 2 with the bucket's bit width chosen at run time (mixed tables): every
+// thread of a bucket takes the same branch.
+template <DType D, int kCache>
+PYCOMM_HD void quantize_phase2_mixed(const QuantizeParams& p, const BucketJob& job, int tid, int tpb,
+                                     const RangePartial& range,
+                                     const float (&cache)[kCache > 0 ? kCache : 1][kGroup]) {
+  switch (job.bits) {
+    case 1: quantize_phase2<D, 1, kCache>(p, job, tid, tpb, range, cache); break;
+    case 2: quantize_phase2<D, 2, kCache>(p, job, tid, tpb, range, cache); break;
+    case 3: quantize_phase2<D, 3, kCache>(p, job, tid, tpb, range, cache); break;
+    case 4: quantize_phase2<D, 4, kCache>(p, job, tid, tpb, range, cache); break;
+    case 5: quantize_phase2<D, 5, kCache>(p, job, tid, tpb, range, cache); break;
+    case 6: quantize_phase2<D, 6, kCache>(p, job, tid, tpb, range, cache); break;
+    case 7: quantize_phase2<D, 7, kCache>(p, job, tid, tpb, range, cache); break;
+    default: quantize_phase2<D, 8, kCache>(p, job, tid, tpb, range, cache); break;
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Dequantize into a tensor: one thread per group of a bucket.
 
 struct DequantizeParams {
-  const uint8_t* payload;  // [num_buckets][record_size]
+  const uint8_t* payload;  // [num_buckets][record_size], or the flat records of a mixed table
   void* out;
   BucketLayout layout;     // first_bucket = 0, numel = out's elements
+  MixedRecords mixed;      // used by the kBits = 0 (mixed) instantiation
   int64_t num_buckets;
   int64_t record_size;
 };
 
 template <DType D, int kBits>
-PYCOMM_HD void dequantize_group(const DequantizeParams& p, int64_t k, int64_t g) {
+PYCOMM_HD void dequantize_record_group(const DequantizeParams& p, const uint8_t* record, int64_t k, int64_t g) {
   int64_t offset, length;
   p.layout.range(k, offset, length);
   const int64_t base = g * kGroup;
   if (base >= length) return;
   const int n = static_cast<int>(length - base < kGroup ? length - base : kGroup);
-  const uint8_t* record = p.payload + k * p.record_size;
   float mn, unit;
   quant::read_header(record, mn, unit);
   const uint64_t word = load_group_word<kBits>(record + quant::kHeaderBytes + g * kBits);
@@ -391,18 +420,58 @@ PYCOMM_HD void dequantize_group(const DequantizeParams& p, int64_t k, int64_t g)
   store8<D>(static_cast<typename Elem<D>::Storage*>(p.out) + offset + base, n, v);
 }
 
+// kBits = 0: the bit width and the record's place come from the mixed table.
+template <DType D, int kBits>
+PYCOMM_HD void dequantize_group(const DequantizeParams& p, int64_t k, int64_t g) {
+  if constexpr (kBits == 0) {
+    int bits = 0;
+    int64_t at = 0;
+    if (!p.mixed.record(k, bits, at)) return;
+    const uint8_t* record = p.payload + at;
+    switch (bits) {
+      case 1: dequantize_record_group<D, 1>(p, record, k, g); break;
+      case 2: dequantize_record_group<D, 2>(p, record, k, g); break;
+      case 3: dequantize_record_group<D, 3>(p, record, k, g); break;
+      case 4: dequantize_record_group<D, 4>(p, record, k, g); break;
+      case 5: dequantize_record_group<D, 5>(p, record, k, g); break;
+      case 6: dequantize_record_group<D, 6>(p, record, k, g); break;
+      case 7: dequantize_record_group<D, 7>(p, record, k, g); break;
+      default: dequantize_record_group<D, 8>(p, record, k, g); break;
+    }
+  } else {
+    dequantize_record_group<D, kBits>(p, p.payload + k * p.record_size, k, g);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Sum of dequantized payloads (+ init): one thread per group of a bucket.
 
 struct DequantizeSumParams {
-  const uint8_t* payloads;  // [sources][num_buckets][record_size]
+  const uint8_t* payloads;  // [sources][num_buckets][record_size], or [sources][mixed.payload_bytes]
   const void* init;         // nullptr, or elements read through layout
   BucketLayout layout;      // first_bucket = init_bucket_begin, numel = init's elements
+  MixedRecords mixed;       // used by the kBits = 0 (mixed) instantiation
   float* out;               // [num_buckets * bucket_size]
   int64_t sources;
   int64_t num_buckets;
   int64_t record_size;
 };
+
+// acc += the decoded group g of each source's record (at byte `first` of
+// source 0, `stride` bytes apart), in source order; zero records are skipped.
+template <int kBits>
+PYCOMM_HD void accumulate_sources(const DequantizeSumParams& p, int64_t first, int64_t stride, int64_t g,
+                                  float (&acc)[kGroup]) {
+  for (int64_t s = 0; s < p.sources; ++s) {
+    const uint8_t* record = p.payloads + s * stride + first;
+    if (quant::is_zero_record(record)) continue;
+    float mn, unit;
+    quant::read_header(record, mn, unit);
+    const uint64_t word = load_group_word<kBits>(record + quant::kHeaderBytes + g * kBits);
+    for (int j = 0; j < kGroup; ++j)
+      acc[j] = accumulate(acc[j], decode_value(quant::level_in_group(word, j, kBits), mn, unit));
+  }
+}
 
 template <DType D, int kBits>
 PYCOMM_HD void dequantize_sum_group(const DequantizeSumParams& p, int64_t k, int64_t g) {
@@ -417,14 +486,24 @@ PYCOMM_HD void dequantize_sum_group(const DequantizeSumParams& p, int64_t k, int
       load8<D, true>(static_cast<const typename Elem<D>::Storage*>(p.init) + offset + base, n, acc);
     }
   }
-  for (int64_t s = 0; s < p.sources; ++s) {
-    const uint8_t* record = p.payloads + (s * p.num_buckets + k) * p.record_size;
-    if (quant::is_zero_record(record)) continue;
-    float mn, unit;
-    quant::read_header(record, mn, unit);
-    const uint64_t word = load_group_word<kBits>(record + quant::kHeaderBytes + g * kBits);
-    for (int j = 0; j < kGroup; ++j)
-      acc[j] = accumulate(acc[j], decode_value(quant::level_in_group(word, j, kBits), mn, unit));
+  if constexpr (kBits == 0) {
+    int bits = 0;
+    int64_t at = 0;
+    if (p.mixed.record(k, bits, at)) {
+      const int64_t stride = p.mixed.payload_bytes;
+      switch (bits) {
+        case 1: accumulate_sources<1>(p, at, stride, g, acc); break;
+        case 2: accumulate_sources<2>(p, at, stride, g, acc); break;
+        case 3: accumulate_sources<3>(p, at, stride, g, acc); break;
+        case 4: accumulate_sources<4>(p, at, stride, g, acc); break;
+        case 5: accumulate_sources<5>(p, at, stride, g, acc); break;
+        case 6: accumulate_sources<6>(p, at, stride, g, acc); break;
+        case 7: accumulate_sources<7>(p, at, stride, g, acc); break;
+        default: accumulate_sources<8>(p, at, stride, g, acc); break;
+      }
+    }
+  } else {
+    accumulate_sources<kBits>(p, k * p.record_size, p.num_buckets * p.record_size, g, acc);
   }
   store8<DType::Float32>(p.out + k * p.layout.bucket_size + base, kGroup, acc);
 }

@@ -15,6 +15,12 @@
 // the whole payload; dequantize_sum adds the sources in order, per element, as
 // the CPU does, so the float32 sums are identical too.
 //
+// Mixed bit widths (4-column tables): the same kernels instantiated with
+// kBits = 0 read each bucket's bits and record offset from the table and
+// switch to the matching compile-time bit width per bucket (a bucket's
+// threads are whole warps in quantize, and B/8 consecutive threads in the
+// decoders, so a warp rarely mixes widths).
+//
 // One launch per op for the whole tensor; no synchronisation, no allocation.
 #include "quantize_kernels.h"
 
@@ -61,6 +67,7 @@ __device__ __forceinline__ void warp_reduce(qdev::RangePartial& r) {
 // Block of kBlock threads = kBlock / tpb buckets; a bucket's threads are whole
 // warps. The loop over blocks is uniform within a block, so __syncthreads is
 // safe; threads of buckets past the end take part in the reductions only.
+// kBits = 0: mixed table (bits per bucket).
 template <DType D, int kBits, int kCache>
 __global__ void __launch_bounds__(kBlock) quantize_kernel(const qdev::QuantizeParams p, int64_t block_count) {
   __shared__ qdev::RangePartial warp_ranges[kBlock / kWarp];
@@ -70,8 +77,8 @@ __global__ void __launch_bounds__(kBlock) quantize_kernel(const qdev::QuantizePa
   const int warps_per_bucket = tpb / kWarp;
   for (int64_t blk = blockIdx.x; blk < block_count; blk += gridDim.x) {
     const int64_t k = blk * (kBlock / tpb) + slot;
-    const bool active = k < p.num_buckets;
-    const qdev::BucketJob job = qdev::make_job(p, active ? k : 0);
+    const qdev::BucketJob job = qdev::make_job(p, k < p.num_buckets ? k : 0);
+    const bool active = k < p.num_buckets && job.valid;
     qdev::RangePartial range;
     qdev::range_init(range);
     float cache[kCache > 0 ? kCache : 1][kGroup];
@@ -86,7 +93,12 @@ __global__ void __launch_bounds__(kBlock) quantize_kernel(const qdev::QuantizePa
       for (int w = 1; w < warps_per_bucket; ++w) qdev::range_combine(range, warp_ranges[first + w]);
       __syncthreads();  // warp_ranges is reused by the next block of buckets
     }
-    if (active) qdev::quantize_phase2<D, kBits, kCache>(p, job, tid, tpb, range, cache);
+    if (active) {
+      if constexpr (kBits == 0)
+        qdev::quantize_phase2_mixed<D, kCache>(p, job, tid, tpb, range, cache);
+      else
+        qdev::quantize_phase2<D, kBits, kCache>(p, job, tid, tpb, range, cache);
+    }
   }
 }
 
@@ -115,17 +127,35 @@ __global__ void __launch_bounds__(kBlock) decode_kernel(const Params p, int64_t 
 
 }  // namespace
 
-void launch_quantize(const void* x, DType dtype, float* residual, const int64_t* table, int64_t numel,
-                     int64_t num_buckets, int bits, int64_t bucket_size, bool stochastic, uint64_t seed,
-                     int64_t skip_begin, int64_t skip_end, uint8_t* payload, cudaStream_t stream) {
-  if (num_buckets <= 0) return;
+namespace {
+
+int threads_per_bucket(int64_t bucket_size, bool& cached) {
   const int64_t groups = bucket_size / kGroup;
   // Enough threads per bucket that each owns at most kCacheGroups groups, up
   // to a whole block; beyond that, threads loop over more groups and re-read.
   int tpb = kWarp;
   while (tpb < kBlock && groups > static_cast<int64_t>(tpb) * kCacheGroups) tpb *= 2;
-  const bool cached = groups <= static_cast<int64_t>(tpb) * kCacheGroups;
+  cached = groups <= static_cast<int64_t>(tpb) * kCacheGroups;
+  return tpb;
+}
 
+// kBits = 0 launches the mixed-table instantiation.
+template <int kBits>
+void launch_quantize_kernel(const qdev::QuantizeParams& p, DType dtype, bool cached, cudaStream_t stream) {
+  const int64_t blocks = ceil_div(p.num_buckets, kBlock / p.threads_per_bucket);
+  const unsigned grid = grid_size(blocks);
+  dispatch_dtype(dtype, [&](auto dtype_c) {
+    constexpr DType D = decltype(dtype_c)::value;
+    if (cached)
+      quantize_kernel<D, kBits, kCacheGroups><<<grid, kBlock, 0, stream>>>(p, blocks);
+    else
+      quantize_kernel<D, kBits, 0><<<grid, kBlock, 0, stream>>>(p, blocks);
+  });
+}
+
+qdev::QuantizeParams quantize_params(const void* x, float* residual, const int64_t* table, int64_t columns,
+                                     int64_t numel, int64_t num_buckets, int64_t bucket_size, bool stochastic,
+                                     uint64_t seed, int64_t skip_begin, int64_t skip_end, uint8_t* payload) {
   qdev::QuantizeParams p;
   p.x = x;
   p.residual = residual;
@@ -133,27 +163,54 @@ void launch_quantize(const void* x, DType dtype, float* residual, const int64_t*
   p.layout.numel = numel;
   p.layout.bucket_size = bucket_size;
   p.layout.first_bucket = 0;
+  p.layout.columns = columns;
+  p.layout.packed_chunk = false;
   p.payload = payload;
+  p.mixed.table = nullptr;
+  p.mixed.first_row = 0;
+  p.mixed.payload_bytes = 0;
+  p.mixed.bucket_size = bucket_size;
   p.num_buckets = num_buckets;
-  p.record_size = quant::record_bytes(bits, bucket_size);
+  p.record_size = 0;
   p.skip_begin = skip_begin;
   p.skip_end = skip_end;
   p.seed = seed;
   p.stochastic = stochastic ? 1 : 0;
-  p.threads_per_bucket = tpb;
+  p.threads_per_bucket = kWarp;
+  return p;
+}
 
-  const int64_t blocks = ceil_div(num_buckets, kBlock / tpb);
-  const unsigned grid = grid_size(blocks);
-  dispatch_dtype(dtype, [&](auto dtype_c) {
-    constexpr DType D = decltype(dtype_c)::value;
-    quant::dispatch_bits(bits, [&](auto bits_c) {
-      constexpr int kBits = decltype(bits_c)::value;
-      if (cached)
-        quantize_kernel<D, kBits, kCacheGroups><<<grid, kBlock, 0, stream>>>(p, blocks);
-      else
-        quantize_kernel<D, kBits, 0><<<grid, kBlock, 0, stream>>>(p, blocks);
-    });
+}  // namespace
+
+void launch_quantize(const void* x, DType dtype, float* residual, const int64_t* table, int64_t numel,
+                     int64_t num_buckets, int bits, int64_t bucket_size, bool stochastic, uint64_t seed,
+                     int64_t skip_begin, int64_t skip_end, uint8_t* payload, cudaStream_t stream) {
+  if (num_buckets <= 0) return;
+  bool cached = false;
+  qdev::QuantizeParams p = quantize_params(x, residual, table, 2, numel, num_buckets, bucket_size, stochastic, seed,
+                                           skip_begin, skip_end, payload);
+  p.threads_per_bucket = threads_per_bucket(bucket_size, cached);
+  p.record_size = quant::record_bytes(bits, bucket_size);
+  quant::dispatch_bits(bits, [&](auto bits_c) {
+    launch_quantize_kernel<decltype(bits_c)::value>(p, dtype, cached, stream);
   });
+}
+
+void launch_quantize_mixed(const void* x, DType dtype, float* residual, const int64_t* mixed_table,
+                           bool chunk_layout, int64_t first_row, int64_t numel, int64_t num_buckets,
+                           int64_t bucket_size, bool stochastic, uint64_t seed, int64_t skip_begin, int64_t skip_end,
+                           uint8_t* payload, int64_t payload_bytes, cudaStream_t stream) {
+  if (num_buckets <= 0) return;
+  bool cached = false;
+  qdev::QuantizeParams p = quantize_params(x, residual, mixed_table, 4, numel, num_buckets, bucket_size, stochastic,
+                                           seed, skip_begin, skip_end, payload);
+  p.layout.first_bucket = first_row;
+  p.layout.packed_chunk = chunk_layout;
+  p.threads_per_bucket = threads_per_bucket(bucket_size, cached);
+  p.mixed.table = mixed_table;
+  p.mixed.first_row = first_row;
+  p.mixed.payload_bytes = payload_bytes;
+  launch_quantize_kernel<0>(p, dtype, cached, stream);
 }
 
 void launch_dequantize_into(const uint8_t* payload, int64_t num_buckets, const int64_t* table, void* out,
@@ -167,6 +224,9 @@ void launch_dequantize_into(const uint8_t* payload, int64_t num_buckets, const i
   p.layout.numel = out_numel;
   p.layout.bucket_size = bucket_size;
   p.layout.first_bucket = 0;
+  p.layout.columns = 2;
+  p.layout.packed_chunk = false;
+  p.mixed.table = nullptr;
   p.num_buckets = num_buckets;
   p.record_size = quant::record_bytes(bits, bucket_size);
   const unsigned grid = grid_size(ceil_div(num_buckets * groups, kBlock));
@@ -192,6 +252,9 @@ void launch_dequantize_sum(const uint8_t* payloads, int64_t sources, int64_t num
   p.layout.numel = init != nullptr ? init_numel : 0;
   p.layout.bucket_size = bucket_size;
   p.layout.first_bucket = init_bucket_begin;
+  p.layout.columns = 2;
+  p.layout.packed_chunk = false;
+  p.mixed.table = nullptr;
   p.out = out;
   p.sources = sources;
   p.num_buckets = num_buckets;
@@ -204,6 +267,65 @@ void launch_dequantize_sum(const uint8_t* payloads, int64_t sources, int64_t num
       constexpr int kBits = decltype(bits_c)::value;
       decode_kernel<D, kBits><<<grid, kBlock, 0, stream>>>(p, groups, shift);
     });
+  });
+}
+
+void launch_dequantize_into_mixed(const uint8_t* payload, int64_t payload_bytes, const int64_t* mixed_table,
+                                  int64_t num_buckets, void* out, DType dtype, int64_t out_numel,
+                                  int64_t bucket_size, cudaStream_t stream) {
+  if (num_buckets <= 0) return;
+  const int64_t groups = bucket_size / kGroup;
+  qdev::DequantizeParams p;
+  p.payload = payload;
+  p.out = out;
+  p.layout.table = mixed_table;
+  p.layout.numel = out_numel;
+  p.layout.bucket_size = bucket_size;
+  p.layout.first_bucket = 0;
+  p.layout.columns = 4;
+  p.layout.packed_chunk = false;
+  p.mixed.table = mixed_table;
+  p.mixed.first_row = 0;
+  p.mixed.payload_bytes = payload_bytes;
+  p.mixed.bucket_size = bucket_size;
+  p.num_buckets = num_buckets;
+  p.record_size = 0;
+  const unsigned grid = grid_size(ceil_div(num_buckets * groups, kBlock));
+  const int shift = pow2_shift(groups);
+  dispatch_dtype(dtype, [&](auto dtype_c) {
+    constexpr DType D = decltype(dtype_c)::value;
+    decode_kernel<D, 0><<<grid, kBlock, 0, stream>>>(p, groups, shift);
+  });
+}
+
+void launch_dequantize_sum_mixed(const uint8_t* payloads, int64_t sources, int64_t payload_bytes,
+                                 const int64_t* mixed_table, int64_t first_row, int64_t num_buckets, const void* init,
+                                 DType init_dtype, int64_t init_numel, int64_t bucket_size, float* out,
+                                 cudaStream_t stream) {
+  if (num_buckets <= 0) return;
+  const int64_t groups = bucket_size / kGroup;
+  qdev::DequantizeSumParams p;
+  p.payloads = payloads;
+  p.init = init;
+  p.layout.table = mixed_table;
+  p.layout.numel = init != nullptr ? init_numel : 0;
+  p.layout.bucket_size = bucket_size;
+  p.layout.first_bucket = first_row;
+  p.layout.columns = 4;
+  p.layout.packed_chunk = false;
+  p.mixed.table = mixed_table;
+  p.mixed.first_row = first_row;
+  p.mixed.payload_bytes = payload_bytes;
+  p.mixed.bucket_size = bucket_size;
+  p.out = out;
+  p.sources = sources;
+  p.num_buckets = num_buckets;
+  p.record_size = 0;
+  const unsigned grid = grid_size(ceil_div(num_buckets * groups, kBlock));
+  const int shift = pow2_shift(groups);
+  dispatch_dtype(init != nullptr ? init_dtype : DType::Float32, [&](auto dtype_c) {
+    constexpr DType D = decltype(dtype_c)::value;
+    decode_kernel<D, 0><<<grid, kBlock, 0, stream>>>(p, groups, shift);
   });
 }
 

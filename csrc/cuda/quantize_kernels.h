@@ -36,4 +36,27 @@ void launch_dequantize_sum(const uint8_t* payloads, int64_t sources, int64_t num
                            DType init_dtype, int64_t init_numel, const int64_t* table, int64_t init_bucket_begin,
                            int bits, int64_t bucket_size, float* out, cudaStream_t stream);
 
+// Mixed bit widths: mixed_table is int64 [rows][4] (offset, length, bits,
+// byte_offset), checked by the caller (records packed back to back); the
+// kernels still skip any row whose record would leave the payload.
+// quantize: bucket k is row first_row + k; it reads its elements through the
+// row (chunk_layout false, first_row 0) or from [k*B, k*B + the row's length)
+// of x (chunk_layout true: a reduced chunk); payload holds payload_bytes bytes.
+void launch_quantize_mixed(const void* x, DType dtype, float* residual, const int64_t* mixed_table,
+                           bool chunk_layout, int64_t first_row, int64_t numel, int64_t num_buckets,
+                           int64_t bucket_size, bool stochastic, uint64_t seed, int64_t skip_begin, int64_t skip_end,
+                           uint8_t* payload, int64_t payload_bytes, cudaStream_t stream);
+
+// Decodes the records of all num_buckets rows (payload_bytes bytes) into out through the rows.
+void launch_dequantize_into_mixed(const uint8_t* payload, int64_t payload_bytes, const int64_t* mixed_table,
+                                  int64_t num_buckets, void* out, DType dtype, int64_t out_numel,
+                                  int64_t bucket_size, cudaStream_t stream);
+
+// out [num_buckets * B] = init (read through rows first_row + k) + the decoded payloads
+// [sources][payload_bytes], which hold the records of rows [first_row, first_row + num_buckets).
+void launch_dequantize_sum_mixed(const uint8_t* payloads, int64_t sources, int64_t payload_bytes,
+                                 const int64_t* mixed_table, int64_t first_row, int64_t num_buckets, const void* init,
+                                 DType init_dtype, int64_t init_numel, int64_t bucket_size, float* out,
+                                 cudaStream_t stream);
+
 }  // namespace pycomm

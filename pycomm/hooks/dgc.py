@@ -4,8 +4,9 @@
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass, field
-from typing import Any, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -29,11 +30,24 @@ class _BucketPlan:
     params: list                    # the bucket's parameters, in buffer order
     offsets: list[int]              # their offsets in the buffer
     compressed: list[tuple[int, int]]
+    positions: list[int]            # the compressed layers' indices in bucket.parameters()
     dense: list[tuple[int, int]]
     segments: Optional[torch.Tensor]  # segment table of the compressed layers (on the buffer's device)
     host_segments: Optional[torch.Tensor]  # its CPU copy: the CUDA top-k sizes its output without waiting
     compressor: DGC                 # u and v over the whole buffer (u of dense layers is their momentum)
     counts: dict = field(default_factory=dict)  # density -> k of the whole bucket
+    # Per-layer densities (DGCState.set_layer_params): the override of each compressed layer
+    # (None: the default), as of the state's layer-parameter version, and the 3-column segment
+    # tables (device table, CPU copy or None) built so far, by per-layer counts.
+    layer_version: int = -1
+    layer_densities: list = field(default_factory=list)
+    has_layer_densities: bool = False
+    layer_tables: dict = field(default_factory=dict)
+
+    @property
+    def layers(self) -> list[tuple[int, int, int]]:
+        """The compressed layers as (position, offset, length)."""
+        return [(p, o, n) for p, (o, n) in zip(self.positions, self.compressed)]
 
 
 class DGCState(HookState):
@@ -62,7 +76,19 @@ class DGCState(HookState):
             (indices travel as int32).
         seed: seed of the top-k sample.
 
-    The state is checkpointed per rank: each rank saves its own :meth:`state_dict` (u and v).
+    Per-layer densities (for L-GreCo): :meth:`set_layer_params` maps compressed layers, keyed
+    ``(bucket.index(), position in bucket.parameters())``, to their own density inside the same
+    bucket (still one top-k launch per bucket, and one fixed-size payload sized from the per-layer
+    counts ``pycomm.ops.topk_count(numel, density)``). During warm-up such a layer uses
+    ``max(warm-up density, its density)``. Every rank must make the same call at the same step.
+    ``observer``, when set, is called as ``observer(bucket_index, v, layers)`` once per bucket per
+    step with compressed layers, after momentum correction and before top-k: ``v`` is the float32
+    accumulated velocity of the whole bucket (reused: copy what you keep), ``layers`` the compressed
+    layers as ``(position, offset, length)``. A rank that skips compression of a bucket for NaN/Inf
+    does not call it for that bucket. The observer is not pickled and not in :meth:`state_dict`.
+
+    The state is checkpointed per rank: each rank saves its own :meth:`state_dict` (u, v and the
+    per-layer densities).
 
     Example::
 
@@ -111,32 +137,121 @@ class DGCState(HookState):
         self.value_dtype = value_dtype
         self.seed = seed
         self.iter = 0
+        self.observer: Optional[Callable[[int, torch.Tensor, list[tuple[int, int, int]]], None]] = None
+        self._layer_params: dict[tuple[int, int], float] = {}
+        self._layer_version = 0
         self._plans: dict[int, _BucketPlan] = {}
         self._pending: dict[int, dict[str, Any]] = {}
 
     # -- schedule ------------------------------------------------------------
-    def density_at(self, step: int) -> float:
-        """The density used at ``step``: the warm-up stage's, never below the target."""
+    def warmup_density(self, step: int) -> Optional[float]:
+        """The warm-up stage's density at ``step``, or None after the warm-up."""
         stage_len = self.warmup_steps
         if not stage_len and self.warmup_epochs:
             stage_len = max(1, self.warmup_epochs * self.steps_per_epoch // max(1, len(self.warmup_densities)))
         if stage_len and step < stage_len * len(self.warmup_densities):
-            return max(self.warmup_densities[step // stage_len], self.density)
-        return self.density
+            return self.warmup_densities[step // stage_len]
+        return None
+
+    def density_at(self, step: int) -> float:
+        """The density used at ``step`` by layers without their own: the warm-up stage's, never
+        below the target."""
+        warmup = self.warmup_density(step)
+        return self.density if warmup is None else max(warmup, self.density)
+
+    # -- per-layer densities ----------------------------------------------------
+    @property
+    def layer_params(self) -> dict[tuple[int, int], float]:
+        """The per-layer densities set by :meth:`set_layer_params` (a copy)."""
+        return dict(self._layer_params)
+
+    def set_layer_params(self, params: Optional[Mapping[tuple[int, int], float]]) -> None:
+        """Give compressed layers their own density, from the next time the hook sees their bucket.
+
+        Args:
+            params: ``{(bucket_index, position): density}`` with density in (0, 1]; layers not named
+                use :meth:`density_at`. None (or empty) clears every override. Replaces the previous
+                mapping. Every rank must call it with the same mapping at the same step.
+
+        Raises:
+            ValueError: a malformed key, a density outside (0, 1], or a key naming a layer that a
+                bucket already seen does not compress.
+        """
+        checked: dict[tuple[int, int], float] = {}
+        for key, value in (params or {}).items():
+            if (not isinstance(key, tuple) or len(key) != 2
+                    or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in key)):
+                raise ValueError(f"layer keys must be (bucket_index, position) pairs of non-negative ints, "
+                                 f"got {key!r}")
+            if (not isinstance(value, numbers.Real) or isinstance(value, bool)
+                    or not 0.0 < float(value) <= 1.0):
+                raise ValueError(f"density of layer {key} must be a number in (0, 1], got {value!r}")
+            bucket_index, position = int(key[0]), int(key[1])
+            plan = self._plans.get(bucket_index)
+            if plan is not None and position not in plan.positions:
+                raise ValueError(f"layer {key} is not compressed: bucket {bucket_index} compresses the "
+                                 f"positions {plan.positions}")
+            checked[(bucket_index, position)] = float(value)
+        self._layer_params = checked
+        self._layer_version += 1
+
+    def _layer_counts(self, plan: _BucketPlan, bucket_index: int, step: int) -> Optional[tuple[int, ...]]:
+        """Elements kept per compressed layer at ``step``, or None when no layer of the bucket has its own
+        density (then the whole bucket uses :meth:`density_at`, exactly as without overrides)."""
+        if plan.layer_version != self._layer_version:
+            plan.layer_densities = [self._layer_params.get((bucket_index, p)) for p in plan.positions]
+            plan.has_layer_densities = any(d is not None for d in plan.layer_densities)
+            plan.layer_tables.clear()  # tables of earlier settings are not needed again
+            plan.layer_version = self._layer_version
+        if not plan.has_layer_densities:
+            return None
+        warmup = self.warmup_density(step)
+        default = self.density_at(step)
+        return tuple(ops.topk_count(n, default if d is None else d if warmup is None else max(warmup, d))
+                     for (_, n), d in zip(plan.compressed, plan.layer_densities))
+
+    def _layer_table(self, plan: _BucketPlan, counts: tuple[int, ...],
+                     device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The (offset, length, count) table for ``counts`` and, on CUDA, its CPU copy. Built once per
+        setting; on CUDA the copy to the device is asynchronous (from pinned memory), so nothing waits."""
+        table = plan.layer_tables.get(counts)
+        if table is None:
+            host = ops.segment_table(plan.compressed, counts=counts)
+            if device.type == "cuda":
+                host = host.pin_memory()
+                table = (host.to(device, non_blocking=True), host)
+            else:
+                table = (host.to(device), None)
+            plan.layer_tables[counts] = table
+        return table
 
     # -- persistence -----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: configuration, iteration, and u and v of every DDP bucket."""
+        """This rank's state: configuration, iteration, per-layer densities, and u and v of every DDP
+        bucket."""
         buckets = {i: {"signature": p.signature, **p.compressor.state_dict()} for i, p in self._plans.items()}
         return {**{k: getattr(self, k) for k in self._CONFIG}, "value_dtype": str(self.value_dtype),
-                "buckets": buckets}
+                "layer_params": self.layer_params, "buckets": buckets}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (checkpoints without per-layer densities load with none)."""
         for k in self._CONFIG:
             setattr(self, k, state_dict[k])
         self.value_dtype = getattr(torch, state_dict["value_dtype"].replace("torch.", ""))
         self._plans.clear()
         self._pending = dict(state_dict.get("buckets", {}))
+        self.set_layer_params(state_dict.get("layer_params"))
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("observer", None)  # a callable of the running job, often not picklable
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.observer = None
+        self.__dict__.setdefault("_layer_params", {})
+        self.__dict__.setdefault("_layer_version", 0)
 
     # -- planning ----------------------------------------------------------------
     def _plan(self, bucket: dist.GradBucket) -> _BucketPlan:
@@ -146,12 +261,13 @@ class DGCState(HookState):
         plan = self._plans.get(bucket.index())
         if plan is not None and plan.signature == signature:
             return plan
-        offsets, compressed, dense, offset = [], [], [], 0
-        for p in params:
+        offsets, compressed, positions, dense, offset = [], [], [], [], 0
+        for position, p in enumerate(params):
             n = p.numel()
             offsets.append(offset)
             if p.dim() > 1 and n >= self.min_numel:
                 compressed.append((offset, n))
+                positions.append(position)
             elif n:
                 dense.append((offset, n))
             offset += n
@@ -167,7 +283,7 @@ class DGCState(HookState):
             self._migrate(params, offsets, compressor)
         host_segments = ops.segment_table(compressed) if compressed else None
         segments = host_segments.to(buffer.device) if compressed else None
-        plan = _BucketPlan(signature, params, offsets, compressed, dense, segments,
+        plan = _BucketPlan(signature, params, offsets, compressed, positions, dense, segments,
                            host_segments if buffer.is_cuda else None, compressor)
         self._plans[bucket.index()] = plan
         return plan
@@ -204,7 +320,8 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
 
     Per bucket: momentum correction (with clipping), top-k selection per layer, one
     ``all_gather`` of a fixed-size payload (k values + k int32 indices + a flag, so Gloo never
-    sees empty or ragged tensors), densify (indices validated), divide by W. Small and 1-D
+    sees empty or ragged tensors), densify (indices validated), divide by W. k is the sum of the
+    layers' counts, each at the default density or at the layer's own (:meth:`DGCState.set_layer_params`). Small and 1-D
     layers are all-reduced densely with the same local momentum. Register with
     ``pycomm.register(ddp_model, "dgc", density=0.001)``.
 
@@ -226,8 +343,15 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     small = torch.cat([buffer[o:o + k] for o, k in plan.dense]).float() if plan.dense else None
     fallback = False
     if plan.segments is not None:
-        density = state.density_at(step)
-        k = state._count(plan, density)
+        counts = state._layer_counts(plan, bucket.index(), step)
+        if counts is None:
+            density = state.density_at(step)
+            k = state._count(plan, density)
+            select_segments, select_host_segments = plan.segments, plan.host_segments
+        else:  # per-layer counts in the table's third column; the density argument is then unused
+            density = 1.0
+            k = sum(counts)
+            select_segments, select_host_segments = state._layer_table(plan, counts, buffer.device)
         local_bad = (not buffer.is_cuda) and not bool(torch.isfinite(buffer).all())
         if local_bad:
             values = torch.zeros(k, dtype=torch.float32, device=buffer.device)
@@ -235,8 +359,10 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         else:
             clip = state.clip_norm / math.sqrt(world) if state.clip_norm else None
             comp.compensate(buffer, plan.segments, clip_norm=clip)
-            values, indices = comp.select(density, plan.segments, seed=mix_seed(state.seed, step, bucket.index()),
-                                          host_segments=plan.host_segments)
+            if state.observer is not None:
+                state.observer(bucket.index(), comp.v, plan.layers)
+            values, indices = comp.select(density, select_segments, seed=mix_seed(state.seed, step, bucket.index()),
+                                          host_segments=select_host_segments)
         payload = _pack(values, indices, int(local_bad), state.value_dtype)
         gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=buffer.device)
         all_gather_into_tensor(gathered, payload, group=group)

@@ -4,7 +4,7 @@
 
 import logging
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -22,11 +22,19 @@ logger = logging.getLogger(__name__)
 class _BucketPlan:
     """How one DDP bucket is split between the quantized and the plain path."""
 
-    signature: tuple
+    signature: tuple                         # the buffer's layout: (numel, dtype, parameter shapes)
     table: Optional[torch.Tensor]            # bucket table over the compressed layers, or None
     dense: list[tuple[int, int]]             # (offset, length) of layers all-reduced uncompressed
     worker_residual: Optional[torch.Tensor]  # float32, numel of the bucket buffer
     server_residual: Optional[torch.Tensor]  # float32, buckets_per_chunk * bucket_size
+    layers: list[tuple[int, int, int]]       # compressed layers: (position, offset, length)
+    layer_bits: tuple[int, ...] = ()         # bits of each compressed layer
+    bits: int = 0                            # bits of the 2-column path; 0: `table` is mixed
+    host_table: Optional[torch.Tensor] = None  # CPU copy of a mixed table (sizes payloads, no wait)
+    params_version: int = 0                  # QuantState's layer-params version it was built for
+
+
+_Observer = Callable[[int, torch.Tensor, list[tuple[int, int, int]]], None]
 
 
 class QuantState(HookState):
@@ -44,6 +52,15 @@ class QuantState(HookState):
         min_numel: layers with fewer elements, and every layer with ``dim <= 1`` (biases, norms),
             are all-reduced uncompressed.
         seed: base seed of stochastic rounding (mixed with the step, the bucket and the rank).
+
+    Per-layer bit widths (for L-GreCo): :meth:`set_layer_params` maps a compressed layer
+    ``(bucket.index(), position in bucket.parameters())`` to its bits; layers without an entry
+    use ``bits``. A DDP bucket whose layers differ is sent with a mixed bucket table (one kernel
+    launch per phase, the same two collectives). ``observer``, when set, is called as
+    ``observer(bucket_index, values, layers)`` once per bucket per compressed step, before
+    compressing: ``values`` is a float32 tensor of the bucket's numel holding exactly what is
+    quantized (buffer + worker residual; copy what you keep), ``layers`` the compressed layers as
+    ``(position, offset, length)``. It is not pickled and not in :meth:`state_dict`.
 
     Residuals are per rank: checkpoint each rank's :meth:`state_dict` (e.g. to
     ``f"quant_rank{rank}.pt"``) and load it on the same rank. Pickling the state
@@ -77,8 +94,57 @@ class QuantState(HookState):
         self.min_numel = min_numel
         self.seed = seed
         self.iter = 0
+        self.observer: Optional[_Observer] = None
+        self._layer_params: dict[tuple[int, int], int] = {}
+        self._params_version = 0
         self._plans: dict[int, _BucketPlan] = {}
         self._pending: dict[int, dict[str, Any]] = {}  # residuals loaded before their bucket is seen
+
+    # -- per-layer bit widths ------------------------------------------------
+    @property
+    def layer_params(self) -> dict[tuple[int, int], int]:
+        """The per-layer bits overrides, ``{(bucket_index, position): bits}`` (a copy)."""
+        return dict(self._layer_params)
+
+    def set_layer_params(self, params: Optional[dict[tuple[int, int], int]]) -> None:
+        """Set per-layer bits: ``{(bucket_index, position): bits}`` with bits in 1..8; None clears.
+
+        Layers without an entry use ``bits``; entries of layers that are not compressed (``dim <= 1``
+        or fewer than ``min_numel`` elements) have no effect. Takes effect the next time the hook
+        sees each bucket; a bucket whose layers' bits changed keeps its worker residuals and resets
+        its server residual (whose layout follows the bits). Every rank must set the same mapping
+        at the same step (nothing is communicated).
+        """
+        self._layer_params = self._validated_layer_params(params)
+        self._params_version += 1
+
+    @staticmethod
+    def _validated_layer_params(params: Optional[dict]) -> dict[tuple[int, int], int]:
+        if params is None:
+            return {}
+        if not isinstance(params, dict):
+            raise ValueError(f"layer params must be a dict {{(bucket_index, position): bits}} or None, "
+                             f"got {type(params).__name__}")
+        out: dict[tuple[int, int], int] = {}
+        for key, value in params.items():
+            if (not isinstance(key, tuple) or len(key) != 2
+                    or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in key)):
+                raise ValueError(f"layer keys must be (bucket_index, position) pairs of non-negative ints, got {key!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+                raise ValueError(f"bits of layer {key} must be an integer in [1, 8], got {value!r}")
+            out[(int(key[0]), int(key[1]))] = int(value)
+        return out
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        state.pop("observer", None)
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self.observer = None
+        self.__dict__.setdefault("_layer_params", {})
+        self.__dict__.setdefault("_params_version", 0)
 
     # -- persistence -------------------------------------------------------
     _CONFIG = ("bits", "bucket_size", "stochastic", "error_feedback", "start_iter", "min_numel", "seed", "iter")
@@ -86,51 +152,97 @@ class QuantState(HookState):
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: configuration, iteration and its own residuals per DDP bucket."""
         residuals = {
-            index: {"signature": plan.signature, "worker": plan.worker_residual, "server": plan.server_residual}
+            index: {"signature": plan.signature, "worker": plan.worker_residual, "server": plan.server_residual,
+                    "layer_bits": plan.layer_bits}
             for index, plan in self._plans.items()
         }
-        return {**{k: getattr(self, k) for k in self._CONFIG}, "residuals": residuals}
+        return {**{k: getattr(self, k) for k in self._CONFIG}, "residuals": residuals,
+                "layer_params": dict(self._layer_params)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; residuals are matched to buckets when the hook next sees them."""
+        """Restore :meth:`state_dict`; residuals are matched to buckets when the hook next sees them.
+
+        Checkpoints written before per-layer bits existed load too (no overrides)."""
         for k in self._CONFIG:
             setattr(self, k, state_dict[k])
+        self._layer_params = self._validated_layer_params(state_dict.get("layer_params") or None)
+        self._params_version += 1
         self._plans.clear()
         self._pending = dict(state_dict.get("residuals", {}))
 
     # -- planning ------------------------------------------------------------
     def _plan(self, bucket: dist.GradBucket) -> _BucketPlan:
         buffer = bucket.buffer()
+        index = bucket.index()
+        plan = self._plans.get(index)
+        if plan is not None and plan.params_version == self._params_version:
+            if plan.signature[0] == buffer.numel() and plan.signature[1] == buffer.dtype:
+                # The same layout is the overwhelmingly common case: compare the shapes only then.
+                if plan.signature[2] == tuple(tuple(p.shape) for p in bucket.parameters()):
+                    return plan
         params = bucket.parameters()
         signature = (buffer.numel(), buffer.dtype, tuple(tuple(p.shape) for p in params))
-        plan = self._plans.get(bucket.index())
-        if plan is not None and plan.signature == signature:
-            return plan
-        if plan is not None:
-            logger.info("pycomm quant: bucket %d changed layout; its residuals are reset", bucket.index())
-        world = dist.get_world_size(self.process_group)
-        compressed, dense, offset = [], [], 0
-        for p in params:
+        layers, dense, offset = [], [], 0
+        for position, p in enumerate(params):
             n = p.numel()
             if p.dim() > 1 and n >= self.min_numel:
-                compressed.append((offset, n))
+                layers.append((position, offset, n))
             elif n:
                 dense.append((offset, n))
             offset += n
-        table, worker, server = None, None, None
-        if compressed:
-            table = ops.bucket_table(compressed, self.bucket_size, pad_to_multiple=world, device=buffer.device)
+        layer_bits = tuple(self._layer_params.get((index, position), self.bits) for position, _, _ in layers)
+        if plan is not None and plan.signature == signature:
+            if plan.layer_bits == layer_bits:
+                plan.params_version = self._params_version
+                return plan
+            # Same buffer, new bits: the worker residual (per element) keeps its meaning, the
+            # server residual (laid out by the table's chunks) does not.
+            logger.info("pycomm quant: bucket %d changed its layer bits; its server residual is reset", index)
+            worker = plan.worker_residual
+            plan = self._build_plan(bucket, signature, layers, dense, layer_bits)
+            if worker is not None and plan.worker_residual is not None:
+                plan.worker_residual = worker
+            self._plans[index] = plan
+            return plan
+        if plan is not None:
+            logger.info("pycomm quant: bucket %d changed layout; its residuals are reset", index)
+        plan = self._build_plan(bucket, signature, layers, dense, layer_bits)
+        pending = self._pending.pop(index, None)
+        if pending is not None and pending["signature"] == signature:
+            if pending["worker"] is not None and plan.worker_residual is not None:
+                plan.worker_residual = pending["worker"].to(buffer.device)
+            # Checkpoints without "layer_bits" were written with every layer at their `bits`.
+            saved_bits = pending.get("layer_bits") or tuple(self.bits for _ in layers)
+            server = pending["server"]
+            if (server is not None and plan.server_residual is not None and tuple(saved_bits) == layer_bits
+                    and server.numel() == plan.server_residual.numel()):
+                plan.server_residual = server.to(buffer.device)
+        self._plans[index] = plan
+        return plan
+
+    def _build_plan(self, bucket: dist.GradBucket, signature: tuple, layers: list[tuple[int, int, int]],
+                    dense: list[tuple[int, int]], layer_bits: tuple[int, ...]) -> _BucketPlan:
+        buffer = bucket.buffer()
+        world = dist.get_world_size(self.process_group)
+        table, host_table, worker, server, bits = None, None, None, None, self.bits
+        if layers:
+            segments = [(o, n) for _, o, n in layers]
+            if len(set(layer_bits)) == 1:
+                # One width for the whole bucket: the 2-column path, exactly as without overrides.
+                bits = layer_bits[0]
+                table = ops.bucket_table(segments, self.bucket_size, pad_to_multiple=world, device=buffer.device)
+            else:
+                bits = 0
+                host_table = ops.bucket_table(segments, self.bucket_size, pad_to_multiple=world, bits=layer_bits)
+                table = host_table.to(buffer.device)
+                if not buffer.is_cuda:
+                    host_table = table
             if self.error_feedback:
                 _, per_chunk = chunk_layout(buffer.numel(), self.bucket_size, world, table)
                 worker = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
                 server = torch.zeros(per_chunk * self.bucket_size, dtype=torch.float32, device=buffer.device)
-        pending = self._pending.pop(bucket.index(), None)
-        if pending is not None and pending["signature"] == signature:
-            worker = None if pending["worker"] is None else pending["worker"].to(buffer.device)
-            server = None if pending["server"] is None else pending["server"].to(buffer.device)
-        plan = _BucketPlan(signature, table, dense, worker, server)
-        self._plans[bucket.index()] = plan
-        return plan
+        return _BucketPlan(signature, table, dense, worker, server, layers, layer_bits, bits, host_table,
+                           self._params_version)
 
 
 def _allreduce_mean(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.futures.Future:
@@ -159,11 +271,18 @@ def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torc
         return _allreduce_mean(buffer, group)
 
     world = dist.get_world_size(group)
+    if state.observer is not None:
+        if plan.worker_residual is not None:
+            values = buffer.float() + plan.worker_residual
+        else:
+            values = buffer.to(torch.float32, copy=True)
+        state.observer(bucket.index(), values, list(plan.layers))
     small = torch.cat([buffer[o:o + n] for o, n in plan.dense]) if plan.dense else None
     fut = quantized_all_reduce(
-        buffer, bits=state.bits, bucket_size=state.bucket_size, op=dist.ReduceOp.AVG, group=group, async_op=True,
-        stochastic=state.stochastic, seed=mix_seed(state.seed, step, bucket.index()),
-        worker_residual=plan.worker_residual, server_residual=plan.server_residual, bucket_table=plan.table)
+        buffer, bits=plan.bits if plan.bits else state.bits, bucket_size=state.bucket_size, op=dist.ReduceOp.AVG,
+        group=group, async_op=True, stochastic=state.stochastic, seed=mix_seed(state.seed, step, bucket.index()),
+        worker_residual=plan.worker_residual, server_residual=plan.server_residual, bucket_table=plan.table,
+        host_bucket_table=plan.host_table)
     if small is None:
         return fut
     # The small layers travel uncompressed, after the quantized part (which may

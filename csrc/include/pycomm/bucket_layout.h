@@ -1,13 +1,22 @@
-// Where each bucket of a payload reads its elements from.
+// Where each bucket of a payload reads its elements from, and (mixed tables)
+// which bit width and which bytes of the payload it has.
 //
 // Without a table, bucket k covers elements [k * B, min((k + 1) * B, numel))
 // of a flat tensor; buckets past the end are empty (padding). With a table
 // (int64 [num_buckets][2] of (offset, length) rows), bucket k covers
 // [offset, offset + length): hooks use one to give each layer of a DDP bucket
 // its own quantization buckets and to leave small layers out, without copying.
+//
+// A mixed table has 4 columns, (offset, length, bits, byte_offset): row k's
+// record has its own bit width and starts at byte_offset of a flat 1-D
+// payload. Records are packed back to back in row order (byte_offset[0] = 0,
+// byte_offset[k + 1] = byte_offset[k] + record_bytes(bits[k], B)); the host
+// checks this (quantize_checks.h) and the kernels check every record against
+// the payload's length again, so a malformed table never addresses outside it.
 #pragma once
 
 #include "pycomm/common.h"
+#include "pycomm/quant_format.h"
 
 namespace pycomm {
 
@@ -16,14 +25,20 @@ struct BucketLayout {
   int64_t numel;         // elements addressable in the flat tensor
   int64_t bucket_size;
   int64_t first_bucket;  // row of the table (or bucket of the identity layout) for bucket 0
+  int64_t columns;       // int64s per table row: 2, or 4 for a mixed table
+  bool packed_chunk;     // bucket k covers [k * B, k * B + length of row first_bucket + k): a
+                         // reduced chunk as dequantize_sum returns it (mixed tables)
 
   // Clamped so that a malformed table can never address outside the tensor.
   PYCOMM_HD void range(int64_t bucket, int64_t& offset, int64_t& length) const {
     const int64_t k = first_bucket + bucket;
     int64_t off, len;
-    if (table != nullptr) {
-      off = table[2 * k];
-      len = table[2 * k + 1];
+    if (table != nullptr && packed_chunk) {
+      off = bucket * bucket_size;
+      len = table[columns * k + 1];
+    } else if (table != nullptr) {
+      off = table[columns * k];
+      len = table[columns * k + 1];
     } else {
       off = k * bucket_size;
       len = bucket_size;
@@ -35,6 +50,27 @@ struct BucketLayout {
     if (len < 0) len = 0;
     offset = off;
     length = len;
+  }
+};
+
+// Bit width and byte position of each record of a mixed-table payload.
+struct MixedRecords {
+  const int64_t* table;   // int64 [rows][4] (offset, length, bits, byte_offset)
+  int64_t first_row;      // table row of payload bucket 0
+  int64_t payload_bytes;  // bytes of one payload (one source)
+  int64_t bucket_size;
+
+  // Bucket k's bit width and record offset (relative to the payload's start,
+  // i.e. to first_row's byte_offset). False for a row whose bits are out of
+  // [1, 8] or whose record does not lie inside the payload: callers then
+  // leave the bucket alone.
+  PYCOMM_HD bool record(int64_t k, int& bits, int64_t& offset) const {
+    const int64_t row = first_row + k;
+    const int64_t b = table[4 * row + 2];
+    if (b < quant::kMinBits || b > quant::kMaxBits) return false;
+    bits = static_cast<int>(b);
+    offset = table[4 * row + 3] - table[4 * first_row + 3];
+    return offset >= 0 && offset <= payload_bytes - quant::record_bytes(bits, bucket_size);
   }
 };
 

@@ -20,6 +20,10 @@
 // decoded as m + level * u. A bucket whose elements are all equal has u = 0.
 // A bucket that holds a NaN or an infinity is written as min = unit = NaN with
 // all levels 0: it decodes to NaN, so an overflow is never hidden.
+//
+// Mixed bit widths: with a 4-column bucket table (bucket_layout.h) each
+// bucket has its own b, and the payload is the flat byte sequence of the
+// records, each exactly the record above for its b, packed back to back.
 #pragma once
 
 #include "pycomm/common.h"

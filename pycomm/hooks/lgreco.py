@@ -1,0 +1,300 @@
+"""DDP communication hook: L-GreCo, per-layer compression chosen by an optimal DP solver, re-solved in training."""
+
+# No `from __future__ import annotations`: DDP inspects the hook's real annotations.
+
+import collections
+import logging
+import math
+from typing import Any, Callable, Optional, Sequence, Union
+
+import torch
+import torch.distributed as dist
+
+from pycomm import layer_errors, lgreco
+from pycomm.distributed import mix_seed
+from pycomm.hooks.dgc import DGCState, dgc_hook
+from pycomm.hooks.hook_state import HookState
+from pycomm.hooks.quantized_allreduce import QuantState, quantized_allreduce_hook
+
+__all__ = ["LGreCoState", "lgreco_hook", "QUANT_CANDIDATES", "density_grid"]
+
+logger = logging.getLogger(__name__)
+
+#: Bit widths L-GreCo chooses from for the quantization family.
+QUANT_CANDIDATES = (2, 3, 4, 5, 6, 8)
+
+LayerKey = tuple[int, int]  # (DDP bucket index, position of the parameter in bucket.parameters())
+
+
+def density_grid(default: float, factors: Sequence[float] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)) -> tuple[float, ...]:
+    """Top-k densities on a geometric grid around ``default`` (capped at 1, duplicates removed)."""
+    if not 0.0 < default <= 1.0:
+        raise ValueError(f"default density must be in (0, 1], got {default}")
+    return tuple(sorted({min(1.0, default * f) for f in factors}))
+
+
+class LGreCoState(HookState):
+    """State of :func:`lgreco_hook`: L-GreCo on top of the quantization or the DGC hook.
+
+    Layers differ in size and in how much compression hurts them. Every ``period`` steps,
+    L-GreCo measures for each compressed layer l and each candidate setting c the L2 norm of
+    the compression error ``||C_c(g_l) - g_l||`` of the layer's gradient accumulated over the
+    last ``acc_steps`` steps (including the error-feedback residual for quantization, the
+    momentum-corrected velocity for DGC), with the hooks' real kernels. The tables are averaged
+    across ranks with one ``all_reduce``; then every rank runs the same deterministic DP solver
+    (:func:`pycomm.lgreco.solve`) and picks, per layer, the setting that minimises the bytes sent
+    subject to ``total error <= alpha * (total error of the uniform default)``. The inner hook
+    applies the per-layer settings inside each DDP bucket (one kernel launch per phase).
+
+    Schedule: steps ``< start_iter`` run the uniform ``default``. Solves happen at the end of
+    steps ``start_iter - 1 + j * period`` (j = 0, 1, ...), each from the gradients of the
+    ``acc_steps`` steps before it, and apply from the next step on.
+
+    Args:
+        process_group: the group (None: the default group).
+        family: ``"quant"`` (bit widths, :class:`~pycomm.hooks.QuantState`) or ``"topk"``
+            (top-k densities, :class:`~pycomm.hooks.DGCState`).
+        default: the uniform setting that defines the error budget: bits (default 4) or
+            density (default 0.001).
+        candidates: settings to choose from (default: bits ``(2, 3, 4, 5, 6, 8)``, or
+            :func:`density_grid` of the default: 1/8x .. 8x). The default is always added.
+        start_iter: steps with the uniform default before the first solve.
+        period: steps between solves.
+        acc_steps: steps whose gradients are accumulated before each solve (``<= period``).
+        alpha: error budget as a multiple of the uniform default's total error.
+        levels: discretisation levels of the error budget (see :func:`pycomm.lgreco.solve`).
+        **options: passed to the inner state (e.g. ``bucket_size``, ``stochastic``,
+            ``error_feedback`` for quant; ``momentum``, ``warmup_steps``, ``exact`` for topk).
+
+    During an accumulation window the state holds one float32 copy of each bucket's gradient.
+    A solve reads its table on the host (one device synchronisation per period on CUDA).
+    If a table holds NaN or Inf (an overflow step inside the window, seen by every rank after
+    the all-reduce), that solve is skipped and the current choice stays. Each solve is logged
+    with ``logging`` (layers, histogram of chosen settings, bytes per step against uniform).
+
+    Checkpoint per rank, like the inner hooks: :meth:`state_dict` holds the inner state (with
+    its residuals and the per-layer choice), the schedule and the accumulators.
+
+    Example::
+
+        import torch, torch.distributed as dist, pycomm
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        dist.init_process_group("gloo")          # under torchrun
+        model = DDP(torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)))
+        state = pycomm.register(model, "lgreco", family="quant", default=4, start_iter=10, period=100)
+        for _ in range(20):
+            model(torch.randn(8, 256)).sum().backward()
+        print(state.choice, state.compression_ratio)
+    """
+
+    _CONFIG = ("family", "default", "candidates", "start_iter", "period", "acc_steps", "alpha", "levels")
+
+    def __init__(self, process_group: Optional[dist.ProcessGroup] = None, family: str = "quant",
+                 default: Optional[Union[int, float]] = None, candidates: Optional[Sequence[Union[int, float]]] = None,
+                 start_iter: int = 1000, period: int = 1000, acc_steps: int = 10, alpha: float = 1.0,
+                 levels: int = 10000, **options: Any) -> None:
+        if family == "quant":
+            default = 4 if default is None else int(default)
+            candidates = QUANT_CANDIDATES if candidates is None else tuple(int(c) for c in candidates)
+            if any(not 1 <= c <= 8 for c in candidates):
+                raise ValueError(f"quant candidates must be bit widths in 1..8, got {candidates}")
+            self.inner: Union[QuantState, DGCState] = QuantState(process_group, bits=default, **options)
+        elif family == "topk":
+            default = 0.001 if default is None else float(default)
+            candidates = density_grid(default) if candidates is None else tuple(float(c) for c in candidates)
+            if any(not 0.0 < c <= 1.0 for c in candidates):
+                raise ValueError(f"topk candidates must be densities in (0, 1], got {candidates}")
+            self.inner = DGCState(process_group, density=default, **options)
+        else:
+            raise ValueError(f"family must be 'quant' or 'topk', got {family!r}")
+        if start_iter < 0 or period < 1 or not 1 <= acc_steps <= period:
+            raise ValueError(f"need start_iter >= 0, period >= 1 and 1 <= acc_steps <= period; got "
+                             f"start_iter={start_iter}, period={period}, acc_steps={acc_steps}")
+        if not (math.isfinite(alpha) and alpha > 0):
+            raise ValueError(f"alpha must be a finite number > 0, got {alpha}")
+        if levels < 1:
+            raise ValueError(f"levels must be >= 1, got {levels}")
+        self.family = family
+        self.default = default
+        self.candidates = tuple(sorted(set(candidates) | {default}))
+        self.start_iter = start_iter
+        self.period = period
+        self.acc_steps = acc_steps
+        self.alpha = float(alpha)
+        self.levels = int(levels)
+        self.last_solve: Optional[dict[str, Any]] = None
+        # bucket index -> (float32 sum of the observed values, [(position, offset, length)])
+        self._accumulators: dict[int, tuple[torch.Tensor, list[tuple[int, int, int]]]] = {}
+
+    # The process group lives in the inner state; pickling drops it there.
+    @property
+    def process_group(self) -> Optional[dist.ProcessGroup]:  # type: ignore[override]
+        return self.inner.process_group
+
+    @process_group.setter
+    def process_group(self, group: Optional[dist.ProcessGroup]) -> None:
+        if "inner" in self.__dict__:
+            self.inner.process_group = group
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.inner.observer = None
+
+    # -- what the hook exposes ------------------------------------------------
+    @property
+    def choice(self) -> dict[LayerKey, Union[int, float]]:
+        """The current per-layer setting, ``{(bucket index, position): bits or density}`` (empty: uniform)."""
+        return dict(self.inner.layer_params)
+
+    @property
+    def compression_ratio(self) -> Optional[float]:
+        """fp32 bytes of the compressed layers over their bytes at the current choice (None before a solve)."""
+        return None if self.last_solve is None else self.last_solve["compression_ratio"]
+
+    @property
+    def iter(self) -> int:
+        return self.inner.iter
+
+    # -- schedule -------------------------------------------------------------------
+    def _next_solve_end(self, step: int) -> int:
+        """The first solve point t (solve after step t - 1) with t > step."""
+        if step < self.start_iter:
+            return self.start_iter
+        return self.start_iter + ((step - self.start_iter) // self.period + 1) * self.period
+
+    def observing(self, step: int) -> bool:
+        """Whether ``step``'s gradients go into the next error table."""
+        return step >= self._next_solve_end(step) - self.acc_steps
+
+    def solves_after(self, step: int) -> bool:
+        """Whether a solve runs at the end of ``step``."""
+        return step + 1 == self._next_solve_end(step)
+
+    # -- accumulation -----------------------------------------------------------------
+    def _observe(self, bucket_index: int, values: torch.Tensor, layers: list[tuple[int, int, int]]) -> None:
+        entry = self._accumulators.get(bucket_index)
+        if entry is None or entry[0].numel() != values.numel() or entry[1] != layers:
+            self._accumulators[bucket_index] = (values.detach().to(torch.float32, copy=True), list(layers))
+        else:
+            entry[0].add_(values)
+
+    # -- solving ------------------------------------------------------------------------
+    def _tables(self) -> tuple[list[LayerKey], list[int], torch.Tensor, list[list[int]]]:
+        keys: list[LayerKey] = []
+        errors, lengths = [], []
+        for index in sorted(self._accumulators):
+            values, layers = self._accumulators[index]
+            slices = [(offset, length) for _, offset, length in layers]
+            seed = mix_seed(getattr(self.inner, "seed", 0), self.inner.iter, index, 0x1C)
+            if self.family == "quant":
+                inner: QuantState = self.inner  # type: ignore[assignment]
+                err = layer_errors.quantization_errors(values, slices, self.candidates, inner.bucket_size,
+                                                       inner.stochastic, seed)
+            else:
+                dgc: DGCState = self.inner  # type: ignore[assignment]
+                err = layer_errors.topk_errors(values, slices, self.candidates, dgc.exact, dgc.sample_ratio, seed)
+            errors.append(err)
+            keys.extend((index, position) for position, _, _ in layers)
+            lengths.extend(length for _, _, length in layers)
+        table = torch.cat(errors) if errors else torch.zeros(0, len(self.candidates), dtype=torch.float64)
+        if self.family == "quant":
+            sizes = layer_errors.quantization_sizes(lengths, self.candidates, self.inner.bucket_size)
+        else:
+            value_bytes = torch.tensor([], dtype=self.inner.value_dtype).element_size()
+            sizes = layer_errors.topk_sizes(lengths, self.candidates, value_bytes)
+        return keys, lengths, table, sizes
+
+    def _solve(self, step: int) -> None:
+        keys, lengths, errors, sizes = self._tables()
+        self._accumulators.clear()
+        if not keys:  # the same on every rank: the layers come from DDP's buckets
+            logger.info("pycomm lgreco: no compressed layer was observed before step %d; nothing to solve", step + 1)
+            return
+        group = self.process_group
+        if dist.get_world_size(group) > 1:
+            # Every rank has the same layers in the same order (DDP's buckets agree), unless a
+            # bucket overflowed on one rank at every step of the window (then that rank did not
+            # observe it). Agree on that first, so the all-reduce below never mismatches.
+            if not _same_on_all_ranks(keys, errors.device, group):
+                logger.warning("pycomm lgreco: ranks observed different layers before step %d (overflow "
+                               "steps); keeping the current choice", step + 1)
+                return
+            dist.all_reduce(errors, group=group)
+            errors.div_(dist.get_world_size(group))
+        errors = errors.cpu()
+        if not bool(torch.isfinite(errors).all()):
+            logger.warning("pycomm lgreco: the error table of step %d holds NaN/Inf (an overflow step); "
+                           "keeping the current choice", step + 1)
+            return
+        default_column = self.candidates.index(self.default)
+        budget = self.alpha * float(errors[:, default_column].sum())
+        solution = lgreco.solve(errors, sizes, budget, levels=self.levels)
+        choice = list(solution.choice)
+        uniform_bytes = sum(row[default_column] for row in sizes)
+        chosen_bytes = sum(row[c] for row, c in zip(sizes, choice))
+        uniform_error = float(errors[:, default_column].sum())
+        if uniform_error <= budget and (chosen_bytes > uniform_bytes or not solution.feasible):
+            # Rounding every layer's error up can cost the DP up to one level per layer, so with
+            # many layers it may miss the uniform setting, which fits the budget when alpha >= 1.
+            choice = [default_column] * len(keys)
+            chosen_bytes = uniform_bytes
+            solution = lgreco.Solution(choice, float(uniform_bytes), uniform_error, True)
+        mapping = {key: self.candidates[c] for key, c in zip(keys, choice)}
+        self.inner.set_layer_params(mapping)
+        histogram = dict(sorted(collections.Counter(mapping.values()).items()))
+        self.last_solve = {
+            "step": step + 1, "layers": len(keys), "histogram": histogram, "feasible": solution.feasible,
+            "budget": budget, "error": solution.error, "uniform_error": uniform_error,
+            "bytes": chosen_bytes, "uniform_bytes": uniform_bytes,
+            "bytes_vs_uniform": uniform_bytes / chosen_bytes if chosen_bytes else float("inf"),
+            "compression_ratio": 4 * sum(lengths) / chosen_bytes if chosen_bytes else float("inf"),
+        }
+        logger.info("pycomm lgreco (%s): solved %d layers at step %d: choice histogram %s, %d bytes per step "
+                    "against %d uniform (%.2fx fewer), error %.4g of budget %.4g%s", self.family, len(keys),
+                    step + 1, histogram, chosen_bytes, uniform_bytes, self.last_solve["bytes_vs_uniform"],
+                    solution.error, budget, "" if solution.feasible else " (infeasible: least-error fallback)")
+
+    # -- persistence ---------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: the inner state (residuals, per-layer choice), schedule and accumulators."""
+        return {**{k: getattr(self, k) for k in self._CONFIG}, "inner": self.inner.state_dict(),
+                "last_solve": self.last_solve,
+                "accumulators": {i: {"values": v, "layers": layers} for i, (v, layers) in self._accumulators.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if state_dict["family"] != self.family:
+            raise ValueError(f"checkpoint is for family {state_dict['family']!r}, this state is {self.family!r}")
+        for k in self._CONFIG:
+            setattr(self, k, state_dict[k])
+        self.candidates = tuple(self.candidates)
+        self.inner.load_state_dict(state_dict["inner"])
+        self.last_solve = state_dict.get("last_solve")
+        self._accumulators = {int(i): (e["values"], [tuple(x) for x in e["layers"]])
+                              for i, e in state_dict.get("accumulators", {}).items()}
+
+
+def _same_on_all_ranks(keys: list[LayerKey], device: torch.device, group: Optional[dist.ProcessGroup]) -> bool:
+    digest = 0
+    for bucket, position in keys:
+        digest = (digest * 1_000_003 + bucket * 65_537 + position + 1) % (1 << 31)
+    summary = torch.tensor([len(keys), digest], dtype=torch.int64, device=device)
+    both = torch.cat([summary, -summary])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
+    return bool(torch.equal(both[:2], -both[2:]))
+
+
+def lgreco_hook(state: LGreCoState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
+    """Average a DDP bucket with the inner hook, using L-GreCo's per-layer settings (see :class:`LGreCoState`).
+
+    Register with ``ddp_model.register_comm_hook(state, lgreco_hook)`` or in one line with
+    ``pycomm.register(ddp_model, "lgreco", family="quant", default=4)``.
+    """
+    step = state.inner.iter  # the inner hook counts iterations on the last bucket
+    state.inner.observer = state._observe if state.observing(step) else None
+    inner_hook: Callable[..., torch.futures.Future] = (
+        quantized_allreduce_hook if state.family == "quant" else dgc_hook)
+    fut = inner_hook(state.inner, bucket)
+    if bucket.is_last() and state.solves_after(step):
+        state._solve(step)
+    return fut
