@@ -180,6 +180,16 @@ def test_shaped_run_reports_wire_bytes(tmp_path):
     assert not netns.ShapedNamespace("1gbit", name=net["namespace"]).exists()
 
 
+def _running_since(pid):
+    """The start time of a running (not zombie) process ``pid``, or None."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            fields = fh.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else int(fields[19])
+
+
 @needs_root
 def test_namespace_removed_on_sigint_with_workers_inside(tmp_path):
     script = ("import sys; from pycomm.bench_e2e import main; "
@@ -188,14 +198,14 @@ def test_namespace_removed_on_sigint_with_workers_inside(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp_path, start_new_session=True)
     mine = f"{netns.NAME_PREFIX}{proc.pid}-"
-    name, inside, deadline = None, [], time.monotonic() + 120
+    name, inside, deadline = None, {}, time.monotonic() + 120
     try:
         while time.monotonic() < deadline and len(inside) < 3:  # the launcher and both workers
             time.sleep(0.5)
             names = [n for n in netns._list_namespaces() if n.startswith(mine)]
             if names:
                 name = names[0]
-                inside = netns._namespace_pids(name)
+                inside = {pid: _running_since(pid) for pid in netns._namespace_pids(name)}
         assert name is not None and len(inside) >= 3, "the workers never started inside the namespace"
         os.kill(proc.pid, signal.SIGINT)
         output, _ = proc.communicate(timeout=60)
@@ -204,8 +214,12 @@ def test_namespace_removed_on_sigint_with_workers_inside(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0 and "KeyboardInterrupt" in output
     assert name not in netns._list_namespaces()
-    for pid in inside:
-        assert not os.path.exists(f"/proc/{pid}"), f"process {pid} from the namespace is still alive"
+    # killed processes may take a moment to exit and be reaped; a zombie or a reused pid is not a survivor
+    deadline = time.monotonic() + 10
+    while (alive := [pid for pid, started in inside.items() if _running_since(pid) == started]) and \
+            time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not alive, f"processes {alive} from the namespace are still alive"
 
 
 @needs_root
