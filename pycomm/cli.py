@@ -3,22 +3,26 @@
 Commands:
 
 ``pycomm demo``
-    Train a small byte-level transformer with DDP under several gradient
-    communication methods and print a comparison table (see :mod:`pycomm.demo`).
+    The end-to-end comparison on the demo's small byte-level transformer, over a
+    1 Gbit shaped link where allowed (see :mod:`pycomm.demo`).
+
+``pycomm bench e2e``
+    The end-to-end benchmark: any model, methods, worker count and link
+    (see :mod:`pycomm.bench_e2e`); also ``python -m pycomm.bench_e2e``.
 
 Each command is a sub-parser added by an ``_add_<command>`` function that sets
-``func`` to its handler, so a command group such as ``pycomm bench e2e`` is
-added the same way with a nested sub-parser.
+``func`` to its handler; ``bench`` is a group with a nested sub-parser.
 """
 
 from __future__ import annotations
 
 import argparse
 import logging
-from dataclasses import replace
 from typing import Optional, Sequence
 
-from pycomm.demo import DEFAULT_METHODS, METHODS, DemoConfig, run_demo
+from pycomm.bench_e2e import DEFAULT_METHODS, METHODS, MODELS, BenchConfig, run_e2e
+from pycomm.demo import DEMO_BANDWIDTH, DEMO_METHODS, DEMO_STEPS
+from pycomm.netns import parse_delay, parse_rate
 
 __all__ = ["build_parser", "main"]
 
@@ -40,43 +44,98 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    config = replace(DemoConfig(), batch_size=args.batch_size, seed=args.seed)
-    run_demo(args.methods, workers=args.workers, steps=args.steps, config=config, json_path=args.json)
+def _rate(text: str) -> str:
+    try:
+        parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
+def _delay(text: str) -> str:
+    try:
+        parse_delay(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from e
+    return text
+
+
+def _add_run_options(parser: argparse.ArgumentParser, *, methods: Sequence[str], steps: int,
+                     bandwidth: Optional[str]) -> None:
+    parser.add_argument("--workers", type=_positive_int, default=4, help="DDP worker processes (default: 4)")
+    parser.add_argument("--steps", type=_positive_int, default=steps, help=f"steps per method (default: {steps})")
+    parser.add_argument("--methods", type=_method_list, default=list(methods),
+                        help=f"comma-separated methods (default: {','.join(methods)}; known: {','.join(METHODS)})")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="sequences per worker per step (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
+    parser.add_argument("--bandwidth", type=_rate, default=bandwidth,
+                        help="shape the link to this rate (tc syntax: 100mbit, 1gbit) where allowed (root on "
+                        f"Linux); otherwise run unshaped and estimate the link time (default: {bandwidth or 'none'})")
+    parser.add_argument("--delay", type=_delay, default=None,
+                        help="per-packet delay on the shaped link (tc syntax: 1ms; needs the kernel's netem)")
+    parser.add_argument("--no-shape", action="store_true",
+                        help="do not shape even where allowed: run unshaped and only estimate the link time")
+    parser.add_argument("--stall-timeout", type=float, default=BenchConfig.stall_timeout_s,
+                        help="kill a method whose steps stop for this many seconds (or 3x its mean step time) "
+                        f"and report it failed (default: {BenchConfig.stall_timeout_s:g})")
+    parser.add_argument("--start-timeout", type=float, default=BenchConfig.start_timeout_s,
+                        help=f"longest wait for a method's first step (default: {BenchConfig.start_timeout_s:g})")
+    parser.add_argument("--gloo-threads", type=_positive_int, default=None,
+                        help="worker threads per Gloo process group (default: PyTorch's, 2)")
+    parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                        help="gloo (CPU) or nccl (one GPU per worker); auto: nccl when there is a GPU per worker")
+    parser.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON to PATH")
+    parser.add_argument("--markdown", metavar="PATH", default=None, help="write the table as Markdown to PATH")
+    parser.add_argument("--plot", metavar="PREFIX", default=None,
+                        help="write PREFIX_loss_vs_time.png and PREFIX_loss_vs_bytes.png (needs matplotlib; "
+                        "default: next to --json)")
+
+
+def _config(args: argparse.Namespace, model: str) -> BenchConfig:
+    return BenchConfig(workers=args.workers, steps=args.steps, model=model, batch_size=args.batch_size,
+                       seed=args.seed, bandwidth=args.bandwidth, delay=args.delay, shape=not args.no_shape,
+                       stall_timeout_s=args.stall_timeout, start_timeout_s=args.start_timeout, backend=args.backend,
+                       gloo_threads=args.gloo_threads)
+
+
+def _run(args: argparse.Namespace, model: str, title: str) -> int:
+    plot = args.plot
+    if plot is None and args.json:
+        plot = args.json[:-5] if args.json.endswith(".json") else args.json
+    run_e2e(args.methods, _config(args, model), json_path=args.json, markdown_path=args.markdown,
+            plot_prefix=plot, title=title)
     return 0
 
 
 def _add_demo(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     parser = commands.add_parser(
         "demo",
-        help="compare gradient-communication methods on a DDP training run",
-        description="Train a byte-level transformer LM on the Python stdlib's source with DDP "
-        "(CPU, Gloo) under each method and print losses, bytes sent and step time. Each method "
-        "trains with its own optimizer: AdamW, except allreduce-sgd (SGD, momentum 0.9), dgc "
-        "(SGD without momentum: DGC applies momentum 0.9 in its hook) and spsa (zeroth-order "
-        "pycomm.zo.SPSA: no DDP, no backward pass, one byte per worker per step), shown in the table.",
+        help="compare gradient-communication methods on the demo's small LM (a 1 Gbit shaped link where allowed)",
+        description="Train a byte-level transformer LM on the Python stdlib's source with DDP (CPU, Gloo) under "
+        f"each method, over a {DEMO_BANDWIDTH} link shaped in a network namespace where allowed (root on Linux; "
+        "unshaped otherwise), and print losses, bytes sent and step time. The same as "
+        "`pycomm bench e2e --model lm` with the demo's methods and steps.",
     )
-    parser.add_argument("--workers", type=_positive_int, default=4, help="DDP worker processes (default: 4)")
-    parser.add_argument(
-        "--steps", type=_positive_int, default=DemoConfig.steps, help=f"steps per method (default: {DemoConfig.steps})"
+    _add_run_options(parser, methods=DEMO_METHODS, steps=DEMO_STEPS, bandwidth=DEMO_BANDWIDTH)
+    parser.set_defaults(func=lambda args: _run(args, "lm", "pycomm demo"))
+
+
+def _add_bench(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    bench = commands.add_parser("bench", help="benchmarks", description="Benchmarks.")
+    group = bench.add_subparsers(dest="bench_command", metavar="BENCHMARK", required=True)
+    e2e = group.add_parser(
+        "e2e",
+        help="end-to-end: train with each method over a shaped link and compare",
+        description="Train a model with DDP under each method (fresh workers per method; a method that crashes "
+        "or hangs is reported as failed), over a link shaped by tc in a network namespace where allowed, and "
+        "report median step time, bytes per worker per step (counted at the process-group level; also the "
+        "wire bytes when shaped), compression vs fp32 all-reduce and final loss as a table, JSON and plots.",
     )
-    parser.add_argument(
-        "--methods",
-        type=_method_list,
-        default=list(DEFAULT_METHODS),
-        help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}; known: {','.join(METHODS)})",
-    )
-    parser.add_argument(
-        "--batch-size",
-        type=_positive_int,
-        default=DemoConfig.batch_size,
-        help=f"sequences per worker per step (default: {DemoConfig.batch_size})",
-    )
-    parser.add_argument(
-        "--seed", type=int, default=DemoConfig.seed, help=f"seed of weights and data (default: {DemoConfig.seed})"
-    )
-    parser.add_argument("--json", metavar="PATH", default=None, help="also write the results as JSON to PATH")
-    parser.set_defaults(func=_run_demo)
+    e2e.add_argument("--model", choices=sorted(MODELS), default="lm",
+                     help="lm: the demo's transformer; large: a ~26M-parameter MLP where communication dominates")
+    _add_run_options(e2e, methods=DEFAULT_METHODS, steps=BenchConfig.steps, bandwidth=None)
+    e2e.set_defaults(func=lambda args: _run(args, args.model, "pycomm bench e2e"))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -85,6 +144,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-v info, -vv debug)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     _add_demo(commands)
+    _add_bench(commands)
     return parser
 
 

@@ -1,4 +1,15 @@
-"""A small causal transformer language model for the demo.
+"""The benchmark's models: byte-level language models on the demo corpus.
+
+* :class:`CharTransformer` (model ``lm`` of ``pycomm bench e2e`` and the demo):
+  a small causal transformer, compute and communication in proportion.
+* :class:`ByteMLP` (model ``large``): a fixed-window MLP with large dense layers
+  (about 26M parameters by default) and little compute per parameter, so that
+  gradient communication dominates a step.
+
+Both take ``int64`` byte tokens ``(batch, time)`` and the next-byte targets of
+:func:`pycomm.data.train_batch`, and expose ``loss_from_logits`` and
+``correct`` (next-byte top-1 hits) so that a training loop can score them the
+same way.
 
 :class:`CharTransformer` is a pre-norm GPT-style decoder over a byte vocabulary.
 Its parameters are the mix gradient compression meets in practice: large 2-D
@@ -21,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["ModelConfig", "CharTransformer"]
+__all__ = ["ModelConfig", "CharTransformer", "ByteMLP"]
 
 
 @dataclass(frozen=True)
@@ -119,8 +130,83 @@ class CharTransformer(nn.Module):
 
     def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy (nats per byte)."""
-        logits = self(tokens)
+        return self.loss_from_logits(self(tokens), targets)
+
+    @staticmethod
+    def loss_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of ``forward``'s logits against ``targets`` ``(batch, time)``."""
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    @staticmethod
+    def correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+        """Top-1 next-byte hits and the number of predictions."""
+        return int((logits.argmax(-1) == targets).sum()), targets.numel()
+
+    def num_parameters(self) -> int:
+        """Total number of parameters."""
+        return sum(p.numel() for p in self.parameters())
+
+
+class ByteMLP(nn.Module):
+    """Fixed-window next-byte MLP with large dense layers (communication-heavy).
+
+    The last ``context`` bytes are embedded (``embed_dim`` each), concatenated
+    and passed through ``len(hidden)`` GELU layers and an output head; the model
+    predicts the byte after the window. With the defaults (32 x 64 inputs,
+    hidden 4096 and 4096) it has 26.3M parameters, 99.9% of them in three
+    weight matrices, and costs only about 6 flops per parameter per sample, so
+    a data-parallel step is dominated by the gradient exchange on any slow link.
+
+    Args:
+        context: bytes in the input window.
+        embed_dim: width of each byte's embedding.
+        hidden: widths of the hidden layers.
+        vocab_size: number of token values (256 for bytes).
+    """
+
+    def __init__(self, context: int = 32, embed_dim: int = 64, hidden: tuple[int, ...] = (4096, 4096),
+                 vocab_size: int = 256) -> None:
+        super().__init__()
+        if context < 1 or embed_dim < 1 or not hidden or min(hidden) < 1:
+            raise ValueError(f"context, embed_dim and hidden widths must be >= 1, got {context}, {embed_dim}, {hidden}")
+        self.context = context
+        self.embed = nn.Embedding(vocab_size, embed_dim)
+        widths = (context * embed_dim, *hidden)
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.head = nn.Linear(widths[-1], vocab_size)
+        for layer in (*self.layers, self.head):
+            nn.init.normal_(layer.weight, std=layer.in_features ** -0.5)
+            nn.init.zeros_(layer.bias)
+        nn.init.normal_(self.embed.weight, std=1.0)
+        with torch.no_grad():  # start at the uniform prediction, like the transformer (loss ln 256)
+            self.head.weight.mul_(0.02)
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits of the byte after the last ``context`` tokens, shape ``(batch, vocab_size)``.
+
+        Args:
+            tokens: ``int64`` tensor ``(batch, time)`` with ``time >= context``.
+        """
+        if tokens.shape[1] < self.context:
+            raise ValueError(f"need at least {self.context} tokens per row, got {tokens.shape[1]}")
+        x = self.embed(tokens[:, -self.context:]).flatten(1)
+        for layer in self.layers:
+            x = F.gelu(layer(x))
+        return self.head(x)
+
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of the byte after the window (nats per byte)."""
+        return self.loss_from_logits(self(tokens), targets)
+
+    @staticmethod
+    def loss_from_logits(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Cross-entropy of ``forward``'s logits; ``targets`` is ``(batch, time)``, its last column is scored."""
+        return F.cross_entropy(logits, targets[:, -1])
+
+    @staticmethod
+    def correct(logits: torch.Tensor, targets: torch.Tensor) -> tuple[int, int]:
+        """Top-1 hits on the byte after the window and the number of predictions."""
+        return int((logits.argmax(-1) == targets[:, -1]).sum()), targets.shape[0]
 
     def num_parameters(self) -> int:
         """Total number of parameters."""
