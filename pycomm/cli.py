@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from typing import Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 from pycomm.bench_e2e import DEFAULT_METHODS, METHODS, MODELS, BenchConfig, run_e2e
 from pycomm.demo import DEMO_BANDWIDTH, DEMO_METHODS, DEMO_STEPS
@@ -44,20 +44,21 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _rate(text: str) -> str:
-    try:
-        parse_rate(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-    return text
+def _checked_by(parse: Callable[[str], object]) -> Callable[[str], str]:
+    """An argparse type that keeps the text but rejects what ``parse`` rejects, with its message."""
+
+    def check(text: str) -> str:
+        try:
+            parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(str(e)) from e
+        return text
+
+    return check
 
 
-def _delay(text: str) -> str:
-    try:
-        parse_delay(text)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(str(e)) from e
-    return text
+_rate = _checked_by(parse_rate)
+_delay = _checked_by(parse_delay)
 
 
 def _add_run_options(parser: argparse.ArgumentParser, *, methods: Sequence[str], steps: int,

@@ -242,14 +242,9 @@ class DGCState(HookState):
         self._pending = dict(state_dict.get("buckets", {}))
         self.set_layer_params(state_dict.get("layer_params"))
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("observer", None)  # a callable of the running job, often not picklable
-        return state
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.observer = None
+        self.observer = None  # HookState does not pickle it
         self.__dict__.setdefault("_layer_params", {})
         self.__dict__.setdefault("_layer_version", 0)
 

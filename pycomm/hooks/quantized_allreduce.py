@@ -135,14 +135,9 @@ class QuantState(HookState):
             out[(int(key[0]), int(key[1]))] = int(value)
         return out
 
-    def __getstate__(self) -> dict[str, Any]:
-        state = super().__getstate__()
-        state.pop("observer", None)
-        return state
-
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        self.observer = None
+        self.observer = None  # HookState does not pickle it
         self.__dict__.setdefault("_layer_params", {})
         self.__dict__.setdefault("_params_version", 0)
 
