@@ -79,6 +79,9 @@ def test_schedule():
     solves = [s for s in range(60) if state.solves_after(s)]
     assert observed == [7, 8, 9, 27, 28, 29, 47, 48, 49]
     assert solves == [9, 29, 49]
+    early = LGreCoState(family="topk", start_iter=1, period=5, acc_steps=2)
+    assert [s for s in range(7) if early.observing(s)] == [4, 5]  # step 0 precedes DDP's bucket rebuild
+    assert [s for s in range(7) if early.solves_after(s)] == [0, 5]
 
 
 def test_bad_options():

@@ -154,6 +154,7 @@ class LGreCoState(HookState):
 
     @property
     def iter(self) -> int:
+        """Iterations counted by the inner hook."""
         return self.inner.iter
 
     # -- schedule -------------------------------------------------------------------
@@ -164,8 +165,9 @@ class LGreCoState(HookState):
         return self.start_iter + ((step - self.start_iter) // self.period + 1) * self.period
 
     def observing(self, step: int) -> bool:
-        """Whether ``step``'s gradients go into the next error table."""
-        return step >= self._next_solve_end(step) - self.acc_steps
+        """Whether ``step``'s gradients go into the next error table (never step 0: DDP
+        rebuilds its buckets after the first iteration, so layer keys are stable from step 1)."""
+        return step >= 1 and step >= self._next_solve_end(step) - self.acc_steps
 
     def solves_after(self, step: int) -> bool:
         """Whether a solve runs at the end of ``step``."""
