@@ -48,9 +48,6 @@ from pycomm.distributed import all_gather_into_tensor, mix_seed
 
 __all__ = ["SPSA"]
 
-_DISTRIBUTIONS = ("gaussian", "rademacher")
-
-
 class SPSA:
     """One-byte SPSA optimizer (see the module docstring).
 
@@ -70,8 +67,7 @@ class SPSA:
                  distribution: str = "gaussian", codec: LogByteCodec = LogByteCodec()) -> None:
         if lr <= 0 or eps <= 0:
             raise ValueError(f"lr and eps must be positive, got lr={lr}, eps={eps}")
-        if distribution not in _DISTRIBUTIONS:
-            raise ValueError(f"distribution must be one of {_DISTRIBUTIONS}, got {distribution!r}")
+        ops._philox_distribution(distribution)  # validates
         self.model = params_or_model if isinstance(params_or_model, torch.nn.Module) else None
         source = self.model.parameters() if self.model is not None else params_or_model
         self.params: list[torch.Tensor] = []

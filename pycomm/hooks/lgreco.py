@@ -188,7 +188,7 @@ class LGreCoState(HookState):
         for index in sorted(self._accumulators):
             values, layers = self._accumulators[index]
             slices = [(offset, length) for _, offset, length in layers]
-            seed = mix_seed(getattr(self.inner, "seed", 0), self.inner.iter, index, 0x1C)
+            seed = mix_seed(self.inner.seed, self.inner.iter, index, 0x1C)
             if self.family == "quant":
                 inner: QuantState = self.inner  # type: ignore[assignment]
                 err = layer_errors.quantization_errors(values, slices, self.candidates, inner.bucket_size,

@@ -66,8 +66,7 @@ class ProjectionState(HookState):
                  codec: LogByteCodec = LogByteCodec(1e-7, 10.0), seed: int = 0) -> None:
         if num_directions < 1:
             raise ValueError(f"num_directions must be >= 1, got {num_directions}")
-        if distribution not in ("gaussian", "rademacher"):
-            raise ValueError(f"distribution must be 'gaussian' or 'rademacher', got {distribution!r}")
+        ops._philox_distribution(distribution)  # validates
         self.process_group = process_group
         self.num_directions = num_directions
         self.error_feedback = error_feedback
