@@ -1,4 +1,14 @@
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(__file__))  # test helpers (dist_utils, quant_reference)
+import pytest
+
+sys.path.insert(0, os.path.dirname(__file__))  # test helpers (dist_utils, quant_reference, cuda_support)
+
+from cuda_support import fail_if_kernels_missing  # noqa: E402
+
+
+@pytest.fixture
+def cuda_kernels_present() -> None:
+    """Used by cuda_support.REQUIRES_CUDA: a GPU machine without pycomm's CUDA kernels fails."""
+    fail_if_kernels_missing()

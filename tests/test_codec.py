@@ -8,6 +8,8 @@ import torch
 
 from pycomm.codec import LogByteCodec
 
+from cuda_support import requires_cuda
+
 
 def _signed_logspace(lo, hi, n=200_001, seed=0):
     mags = torch.logspace(math.log10(lo), math.log10(hi), n, dtype=torch.float64)
@@ -98,7 +100,7 @@ def test_pickle_drops_device_tables():
     assert torch.equal(clone.encode(g), codec.encode(g))
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@requires_cuda
 @pytest.mark.parametrize("codec", CODECS, ids=str)
 def test_cuda_codes_and_values_equal_cpu(codec):
     g = torch.cat([_boundary_values(codec), _signed_logspace(codec.lo / 10, codec.hi * 10, 100_001, seed=3)])

@@ -13,7 +13,9 @@ import torch
 import pycomm
 from pycomm import ops
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from cuda_support import REQUIRES_CUDA
+
+pytestmark = REQUIRES_CUDA
 
 Q = torch.ops.pycomm
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]

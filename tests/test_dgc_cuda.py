@@ -21,7 +21,9 @@ import torch
 import pycomm  # noqa: F401  (loads the ops)
 from pycomm import ops
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+from cuda_support import REQUIRES_CUDA
+
+pytestmark = REQUIRES_CUDA
 
 Q = torch.ops.pycomm
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
