@@ -7,8 +7,22 @@ VENV := .venv
 PY := $(VENV)/bin/python
 SOURCES := setup.py $(shell find csrc -name '*.cpp' -o -name '*.h' -o -name '*.cu' 2>/dev/null)
 NVCC := $(shell command -v nvcc 2>/dev/null)
+JOBS ?= $(shell nproc 2>/dev/null || echo 2)
 
-.PHONY: all demo test bench cuda-check clean
+# The CUDA build of `make cuda-build`: a second environment with the CUDA torch from PyPI
+# (--isolated skips any local CPU wheel that pip's configuration points at), built for these
+# GPU architectures in its own build folder, and installed (not editable) so that it never
+# shares pycomm/_C*.so with the CPU build of .venv.
+VENV_CUDA := .venv-cuda
+PY_CUDA := $(VENV_CUDA)/bin/python
+CUDA_ARCHS ?= 8.0;9.0
+# The CPU tests that also run against the CUDA build (every op family's kernels, the compressed
+# collective and the CPU-vs-reference checks); the whole suite runs in `make test`.
+CUDA_BUILD_TESTS ?= tests/test_kernels.py tests/test_quantize_ops.py tests/test_dgc_ops.py \
+	tests/test_philox_ops.py tests/test_codec.py tests/test_lgreco_solver.py tests/test_layer_errors.py \
+	tests/test_quantized_all_reduce.py
+
+.PHONY: all demo test bench cuda-check cuda-build clean
 
 all: $(VENV)/.built
 
@@ -32,6 +46,24 @@ else
 	@echo "nvcc not found: skipping the CUDA compile check"
 endif
 
+$(VENV_CUDA)/.deps: requirements.txt
+	$(PYTHON) -m venv $(VENV_CUDA)
+	$(PY_CUDA) -m pip install -q --isolated pip==26.3
+	$(PY_CUDA) -m pip install -q --isolated torch==$(TORCH_VERSION) -r requirements.txt
+	touch $@
+
+$(VENV_CUDA)/.built: $(VENV_CUDA)/.deps $(SOURCES) $(shell find pycomm -name '*.py')
+	PYCOMM_CUDA=1 PYCOMM_WERROR=1 PYCOMM_BUILD_BASE=build/cuda TORCH_CUDA_ARCH_LIST="$(CUDA_ARCHS)" MAX_JOBS=$(JOBS) \
+		$(PY_CUDA) -m pip install -q --isolated --no-build-isolation --no-deps .
+	touch $@
+
+# Builds, links and loads the whole CUDA extension (no GPU needed), checks that every op has its
+# CUDA kernel, and runs the CPU tests above against that build. Run from $(VENV_CUDA) so that
+# `import pycomm` finds the installed CUDA build, not the source tree.
+cuda-build: $(VENV_CUDA)/.built
+	cd $(VENV_CUDA) && PYCOMM_EXPECT_CUDA_KERNELS=1 bin/python -m pytest -q -c ../pytest.ini --rootdir .. \
+		-p no:cacheprovider $(addprefix ../,$(CUDA_BUILD_TESTS))
+
 test: $(VENV)/.built cuda-check
 	$(PY) -m pytest -q tests
 
@@ -43,4 +75,4 @@ bench: $(VENV)/.built
 	$(PY) bench/ratios.py bench/latest.json
 
 clean:
-	rm -rf build $(VENV) *.egg-info pycomm/_C*.so
+	rm -rf build $(VENV) $(VENV_CUDA) *.egg-info pycomm/_C*.so
