@@ -22,7 +22,7 @@ CUDA_BUILD_TESTS ?= tests/test_kernels.py tests/test_quantize_ops.py tests/test_
 	tests/test_philox_ops.py tests/test_codec.py tests/test_lgreco_solver.py tests/test_layer_errors.py \
 	tests/test_quantized_all_reduce.py
 
-.PHONY: all demo test bench cuda-check cuda-build clean
+.PHONY: all demo test bench cuda-check cuda-build gpu-check clean
 
 all: $(VENV)/.built
 
@@ -73,6 +73,13 @@ demo: $(VENV)/.built
 bench: $(VENV)/.built
 	$(PY) -m pytest -q bench --benchmark-only --benchmark-json=bench/latest.json
 	$(PY) bench/ratios.py bench/latest.json
+
+# On a machine with a CUDA GPU: build with the machine's own torch (no venv, no downloads), run
+# the CUDA tests, the hooks at W = 2 and 4 on one GPU and the GPU benchmarks, within 8 minutes.
+# Writes $(OUT)/summary.md and summary.json; see bench/gpu_check.py.
+OUT ?= gpu-check-out
+gpu-check:
+	$(PYTHON) bench/gpu_check.py --out $(OUT)
 
 clean:
 	rm -rf build $(VENV) $(VENV_CUDA) *.egg-info pycomm/_C*.so

@@ -6,7 +6,8 @@ import io
 import os
 import socket
 import traceback
-from typing import Any, Callable
+from datetime import timedelta
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -19,12 +20,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any) -> None:
+def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple, queue: Any,
+           pg_timeout: Optional[float] = None) -> None:
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
     torch.set_num_threads(1)
     try:
-        dist.init_process_group("gloo", rank=rank, world_size=world)
+        options = {} if pg_timeout is None else {"timeout": timedelta(seconds=pg_timeout)}
+        dist.init_process_group("gloo", rank=rank, world_size=world, **options)
         result = fn(rank, world, *args)
         buffer = io.BytesIO()  # by value: shared-memory tensors die with this process
         torch.save(result, buffer)
@@ -36,12 +39,17 @@ def _entry(rank: int, world: int, port: int, fn: Callable[..., Any], args: tuple
             dist.destroy_process_group()
 
 
-def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0) -> list[Any]:
-    """Run ``fn(rank, world, *args)`` on ``world`` Gloo ranks; return the results in rank order."""
+def run_distributed(fn: Callable[..., Any], world: int, *args: Any, timeout: float = 240.0,
+                    pg_timeout: Optional[float] = None) -> list[Any]:
+    """Run ``fn(rank, world, *args)`` on ``world`` Gloo ranks; return the results in rank order.
+
+    ``pg_timeout``: seconds a Gloo collective waits for its peers before raising (None: torch's
+    default). Gloo takes CUDA tensors too, so ``fn`` may put every rank on ``cuda:0``.
+    """
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     port = free_port()
-    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue)) for r in range(world)]
+    procs = [ctx.Process(target=_entry, args=(r, world, port, fn, args, queue, pg_timeout)) for r in range(world)]
     for p in procs:
         p.start()
     results: dict[int, Any] = {}
