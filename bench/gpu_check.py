@@ -455,7 +455,8 @@ def summary_markdown(results: Sequence[StageResult], environment: dict, started:
            f"Started {started}; {total:.1f} s of a {budget_s:.0f} s budget.", "", "## Environment", "",
            "| | |", "|---|---|"]
     out += [f"| {k} | {_cell(v)} |" for k, v in environment.items()]
-    out += ["", "## Stages", "", "| stage | status | time (s) | limit (s) | notes | log |", "|---|---|---:|---:|---|---|"]
+    out += ["", "## Stages", "", "| stage | status | time (s) | limit (s) | notes | log |",
+            "|---|---|---:|---:|---|---|"]
     for r in results:
         limit = r.details.get("time_limit_s", "")
         out.append(f"| {r.name} | {r.status} | {r.duration_s:.1f} | {limit} | {_cell(r.reason)} | {r.log} |")
@@ -522,8 +523,7 @@ def _stage_list(text: str) -> list[str]:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="gpu_check.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="output folder (created if missing)")
     parser.add_argument("--budget-s", type=_budget, default=DEFAULT_BUDGET_S,
                         help=f"time budget of the whole run in seconds (default {DEFAULT_BUDGET_S:g})")
