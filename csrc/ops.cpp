@@ -8,7 +8,8 @@ extern "C" {
 // Importing pycomm._C loads this library, which runs the registrations below.
 // The module itself has no Python functions: everything is a torch op.
 PyObject* PyInit__C(void) {
-  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr,
+                                          nullptr, nullptr, nullptr, nullptr};
   return PyModule_Create(&module_def);
 }
 }
