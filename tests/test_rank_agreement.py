@@ -178,3 +178,21 @@ def test_settings_are_compared_by_value():
     assert _canonical(1) == _canonical(1.0) and _canonical((0.5, 0.25)) == _canonical([0.5, 0.25])
     assert _canonical(True) != _canonical(1) and _canonical(2**60 + 1) != _canonical(2**60)
     assert _canonical(torch.float16) != _canonical(torch.float32)
+
+
+def test_pickling_loading_and_layer_changes_make_the_ranks_check_again():
+    import pickle
+
+    from pycomm.hooks import DGCState, LGreCoState, ProjectionState, QuantState
+    from pycomm.hooks.agreement import mark_agreed
+
+    for state in (QuantState(), DGCState(), ProjectionState(), LGreCoState(family="topk")):
+        mark_agreed(state)
+        assert not getattr(pickle.loads(pickle.dumps(state)), "_settings_agreed", False)
+        saved = state.state_dict()
+        state.load_state_dict(saved)
+        assert not state._settings_agreed
+        if hasattr(state, "set_layer_params"):
+            mark_agreed(state)
+            state.set_layer_params({})
+            assert not state._settings_agreed
