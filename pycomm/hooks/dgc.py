@@ -172,7 +172,8 @@ class DGCState(HookState):
         Args:
             params: ``{(bucket_index, position): density}`` with density in (0, 1]; layers not named
                 use :meth:`density_at`. None (or empty) clears every override. Replaces the previous
-                mapping. Every rank must call it with the same mapping at the same step.
+                mapping. Every rank must call it with the same mapping at the same step: the next
+                hook call checks that they did (:mod:`pycomm.hooks.agreement`).
 
         Raises:
             ValueError: a malformed key, a density outside (0, 1], or a key naming a layer that a

@@ -114,7 +114,8 @@ class QuantState(HookState):
         or fewer than ``min_numel`` elements) have no effect. Takes effect the next time the hook
         sees each bucket; a bucket whose layers' bits changed keeps its worker residuals and resets
         its server residual (whose layout follows the bits). Every rank must set the same mapping
-        at the same step (nothing is communicated).
+        at the same step: the next hook call checks that they did (one tiny collective, see
+        :mod:`pycomm.hooks.agreement`) and raises ``RankDisagreementError`` on every rank if not.
         """
         self._layer_params = self._validated_layer_params(params)
         self._params_version += 1
