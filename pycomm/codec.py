@@ -27,6 +27,8 @@ device, where libdevice and the CPU's libm may differ in the last bit.
 from __future__ import annotations
 
 import math
+import numbers
+import sys
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,14 +41,22 @@ _CODES = 127
 #: The code of NaN and +-Inf (sign bit with magnitude code 0); it decodes as NaN.
 NONFINITE_CODE = 0x80
 
+_SMALLEST_NORMAL = sys.float_info.min
+
 
 @dataclass(frozen=True)
 class LogByteCodec:
     """Sign + 7-bit log-magnitude codec over magnitudes ``[lo, hi]``.
 
     Args:
-        lo: smallest magnitude coded with the stated relative error (> 0).
+        lo: smallest magnitude coded with the stated relative error (a normal float64 > 0).
         hi: largest magnitude (> lo); larger ones saturate.
+
+    Raises:
+        ValueError: unless every code decodes to a finite value and the rounding below ``lo``
+            works in float64: ``2.2e-308 <= lo < hi``, ``hi / lo`` finite with a 126th root above 1,
+            ``hi * 2r / (1 + r)`` finite (so ``hi`` up to about ``DBL_MAX / 2``), and
+            ``lo**2 * 2 / (1 + r)`` a normal float64 (so ``lo`` from about ``1.5e-154``).
     """
 
     lo: float = 1e-3
@@ -55,8 +65,27 @@ class LogByteCodec:
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        if not (self.lo > 0 and self.hi > self.lo and math.isfinite(self.hi)):
-            raise ValueError(f"need 0 < lo < hi < inf, got lo={self.lo}, hi={self.hi}")
+        lo, hi = self.lo, self.hi
+        if (isinstance(lo, bool) or isinstance(hi, bool) or not isinstance(lo, numbers.Real)
+                or not isinstance(hi, numbers.Real)):
+            raise ValueError(f"lo and hi must be real numbers, got lo={lo!r}, hi={hi!r}")
+        if not (_SMALLEST_NORMAL <= lo < hi < math.inf):
+            raise ValueError(f"need {_SMALLEST_NORMAL!r} (the smallest normal float64) <= lo < hi < inf, "
+                             f"got lo={lo}, hi={hi}")
+        # The codes are multiples of log(r): r must be a finite float64 above 1 (hi / lo finite, and
+        # far enough from 1 that its 126th root does not round to 1).
+        if not math.isfinite(hi / lo) or not 1.0 < self.ratio < math.inf:
+            raise ValueError(f"hi / lo must be a finite float64 whose 126th root exceeds 1, got lo={lo}, hi={hi} "
+                             f"(hi / lo = {hi / lo})")
+        # The largest code decodes to about hi * 2r / (1 + r), up to twice hi.
+        if not bool(torch.isfinite(self.decode_magnitude(torch.arange(_CODES + 1))).all()):
+            raise ValueError(f"hi={hi} is too large: the largest code would decode to infinity "
+                             f"(hi * 2r / (1 + r) must stay finite, r = {self.ratio})")
+        # Below lo the rounding compares |g|^2 with this bound: a subnormal bound (or 0) would round
+        # every tiny magnitude to the first code instead of to zero.
+        if not self._below_bound >= _SMALLEST_NORMAL:
+            raise ValueError(f"lo={lo} is too small for hi={hi}: lo**2 * 2 / (1 + r) must be a normal float64 "
+                             f"(about lo >= 1.5e-154 * sqrt((1 + r) / 2)), r = {self.ratio}")
 
     @property
     def ratio(self) -> float:

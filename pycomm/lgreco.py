@@ -49,7 +49,8 @@ class Solution:
         size: total size of the choice, ``sizes`` summed in layer order in float64
             (the DP's own sum).
         error: total true (undiscretized) error of the choice, ``math.fsum`` of the
-            chosen errors (correctly rounded). With ``feasible`` it is ``<= budget``.
+            chosen errors (correctly rounded; ``math.inf`` when the exact total exceeds the
+            largest float64, e.g. finite errors near 1e308). With ``feasible`` it is ``<= budget``.
         feasible: False when no combination fits the budget; ``choice`` is then the
             least-error fallback (see :func:`solve`).
     """
@@ -148,7 +149,12 @@ def solve(errors: Any, sizes: Any, budget: float, levels: int = 10000) -> Soluti
     total_size = 0.0
     for s in size[rows, choice_t].tolist():  # layer order, as the DP adds
         total_size += s
-    total_error = math.fsum(err[rows, choice_t].tolist())
+    try:
+        total_error = math.fsum(err[rows, choice_t].tolist())
+    except OverflowError:
+        # The chosen errors are finite and >= 0, so fsum overflows only when their exact total
+        # exceeds the largest float64: its correctly rounded value is +inf.
+        total_error = math.inf
     feasible = bool(feasible_t)
     if not feasible:
         log.warning("lgreco.solve: no choice of candidates fits the error budget %r (%d levels); falling back to "

@@ -122,3 +122,104 @@ def test_nonfinite_values_keep_a_marker(codec):
     decoded = codec.decode(codes)
     assert torch.isnan(decoded[:4]).all() and torch.isfinite(decoded[4:]).all()
     assert codes[5].item() == 0 and decoded[5].item() == 0.0  # minus zero is zero, not the marker
+
+
+def _accepted(lo: float, hi: float) -> bool:
+    try:
+        LogByteCodec(lo, hi)
+    except ValueError:
+        return False
+    return True
+
+
+def _assert_every_code_finite(codec: LogByteCodec) -> None:
+    codes = torch.arange(256, dtype=torch.int64).to(torch.uint8)
+    values = codec.decode(codes)
+    finite = torch.isfinite(values)
+    assert finite.sum() == 255 and not finite[0x80], (codec, values[~finite])
+    assert (values[1:128].diff() >= 0).all() and (values[1:128] > 0).all()
+    # The extremes of float64 encode to codes that decode finite too (saturation, rounding to zero).
+    extremes = torch.tensor([5e-324, 2.2250738585072014e-308, codec.lo, codec.hi, 1.7976931348623157e308],
+                            dtype=torch.float64)
+    extremes = torch.cat([extremes, -extremes])
+    assert torch.isfinite(codec.decode(codec.encode(extremes))).all()
+    assert torch.equal(codec.encode(extremes), codec.encode_reference(extremes))
+
+
+def _bisect_bits(accepted_low: float, rejected_high: float, accepts) -> tuple[float, float]:
+    """The adjacent float64 pair (accepted, rejected) between the two given ends (positive floats, in
+    either order): positive doubles are ordered as their bit patterns."""
+    a = torch.tensor([accepted_low], dtype=torch.float64).view(torch.int64).item()
+    b = torch.tensor([rejected_high], dtype=torch.float64).view(torch.int64).item()
+    as_float = lambda bits: torch.tensor([bits], dtype=torch.int64).view(torch.float64).item()  # noqa: E731
+    assert accepts(as_float(a)) and not accepts(as_float(b))
+    while abs(b - a) > 1:
+        mid = (a + b) // 2
+        if accepts(as_float(mid)):
+            a = mid
+        else:
+            b = mid
+    return as_float(a), as_float(b)
+
+
+def test_nan_ranges_rejected_with_a_clear_error():
+    with pytest.raises(ValueError, match="hi / lo"):
+        LogByteCodec(1e-160, 1e160)  # ratio inf: every code decoded to NaN
+    with pytest.raises(ValueError, match="hi / lo"):
+        LogByteCodec(1.0, 1.0000000000000002)  # ratio rounds to 1: log r = 0
+    with pytest.raises(ValueError, match="too large"):
+        LogByteCodec(1.0, 1.7e308)  # hi * 2r / (1 + r) overflows
+    with pytest.raises(ValueError, match="too small"):
+        LogByteCodec(1e-300, 1.0)  # the rounding below lo squares underflow
+    with pytest.raises(ValueError, match="smallest normal"):
+        LogByteCodec(5e-324, 1.0)
+    for bad in [(math.nan, 1.0), (1e-3, math.nan), (1e-3, math.inf), (True, 2.0), ("1e-3", 1.0), (2.0, 1.0)]:
+        with pytest.raises(ValueError):
+            LogByteCodec(*bad)
+
+
+def test_every_accepted_range_decodes_finite():
+    """Random ranges over the whole float64 exponent range: each is rejected, or every code decodes finite."""
+    gen = torch.Generator().manual_seed(11)
+    exponents = torch.rand(400, 2, generator=gen, dtype=torch.float64) * 616 - 308
+    accepted = 0
+    for e_lo, e_hi in exponents.tolist():
+        lo, hi = 10.0 ** min(e_lo, e_hi), 10.0 ** max(e_lo, e_hi)
+        if _accepted(lo, hi):
+            accepted += 1
+            _assert_every_code_finite(LogByteCodec(lo, hi))
+    assert 20 < accepted < 400  # both outcomes were exercised
+
+
+@pytest.mark.parametrize("fixed", [1e-3, 1.0, 1e100])
+def test_boundaries_of_the_accepted_ranges_decode_finite(fixed):
+    # The largest accepted hi for lo = fixed, and the smallest accepted lo for hi = fixed * 1e10:
+    # the last accepted float64 decodes every code finite, the next one is rejected.
+    hi_ok, hi_bad = _bisect_bits(fixed * 10, 1.7976931348623157e308, lambda hi: _accepted(fixed, hi))
+    assert hi_ok < hi_bad
+    _assert_every_code_finite(LogByteCodec(fixed, hi_ok))
+    assert not _accepted(fixed, hi_bad)
+    top = fixed * 1e10
+    lo_ok, lo_bad = _bisect_bits(fixed, 5e-324, lambda lo: _accepted(lo, top))
+    assert lo_bad < lo_ok
+    _assert_every_code_finite(LogByteCodec(lo_ok, top))
+    assert not _accepted(lo_bad, top)
+    # The narrowest range: hi just far enough above lo for a ratio above 1.
+    narrow_ok, narrow_bad = _bisect_bits(fixed * 2, fixed, lambda hi: _accepted(fixed, hi))
+    assert fixed < narrow_bad < narrow_ok
+    _assert_every_code_finite(LogByteCodec(fixed, narrow_ok))
+    assert not _accepted(fixed, narrow_bad)
+
+
+def test_extreme_accepted_ranges_decode_finite():
+    # The smallest lo and the largest hi accepted at all (narrow ranges), and the widest hi / lo.
+    lo_ok, lo_bad = _bisect_bits(1e-100, 5e-324, lambda lo: _accepted(lo, 2 * lo))
+    assert 1e-154 < lo_ok < 1e-153
+    hi_ok, hi_bad = _bisect_bits(1e300, 1.7976931348623157e308, lambda hi: _accepted(hi / 2, hi))
+    assert hi_ok > 1.7e308
+    wide_ok, wide_bad = _bisect_bits(1e-140 * 10, 1.7976931348623157e308, lambda hi: _accepted(1e-140, hi))
+    assert wide_ok / 1e-140 > 1e307
+    for codec in (LogByteCodec(lo_ok, 2 * lo_ok), LogByteCodec(hi_ok / 2, hi_ok), LogByteCodec(1e-140, wide_ok)):
+        _assert_every_code_finite(codec)
+    for lo, hi in ((lo_bad, 2 * lo_bad), (hi_bad / 2, hi_bad), (1e-140, wide_bad)):
+        assert not _accepted(lo, hi)

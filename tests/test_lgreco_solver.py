@@ -323,3 +323,16 @@ def test_op_and_opcheck():
 
 def test_exported_from_package():
     assert pycomm.lgreco.solve is solve
+
+
+def test_totals_beyond_the_largest_float_are_inf_not_overflow_error():
+    # Finite errors near 1e308 whose exact total exceeds DBL_MAX: fsum raised OverflowError.
+    big = [[1e308, 1.5e308], [1.2e308, 1e308]]
+    sizes = [[1.0, 2.0], [1.0, 2.0]]
+    sol = solve(big, sizes, budget=math.inf)  # the smallest sizes, whatever their error
+    assert sol == Solution([0, 0], 2.0, math.inf, True)
+    sol = solve(big, sizes, budget=1e308)  # nothing fits: the least-error fallback, total inf
+    assert sol.choice == [0, 1] and sol.error == math.inf and not sol.feasible
+    # A total that stays finite is still summed exactly.
+    sol = solve([[1e308], [7e307]], [[1.0], [1.0]], budget=math.inf)
+    assert sol.error == math.fsum([1e308, 7e307]) and sol.feasible

@@ -113,6 +113,9 @@ def _projection_worker(rank, world):
     state = pycomm.register(model, "spsa-projection", num_directions=4, error_feedback=True)
     counter = CollectiveByteCounter()
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(rank))
+    model(x).pow(2).sum().backward()  # the first step also agrees on the settings (pycomm.hooks.agreement)
+    model.zero_grad()
+    state.residuals.clear()
     with counter:
         model(x).pow(2).sum().backward()
     grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])

@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from pycomm import ops
+from pycomm.hooks import agreement
 from pycomm.hooks.hook_state import HookState
 from pycomm.compressors import DGC
 from pycomm.distributed import all_gather_into_tensor, mix_seed
@@ -171,7 +172,8 @@ class DGCState(HookState):
         Args:
             params: ``{(bucket_index, position): density}`` with density in (0, 1]; layers not named
                 use :meth:`density_at`. None (or empty) clears every override. Replaces the previous
-                mapping. Every rank must call it with the same mapping at the same step.
+                mapping. Every rank must call it with the same mapping at the same step: the next
+                hook call checks that they did (:mod:`pycomm.hooks.agreement`).
 
         Raises:
             ValueError: a malformed key, a density outside (0, 1], or a key naming a layer that a
@@ -194,6 +196,7 @@ class DGCState(HookState):
             checked[(bucket_index, position)] = float(value)
         self._layer_params = checked
         self._layer_version += 1
+        agreement.settings_changed(self)
 
     def _layer_counts(self, plan: _BucketPlan, bucket_index: int, step: int) -> Optional[tuple[int, ...]]:
         """Elements kept per compressed layer at ``step``, or None when no layer of the bucket has its own
@@ -325,6 +328,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     rank that holds it leaves its accumulators untouched; the other ranks keep what they
     accumulated (nothing is masked away), so no gradient is lost.
     """
+    agreement.check_settings(state, bucket, "dgc")
     group = state.process_group
     buffer = bucket.buffer()
     world = dist.get_world_size(group)

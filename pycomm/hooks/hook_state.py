@@ -10,7 +10,7 @@ class HookState:
     with an observer reset it in their own ``__setstate__``)."""
 
     process_group: Any = None
-    _NOT_PICKLED = ("process_group", "observer")
+    _NOT_PICKLED = ("process_group", "observer", "_settings_agreed")  # ranks check again after loading
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in self._NOT_PICKLED}

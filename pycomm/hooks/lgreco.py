@@ -12,6 +12,7 @@ import torch.distributed as dist
 
 from pycomm import layer_errors, lgreco
 from pycomm.distributed import mix_seed
+from pycomm.hooks import agreement
 from pycomm.hooks.dgc import DGCState, dgc_hook
 from pycomm.hooks.hook_state import HookState
 from pycomm.hooks.quantized_allreduce import QuantState, quantized_allreduce_hook
@@ -244,6 +245,7 @@ class LGreCoState(HookState):
             solution = lgreco.Solution(choice, float(uniform_bytes), uniform_error, True)
         mapping = {key: self.candidates[c] for key, c in zip(keys, choice)}
         self.inner.set_layer_params(mapping)
+        agreement.mark_agreed(self.inner)  # every rank solved the same table: nothing to check
         histogram = dict(sorted(collections.Counter(mapping.values()).items()))
         self.last_solve = {
             "step": step + 1, "layers": len(keys), "histogram": histogram, "feasible": solution.feasible,
@@ -274,6 +276,7 @@ class LGreCoState(HookState):
         self.last_solve = state_dict.get("last_solve")
         self._accumulators = {int(i): (e["values"], [tuple(x) for x in e["layers"]])
                               for i, e in state_dict.get("accumulators", {}).items()}
+        agreement.settings_changed(self)
 
 
 def _same_on_all_ranks(keys: list[LayerKey], device: torch.device, group: Optional[dist.ProcessGroup]) -> bool:
@@ -292,6 +295,7 @@ def lgreco_hook(state: LGreCoState, bucket: dist.GradBucket) -> torch.futures.Fu
     Register with ``ddp_model.register_comm_hook(state, lgreco_hook)`` or in one line with
     ``pycomm.register(ddp_model, "lgreco", family="quant", default=4)``.
     """
+    agreement.check_settings(state, bucket, "lgreco")
     step = state.inner.iter  # the inner hook counts iterations on the last bucket
     state.inner.observer = state._observe if state.observing(step) else None
     inner_hook: Callable[..., torch.futures.Future] = (

@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from pycomm import ops
+from pycomm.hooks import agreement
 from pycomm.hooks.hook_state import HookState
 from pycomm.distributed import chunk_layout, mix_seed, quantized_all_reduce
 
@@ -113,10 +114,12 @@ class QuantState(HookState):
         or fewer than ``min_numel`` elements) have no effect. Takes effect the next time the hook
         sees each bucket; a bucket whose layers' bits changed keeps its worker residuals and resets
         its server residual (whose layout follows the bits). Every rank must set the same mapping
-        at the same step (nothing is communicated).
+        at the same step: the next hook call checks that they did (one tiny collective, see
+        :mod:`pycomm.hooks.agreement`) and raises ``RankDisagreementError`` on every rank if not.
         """
         self._layer_params = self._validated_layer_params(params)
         self._params_version += 1
+        agreement.settings_changed(self)
 
     @staticmethod
     def _validated_layer_params(params: Optional[dict]) -> dict[tuple[int, int], int]:
@@ -164,6 +167,7 @@ class QuantState(HookState):
         self._params_version += 1
         self._plans.clear()
         self._pending = dict(state_dict.get("residuals", {}))
+        agreement.settings_changed(self)
 
     # -- planning ------------------------------------------------------------
     def _plan(self, bucket: dist.GradBucket) -> _BucketPlan:
@@ -254,6 +258,7 @@ def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torc
     Layers with ``dim <= 1`` or fewer than ``min_numel`` elements, and every layer
     before ``start_iter``, are all-reduced uncompressed.
     """
+    agreement.check_settings(state, bucket, "quant")
     group = state.process_group
     buffer = bucket.buffer()
     if bucket.is_last():

@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from pycomm import ops
+from pycomm.hooks import agreement
 from pycomm.hooks.hook_state import HookState
 from pycomm.codec import NONFINITE_CODE, LogByteCodec
 from pycomm.distributed import all_gather_into_tensor, mix_seed
@@ -84,6 +85,7 @@ class ProjectionState(HookState):
         self.iter = state["iter"]
         self.seed = state["seed"]
         self.residuals = dict(state["residuals"])
+        agreement.settings_changed(self)
 
 
 def _rank_sum(rows: torch.Tensor) -> torch.Tensor:
@@ -106,6 +108,7 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     one launch per K directions for the residual and for the result (the coefficients
     stay device tensors throughout).
     """
+    agreement.check_settings(state, bucket, "spsa-projection")
     group = state.process_group
     buffer = bucket.buffer()
     world = dist.get_world_size(group)
