@@ -65,9 +65,9 @@ def test_densify(data, count, numel, value_dtype, index_dtype, mutation):
     raw_values = data.draw(st.lists(st.floats(-1e4, 1e4, width=16), min_size=count, max_size=count))
     values_flat = torch.tensor(raw_values, dtype=torch.float32).to(value_dtype)
     if data.draw(st.booleans()):
-        values = embed(values_flat, data.draw(st.integers(0, 4)), data.draw(st.integers(0, 4)), 1e30)[1]
+        values = embed(values_flat, data.draw(st.integers(0, 4)), data.draw(st.integers(0, 4)), 6e4)[1]
     else:
-        big = torch.full((2 * count,), 1e30, dtype=value_dtype)
+        big = torch.full((2 * count,), 6e4, dtype=value_dtype)
         big[::2] = values_flat
         values = big[::2]
     values = values.view(indices.shape) if values.is_contiguous() else values.reshape(indices.shape)
@@ -285,3 +285,27 @@ def test_dgc_compensate_bounds(numel, momentum, clip, mutation):
         after = bits_of(big)
         assert torch.equal(after[:before * 4], snap[:before * 4])
         assert torch.equal(after[(before + numel) * 4:], snap[(before + numel) * 4:])
+
+
+@pytest.mark.parametrize("offset", [2**63 - 128, 2**63 - 64, 2**63 - 3])
+def test_philox_ops_reach_the_last_index(offset):
+    """Global indices up to 2**63 - 2 are valid. Found by test_philox_variates_bounds: in the last
+    tile below 2**63, base + 128 overflowed, so the CPU ops skipped it: philox_variates and
+    philox_perturbed_copy returned uninitialised memory, philox_axpy_ left the tensor as it was
+    and philox_dot left those indices out."""
+    n = 2
+    like = torch.zeros(1)
+    pair = OPS.philox_variates(like, n, 7, offset, 0)
+    singles = torch.cat([OPS.philox_variates(like, 1, 7, offset + j, 0) for j in range(n)])
+    small = OPS.philox_variates(like, n, 7, 5, 0)  # same distribution, low indices
+    assert torch.equal(pair, singles)
+    assert torch.isfinite(pair).all() and pair.abs().max() < 10 and not torch.equal(pair, torch.zeros(n))
+    assert not torch.equal(pair, small)
+    t = torch.tensor([1.0, -2.0])
+    copy = OPS.philox_perturbed_copy([t], 7, 0.5, 0, offset)[0]
+    assert torch.equal(copy, t + 0.5 * pair)
+    in_place = t.clone()
+    OPS.philox_axpy_([in_place], 7, 0.5, 0, offset)
+    assert torch.equal(in_place, copy)
+    dot = OPS.philox_dot([t], 7, 0, offset)
+    assert dot.item() == pytest.approx(float((t.double() * pair.double()).sum()), rel=1e-12)

@@ -37,7 +37,7 @@ from quant_reference import quantize_reference
 OPS = torch.ops.pycomm
 ERRORS = (RuntimeError, ValueError, TypeError, IndexError, OverflowError)
 CANARY = -4242.0  # exactly representable in float32, float16 and bfloat16
-POISON = 1.0e6
+POISON = 6.0e4  # large, and representable in float16 too
 
 # Ints where bounds checks break: around 0, int32 limits and 2**63.
 EDGE_INTS = [-(2**63), -(2**63) + 1, -(2**31), -1, 2**31 - 1, 2**31, 2**62, 2**63 - 9, 2**63 - 2, 2**63 - 1]
@@ -580,6 +580,18 @@ def test_public_api_rejects_bools(name, which, flag):
         elif name == "record_bytes":
             ops.record_bytes(kwargs["bits"], kwargs["bucket_size"])
         elif name == "dequantize_sum":
-            ops.dequantize_sum(torch.zeros(1, 2, 12, dtype=torch.uint8), numel=16, **kwargs)
+            ops.dequantize_sum(torch.zeros(1, 2, 8 + int(kwargs["bits"]), dtype=torch.uint8), numel=16, **kwargs)
         else:
             ops.bucket_table([(0, 16)], kwargs["bucket_size"], bits=[kwargs["bits"]])
+
+
+@pytest.mark.parametrize("begin", [2**60, 2**61 + 1, 2**63 - 1])
+def test_identity_layout_huge_init_bucket_begin_reads_nothing(begin):
+    """Without a bucket_table, bucket k of init starts at (init_bucket_begin + k) * bucket_size:
+    for a huge init_bucket_begin that lies past init's end, so init adds nothing. Found by
+    test_dequantize_sum_uniform: the product (and the sum) wrapped around in int64, and the op
+    read init's first elements instead."""
+    init = torch.tensor([1.0, 2.0, 3.0])
+    zero_payloads = torch.zeros(1, 2, record_bytes(1, 8), dtype=torch.uint8)
+    out = OPS.dequantize_sum(zero_payloads, init, None, begin, 1, 8)
+    assert torch.equal(out, torch.zeros(16))
