@@ -144,8 +144,8 @@ def test_dequantize_into_uniform(data, bits, bucket_size, num_buckets, dtype, mu
     elif mutation == "payload_3d":
         payload = payload.reshape(1, num_buckets, rec)
     elif mutation == "payload_strided":
-        valid = num_buckets <= 1  # a [0 or 1, rec] tensor sliced by rows stays contiguous
-        payload = torch.cat([payload, payload]).view(2, num_buckets, rec).transpose(0, 1)[:, 0]
+        valid = num_buckets <= 1  # a [0 or 1, rec] tensor with a row stride is still contiguous
+        payload = torch.cat([payload, payload], dim=1)[:, :rec]
     elif mutation == "record_size":
         payload = torch.zeros(num_buckets, rec + data.draw(st.sampled_from([-1, 1, 8])), dtype=torch.uint8)
     elif mutation == "out_dtype":
@@ -153,6 +153,7 @@ def test_dequantize_into_uniform(data, bits, bucket_size, num_buckets, dtype, mu
     elif mutation == "out_strided":
         big_out = torch.full((2 * numel + 2,), CANARY, dtype=dtype)
         out = big_out[::2][:numel]
+        before = 0
         valid = numel <= 1
     elif mutation == "too_small":
         if use_table:
@@ -168,7 +169,7 @@ def test_dequantize_into_uniform(data, bits, bucket_size, num_buckets, dtype, mu
         table = torch.zeros(num_buckets, 2, dtype=data.draw(st.sampled_from([torch.int32, torch.float64])))
     elif mutation == "table_strided":
         table = torch.zeros(num_buckets, 4, dtype=torch.int64)[:, ::2]
-        valid = num_buckets <= 1
+        valid = num_buckets == 0  # columns with stride 2: contiguous only when empty
     elif mutation == "host_table":
         host_table = torch.zeros(num_buckets, 2, dtype=torch.int64)
     note(f"valid={valid} numel={numel} table={None if table is None else table.tolist()}")
@@ -257,6 +258,7 @@ def test_dequantize_into_mixed(data, bucket_size, count, dtype, mutation):
     if mutation == "out_strided":
         big_out = torch.full((2 * numel + 2,), CANARY, dtype=dtype)
         out = big_out[::2][:numel]
+        before = 0
         valid = numel <= 1
     note(f"valid={valid} table={table_np.tolist()} host={None if host is None else host.tolist()}")
 
