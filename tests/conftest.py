@@ -12,3 +12,5 @@ from cuda_support import fail_if_kernels_missing  # noqa: E402
 def cuda_kernels_present() -> None:
     """Used by cuda_support.REQUIRES_CUDA: a GPU machine without pycomm's CUDA kernels fails."""
     fail_if_kernels_missing()
+
+import fuzz_profiles  # noqa: E402,F401  (hypothesis profiles: default "pycomm-ci", "--hypothesis-profile=long")

@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kBlock)
     int t = find_tensor(b, first);
     for (int step_index = 0; step_index < 32; ++step_index) {
       const int64_t step = base + 128 * step_index;
-      if (step + 128 <= begin || step >= end) continue;
+      if (begin - step >= 128 || step >= end) continue;  // step + 128 overflows in the last step below 2^63
       const int64_t q = step / 4 + lane;
       float z[4];
       group_variates(seed, distribution, static_cast<uint64_t>(q), z);
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kBlock)
         acc = dadd_rn(acc, dmul_rn(static_cast<double>(v), static_cast<double>(z[j])));
       }
     }
-    const int64_t chunk_end = base + kDotChunk < op_end ? base + kDotChunk : op_end;
+    const int64_t chunk_end = kDotChunk < op_end - base ? base + kDotChunk : op_end;  // no overflow near 2^63
     if (chunk_end <= end) {
       acc = warp_tree(acc);
       if (lane == 0) partials[k * chunks_total + (chunk - chunk_first)] = acc;

@@ -31,16 +31,20 @@ struct BucketLayout {
 
   // Clamped so that a malformed table can never address outside the tensor.
   PYCOMM_HD void range(int64_t bucket, int64_t& offset, int64_t& length) const {
-    const int64_t k = first_bucket + bucket;
     int64_t off, len;
     if (table != nullptr && packed_chunk) {
       off = bucket * bucket_size;
-      len = table[columns * k + 1];
+      len = table[columns * (first_bucket + bucket) + 1];
     } else if (table != nullptr) {
-      off = table[columns * k];
-      len = table[columns * k + 1];
+      off = table[columns * (first_bucket + bucket)];
+      len = table[columns * (first_bucket + bucket) + 1];
     } else {
-      off = k * bucket_size;
+      // (first_bucket + bucket) * bucket_size can overflow int64 (init_bucket_begin is any
+      // non-negative int): a bucket past numel / bucket_size starts at or past the end.
+      const int64_t last = numel / bucket_size;
+      off = first_bucket >= 0 && first_bucket <= last && bucket <= last - first_bucket
+                ? (first_bucket + bucket) * bucket_size
+                : numel;
       len = bucket_size;
     }
     if (off < 0) off = 0;
