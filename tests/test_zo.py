@@ -216,3 +216,14 @@ def test_projection_rank_sum_order(world):
         parts = [parts[i] + parts[i + h] for i in range(h)] + parts[2 * h:]
     assert torch.equal(_rank_sum(rows), parts[0])
     assert torch.allclose(_rank_sum(rows), rows.sum(0), rtol=1e-12, atol=0)
+
+
+def test_projection_state_rejects_another_methods_checkpoint():
+    from pycomm.hooks import ProjectionState, QuantState
+    quant = QuantState(bits=4).state_dict()
+    quant["residuals"] = {0: {"worker": torch.zeros(3), "server": None}}  # a quant checkpoint with a bucket
+    with pytest.raises(ValueError, match="not a ProjectionState checkpoint"):
+        ProjectionState(num_directions=4).load_state_dict(quant)
+    state = ProjectionState(num_directions=4)
+    state.load_state_dict({"iter": 5, "seed": 3, "residuals": {0: torch.zeros(4)}})
+    assert state.iter == 5 and state.seed == 3

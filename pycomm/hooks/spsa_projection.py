@@ -82,6 +82,14 @@ class ProjectionState(HookState):
         return {"iter": self.iter, "seed": self.seed, "residuals": dict(self.residuals)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict`; a checkpoint of another state (e.g. a ``QuantState``'s) raises
+        ``ValueError`` instead of failing later inside the hook."""
+        residuals = state.get("residuals") if isinstance(state, dict) else None
+        if (not isinstance(residuals, dict) or not {"iter", "seed"} <= set(state)
+                or not all(isinstance(r, torch.Tensor) for r in residuals.values())):
+            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
+            raise ValueError("not a ProjectionState checkpoint: expected 'iter', 'seed' and 'residuals' "
+                             f"(bucket index -> tensor), got {keys}")
         self.iter = state["iter"]
         self.seed = state["seed"]
         self.residuals = dict(state["residuals"])
