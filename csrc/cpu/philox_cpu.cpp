@@ -170,7 +170,8 @@ void elementwise(const std::vector<PhiloxSpan>& spans, const std::vector<Directi
     size_t cursor = span_index(spans, std::max(tile_begin * kTile, begin));
     for (int64_t tile = tile_begin; tile < tile_end; ++tile) {
       const int64_t base = tile * kTile;
-      const int64_t lo = std::max(base, begin), hi = std::min(base + kTile, end);
+      // end - base, not base + kTile: the last tile may end past 2^63 - 1.
+      const int64_t lo = std::max(base, begin), hi = base + std::min(kTile, end - base);
       const size_t tile_cursor = cursor;
       if (fill) {
         tile_variates(gaussian, directions.front().seed, distribution, tile, z);
@@ -232,9 +233,9 @@ std::vector<double> dot(const std::vector<PhiloxSpan>& spans, const std::vector<
       for (int64_t step = 0; step < kTilesPerChunk; ++step) {
         const int64_t tile = chunk * kTilesPerChunk + step;
         const int64_t base = tile * kTile;
-        const int64_t lo = std::max(base, begin), hi = std::min(base + kTile, end);
+        const int64_t lo = std::max(base, begin), hi = end - base < kTile ? end : base + kTile;
         if (lo >= hi) continue;
-        if (lo > base || hi < base + kTile) {
+        if (lo > base || hi - base < kTile) {
           for (int64_t i = 0; i < kTile; ++i) v[i] = 0.0f;  // absent indices contribute +-0: no change
         }
         for_each_piece(spans, &cursor, base, lo, hi, [&](const PhiloxSpan& span, int64_t local, int64_t zi, int64_t n) {

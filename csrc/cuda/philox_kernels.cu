@@ -127,7 +127,7 @@ __global__ void __launch_bounds__(kBlock)
     const int64_t q = q_begin + i;
     const int64_t g0 = 4 * q;
     const int t = find_tensor(b, g0 > begin ? g0 : begin);
-    const bool whole = g0 >= b.start[t] && g0 + 4 <= b.start[t + 1];
+    const bool whole = g0 >= b.start[t] && b.start[t + 1] - g0 >= 4;  // g0 + 4 may pass 2^63 - 1
     S* const dst_whole = whole ? static_cast<S*>(b.dst[t]) + (g0 - b.start[t]) : nullptr;
     const S* const src_whole = whole && !kFill ? static_cast<const S*>(b.src[t]) + (g0 - b.start[t]) : nullptr;
     const bool vector = whole && qdev::aligned_to(dst_whole, 4 * sizeof(S)) &&
@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(kBlock)
     int t = find_tensor(b, first);
     for (int step_index = 0; step_index < 32; ++step_index) {
       const int64_t step = base + 128 * step_index;
-      if (step + 128 <= begin || step >= end) continue;
+      if (begin - step >= 128 || step >= end) continue;  // step + 128 may pass 2^63 - 1
       const int64_t q = step / 4 + lane;
       float z[4];
       group_variates(seed, distribution, static_cast<uint64_t>(q), z);
@@ -242,7 +242,7 @@ __global__ void __launch_bounds__(kBlock)
         acc = dadd_rn(acc, dmul_rn(static_cast<double>(v), static_cast<double>(z[j])));
       }
     }
-    const int64_t chunk_end = base + kDotChunk < op_end ? base + kDotChunk : op_end;
+    const int64_t chunk_end = op_end - base > kDotChunk ? base + kDotChunk : op_end;
     if (chunk_end <= end) {
       acc = warp_tree(acc);
       if (lane == 0) partials[k * chunks_total + (chunk - chunk_first)] = acc;
