@@ -26,7 +26,12 @@ TORCH_LIBRARY(pycomm, m) {
   // must be 0) and the payloads are flat uint8: [bytes] (dequantize_sum:
   // [sources, bytes]). host_table: an optional CPU copy of a CUDA mixed table,
   // which the ops read to size and check payloads (without it they copy the
-  // table, which waits). chunk_row_begin >= 0 (mixed only): x is a reduced
+  // table, which waits). With a CPU table, host_table must equal it. With a
+  // CUDA table the two are not compared (that would wait): host_table is
+  // validated and sizes the payloads, and the kernels bound every record by
+  // the payload, so a device table that differs gives wrong values but never
+  // an access outside the tensors; quantize then zero-fills its payload, so no
+  // uninitialised byte is sent. chunk_row_begin >= 0 (mixed only): x is a reduced
   // chunk as dequantize_sum returns it, bucket k = elements [k*B, (k+1)*B)
   // with the bits of table row chunk_row_begin + k.
   m.def(

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <c10/util/Optional.h>
 
+#include <limits>
 #include <utility>
 
 #include "pycomm/bucket_layout.h"
@@ -13,6 +14,16 @@
 #include "pycomm/quant_format.h"
 
 namespace pycomm {
+
+// Whether [offset, offset + length) lies inside [0, size). Written so that no
+// sum is formed: offset + length overflows int64 for hostile arguments, and a
+// wrapped sum would pass a naive `offset + length <= size`.
+inline bool range_within(int64_t offset, int64_t length, int64_t size) {
+  return offset >= 0 && length >= 0 && offset <= size && length <= size - offset;
+}
+
+// ceil(a / b) for a >= 0, b > 0, without forming a + b - 1.
+inline int64_t ceil_div_nonneg(int64_t a, int64_t b) { return a / b + (a % b != 0 ? 1 : 0); }
 
 inline void check_bits_and_bucket(int64_t bits, int64_t bucket_size) {
   TORCH_CHECK(bits >= quant::kMinBits && bits <= quant::kMaxBits,
@@ -95,6 +106,12 @@ inline MixedTableInfo check_mixed_table(const at::Tensor& table, const c10::opti
                     h.sizes() == table.sizes(),
                 "pycomm: host_table must be a contiguous int64 CPU tensor shaped like bucket_table ", table.sizes(),
                 ", got ", h.scalar_type(), " ", h.sizes(), " on ", h.device());
+    // The kernels read `table` and the host sizes the payload from `h`: a CPU
+    // table is compared (cheap, no device); a CUDA table cannot be without a
+    // sync, so there the kernels bound every record by the payload instead and
+    // quantize zero-fills its payload first (quantize_cuda.cpp).
+    TORCH_CHECK(!table.device().is_cpu() || at::equal(h, table), "pycomm: host_table differs from the CPU "
+                "bucket_table it should copy; pass the table itself (or no host_table) for a CPU table");
     info.host = h;
   } else {
     info.host = table.device().is_cpu() ? table : table.cpu();
@@ -123,13 +140,15 @@ inline MixedTableInfo check_mixed_table(const at::Tensor& table, const c10::opti
 inline int64_t mixed_rows_spanning(const MixedTableInfo& info, int64_t begin, int64_t bytes, const char* what) {
   TORCH_CHECK(begin >= 0 && begin <= info.count, "pycomm: first row ", begin, " is outside bucket_table's ",
               info.count, " rows");
-  const int64_t target = info.byte_at(begin) + bytes;
+  // bytes <= what is left is checked first, so that the target cannot overflow.
+  const bool fits = range_within(info.byte_at(begin), bytes, info.total_bytes);
+  const int64_t target = fits ? info.byte_at(begin) + bytes : -1;
   int64_t lo = begin, hi = info.count;  // binary search: byte_at is strictly increasing
-  while (lo < hi) {
+  while (fits && lo < hi) {
     const int64_t mid = lo + (hi - lo) / 2;
     if (info.byte_at(mid) < target) lo = mid + 1; else hi = mid;
   }
-  TORCH_CHECK(bytes >= 0 && info.byte_at(lo) == target, "pycomm: ", what, " has ", bytes, " bytes, which is not ",
+  TORCH_CHECK(fits && info.byte_at(lo) == target, "pycomm: ", what, " has ", bytes, " bytes, which is not ",
               "a whole number of the bucket_table's records from row ", begin, " (byte ", info.byte_at(begin), ")");
   return lo - begin;
 }
@@ -166,7 +185,7 @@ inline int64_t check_quantize_args(const at::Tensor& x, const c10::optional<at::
   to_dtype(x, "x");
   const int64_t numel = x.numel();
   const int64_t table_rows = check_bucket_table(bucket_table, x);
-  const int64_t needed = table_rows >= 0 ? table_rows : (numel + bucket_size - 1) / bucket_size;
+  const int64_t needed = table_rows >= 0 ? table_rows : ceil_div_nonneg(numel, bucket_size);
   if (num_buckets < 0) num_buckets = needed;
   TORCH_CHECK(table_rows < 0 || num_buckets == table_rows, "pycomm: num_buckets (", num_buckets,
               ") must equal the number of bucket_table rows (", table_rows, ")");
@@ -196,9 +215,8 @@ inline void check_dequantize_into_args(const at::Tensor& payload, const at::Tens
     TORCH_CHECK(table_rows == num_buckets, "pycomm: the payload has ", num_buckets,
                 " buckets but bucket_table has ", table_rows, " rows");
   } else {
-    TORCH_CHECK(out.numel() <= num_buckets * bucket_size, "pycomm: the payload holds ", num_buckets,
-                " buckets of ", bucket_size, " elements (", num_buckets * bucket_size, ") but out has ",
-                out.numel(), " elements");
+    TORCH_CHECK(ceil_div_nonneg(out.numel(), bucket_size) <= num_buckets, "pycomm: the payload holds ",
+                num_buckets, " buckets of ", bucket_size, " elements but out has ", out.numel(), " elements");
   }
 }
 
@@ -215,9 +233,16 @@ inline void check_dequantize_sum_args(const at::Tensor& payloads, const c10::opt
     const int64_t table_rows = check_bucket_table(bucket_table, *init);
     TORCH_CHECK(init_bucket_begin >= 0, "pycomm: init_bucket_begin must be >= 0, got ", init_bucket_begin);
     const int64_t num_buckets = payloads.size(1);
-    if (table_rows >= 0)
-      TORCH_CHECK(init_bucket_begin + num_buckets <= table_rows, "pycomm: buckets [", init_bucket_begin, ", ",
-                  init_bucket_begin + num_buckets, ") are outside bucket_table's ", table_rows, " rows");
+    if (table_rows >= 0) {
+      TORCH_CHECK(range_within(init_bucket_begin, num_buckets, table_rows), "pycomm: ", num_buckets,
+                  " buckets from row init_bucket_begin=", init_bucket_begin, " are outside bucket_table's ",
+                  table_rows, " rows");
+    } else {
+      // Bucket k reads init from element (init_bucket_begin + k) * bucket_size.
+      TORCH_CHECK(range_within(init_bucket_begin, num_buckets, std::numeric_limits<int64_t>::max() / bucket_size),
+                  "pycomm: init_bucket_begin=", init_bucket_begin, " with ", num_buckets, " buckets of ", bucket_size,
+                  " puts element positions past 2^63 - 1");
+    }
   } else {
     TORCH_CHECK(!bucket_table.has_value(), "pycomm: bucket_table is only used together with init");
   }
@@ -263,12 +288,12 @@ inline MixedQuantizeArgs check_quantize_mixed_args(const at::Tensor& x, const c1
     a.num_buckets = a.info.count;
     a.first_row = 0;
   } else {
-    const int64_t needed = (numel + bucket_size - 1) / bucket_size;
+    const int64_t needed = ceil_div_nonneg(numel, bucket_size);
     a.num_buckets = num_buckets < 0 ? needed : num_buckets;
     TORCH_CHECK(a.num_buckets >= needed, "pycomm: num_buckets=", a.num_buckets, " cannot hold ", numel,
                 " elements in buckets of ", bucket_size, " (need at least ", needed, ")");
-    TORCH_CHECK(chunk_row_begin + a.num_buckets <= a.info.count, "pycomm: rows [", chunk_row_begin, ", ",
-                chunk_row_begin + a.num_buckets, ") of the chunk are outside bucket_table's ", a.info.count,
+    TORCH_CHECK(range_within(chunk_row_begin, a.num_buckets, a.info.count), "pycomm: the chunk's ", a.num_buckets,
+                " rows from chunk_row_begin=", chunk_row_begin, " are outside bucket_table's ", a.info.count,
                 " rows");
     a.first_row = chunk_row_begin;
   }

@@ -146,6 +146,10 @@ def quantized_all_reduce(
             ``pad_to_multiple=W``) quantizes each bucket with its own bits, in both phases.
         host_bucket_table: a CPU copy of a CUDA mixed ``bucket_table``; the ops read it to size
             the payloads. Without it the table is copied to the host, which waits for the stream.
+            With a CPU ``bucket_table`` it must equal the table (else RuntimeError). With a CUDA
+            table it is validated but not compared with the device copy (that would wait): keep
+            them equal. A differing device table gives wrong values, but the kernels never read or
+            write outside the tensors and the payloads are zero-filled, so no stale memory is sent.
 
     Volume per rank: the all-to-all sends ``(W-1)/W`` of the payload (``num_buckets`` records; of
     a mixed table, :func:`pycomm.ops.mixed_payload_bytes`) and the all-gather the same again.

@@ -48,10 +48,15 @@ HEADER_BYTES = 8
 MAX_BUCKET_SIZE = 1 << 24
 
 
+def _is_int(value: object) -> bool:
+    """An int that is not a bool (``True`` would otherwise pass as 1)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_bits_bucket(bits: int, bucket_size: int) -> None:
-    if not isinstance(bits, int) or not 1 <= bits <= 8:
+    if not _is_int(bits) or not 1 <= bits <= 8:
         raise ValueError(f"bits must be an integer in [1, 8], got {bits!r}")
-    if not isinstance(bucket_size, int) or bucket_size < 8 or bucket_size % 8 or bucket_size > MAX_BUCKET_SIZE:
+    if not _is_int(bucket_size) or bucket_size < 8 or bucket_size % 8 or bucket_size > MAX_BUCKET_SIZE:
         raise ValueError(f"bucket_size must be a positive multiple of 8 and at most 2^24, got {bucket_size!r}")
 
 
@@ -255,7 +260,7 @@ def bucket_table(segments: Sequence[tuple[int, int]], bucket_size: int, pad_to_m
     stay in segment order and nothing is added.
     """
     _check_bits_bucket(1, bucket_size)
-    if not isinstance(pad_to_multiple, int) or pad_to_multiple < 1:
+    if not _is_int(pad_to_multiple) or pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be a positive integer, got {pad_to_multiple!r}")
     segments = list(segments)
     if bits is not None:
@@ -263,15 +268,15 @@ def bucket_table(segments: Sequence[tuple[int, int]], bucket_size: int, pad_to_m
         if len(bits) != len(segments):
             raise ValueError(f"bits must have one entry per segment ({len(segments)}), got {len(bits)}")
         for b in bits:
-            if isinstance(b, bool) or not isinstance(b, int) or not 1 <= b <= 8:
+            if not _is_int(b) or not 1 <= b <= 8:
                 raise ValueError(f"bits must be integers in [1, 8], got {b!r}")
     order = sorted(range(len(segments)), key=lambda i: segments[i])
     rows: list[tuple[int, ...]] = []
     end = -1
     for i in order:
         offset, length = segments[i]
-        if offset < 0 or length < 0:
-            raise ValueError(f"segment ({offset}, {length}) must have a non-negative offset and length")
+        if isinstance(offset, bool) or isinstance(length, bool) or offset < 0 or length < 0:
+            raise ValueError(f"segment ({offset!r}, {length!r}) must have a non-negative int offset and length")
         if offset < end:
             raise ValueError(f"segment ({offset}, {length}) overlaps the previous one")
         end = offset + length
@@ -385,12 +390,19 @@ def segment_table(segments: Sequence[tuple[int, int]], device: Union[str, torch.
         int64 ``[S, 2]`` rows ``(offset, length)``, or ``[S, 3]`` rows ``(offset, length, count)``
         with ``counts``.
     """
+    segments = [(offset, length) for offset, length in segments]
+    for offset, length in segments:
+        if isinstance(offset, bool) or isinstance(length, bool):
+            raise ValueError(f"segment ({offset!r}, {length!r}) must have int offset and length, not bool")
     segments = [(int(offset), int(length)) for offset, length in segments]
     for offset, length in segments:
         if offset < 0 or length < 0:
             raise ValueError(f"segment ({offset}, {length}) must have a non-negative offset and length")
     if counts is None:
         return torch.tensor(segments, dtype=torch.int64, device=device).reshape(-1, 2)
+    counts = list(counts)
+    if any(isinstance(c, bool) for c in counts):
+        raise ValueError(f"counts must be ints, not bools, got {counts!r}")
     counts = [int(c) for c in counts]
     if len(counts) != len(segments):
         raise ValueError(f"counts has {len(counts)} entries for {len(segments)} segments")
@@ -457,6 +469,8 @@ def densify(values: torch.Tensor, indices: torch.Tensor, numel: int) -> torch.Te
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
     if values.shape != indices.shape:
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have the same shape")
+    if isinstance(numel, bool):
+        raise ValueError(f"numel must be an int, got {numel!r}")
     return torch.ops.pycomm.densify(values, indices, int(numel))
 
 

@@ -59,14 +59,40 @@ def quantize_reference(x: torch.Tensor, bits: int, bucket_size: int, stochastic:
     mn = np.where(valid, padded, np.inf).min(axis=1).astype(np.float32)
     mx = np.where(valid, padded, -np.inf).max(axis=1).astype(np.float32)
     mn, mx = mn + np.float32(0), mx + np.float32(0)  # -0 -> +0, as the format specifies
-    with np.errstate(over="ignore", divide="ignore"):
+    flt_max = np.float32(3.402823466e38)
+    half = np.float32(0.5)
+    with np.errstate(over="ignore", divide="ignore", invalid="ignore"):
         unit = ((mx - mn) / max_level).astype(np.float32)
-        unit = np.minimum(unit, np.float32(3.402823466e38))
+        # Wide buckets (quant_format.h): a range beyond float32 gets the unit
+        # max/L - min/L (FLT_MAX at 1 bit) ...
+        over = ~(unit <= flt_max)
+        unit[over] = flt_max if bits == 1 else (mx[over] / max_level - mn[over] / max_level)
+        unit = unit.astype(np.float32)
+
+        def is_wide(u):
+            return (np.abs(u) <= flt_max) & ~(max_level * np.abs(u) <= flt_max)
+
+        def decode_top(u, wide):
+            h = max_level * (u * half)
+            return np.where(wide, (mn + h) + h, mn + max_level * u).astype(np.float32)
+
+        # ... and every unit is lowered ulp by ulp until the top level decodes finite.
+        wide = is_wide(unit)
+        for _ in range(64):
+            top = decode_top(unit, wide)
+            bad = ~((top <= flt_max) & (top >= -flt_max)) & (unit > 0)
+            if not bad.any():
+                break
+            unit[bad] = np.nextafter(unit[bad], np.float32(0))
+            wide = is_wide(unit)
         inv = np.where(unit > 0, np.float32(1.0) / np.where(unit > 0, unit, 1), np.float32(0)).astype(np.float32)
+        inv = np.where(wide, np.float32(1.0) / (unit * half), inv).astype(np.float32)
     r = (uniforms(seed, (first_bucket + nb) * bucket_size)[first_bucket * bucket_size:].reshape(nb, bucket_size)
          if stochastic
          else np.full((nb, bucket_size), 0.5, dtype=np.float32))
-    t = ((padded - mn[:, None]) * inv[:, None]).astype(np.float32) + r
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = np.where(wide[:, None], padded * half - mn[:, None] * half, padded - mn[:, None]).astype(np.float32)
+        t = (diff * inv[:, None]).astype(np.float32) + r
     t = np.clip(t, 0, max_level)
     levels = np.where(valid, t.astype(np.uint32), 0).astype(np.uint64)
     groups = levels.reshape(nb, bucket_size // 8, 8)

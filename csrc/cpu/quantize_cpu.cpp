@@ -204,10 +204,18 @@ void quantize_bucket(const T* x, float* residual, int64_t offset, int64_t length
     float v[kTile];
     for (int i = 0; i < m; ++i) v[i] = load_value<T, kResidual>(xb, rb, tile + i);
     alignas(16) uint8_t levels[kTile];
-    encode_levels(v, stochastic ? r : nullptr, m, scale, max_lev, levels);
-    if (kResidual) {
-      float* __restrict__ out = rb + tile;
-      for (int i = 0; i < m; ++i) out[i] = sub_rn(v[i], quant::decode_level(levels[i], scale.min, scale.unit));
+    if (scale.wide) {  // a range wider than float32 (quant_format.h): rare, scalar
+      for (int i = 0; i < m; ++i)
+        levels[i] = static_cast<uint8_t>(quant::encode_level_wide(v[i], scale, stochastic ? r[i] : 0.5f, max_lev));
+      if (kResidual)
+        for (int i = 0; i < m; ++i)
+          rb[tile + i] = sub_rn(v[i], quant::decode_level_wide(levels[i], scale.min, scale.unit));
+    } else {
+      encode_levels(v, stochastic ? r : nullptr, m, scale, max_lev, levels);
+      if (kResidual) {
+        float* __restrict__ out = rb + tile;
+        for (int i = 0; i < m; ++i) out[i] = sub_rn(v[i], quant::decode_level(levels[i], scale.min, scale.unit));
+      }
     }
     for (int i = m; i < kTile; ++i) levels[i] = 0;
     uint8_t* dst = data + (tile / kGroup) * kBits;
@@ -251,12 +259,16 @@ void dequantize_bucket(const uint8_t* record, T* out, int64_t offset, int64_t le
   float mn, unit;
   quant::read_header(record, mn, unit);
   const uint8_t* data = record + quant::kHeaderBytes;
+  const bool wide = quant::is_wide(unit, kBits);
   T* ob = out + offset;
   for (int64_t tile = 0; tile < length; tile += kTile) {
     const int m = static_cast<int>(std::min<int64_t>(kTile, length - tile));
     alignas(16) uint8_t levels[kTile];
     unpack_levels<kBits>(data + (tile / kGroup) * kBits, (m + kGroup - 1) / kGroup, levels);
-    for (int i = 0; i < m; ++i) ob[tile + i] = static_cast<T>(quant::decode_level(levels[i], mn, unit));
+    if (wide)
+      for (int i = 0; i < m; ++i) ob[tile + i] = static_cast<T>(quant::decode_level_wide(levels[i], mn, unit));
+    else
+      for (int i = 0; i < m; ++i) ob[tile + i] = static_cast<T>(quant::decode_level(levels[i], mn, unit));
   }
 }
 
@@ -277,12 +289,16 @@ void accumulate_bucket(const uint8_t* record, float* acc, int64_t bucket_size) {
   float mn, unit;
   quant::read_header(record, mn, unit);
   const uint8_t* data = record + quant::kHeaderBytes;
+  const bool wide = quant::is_wide(unit, kBits);
   for (int64_t tile = 0; tile < bucket_size; tile += kTile) {
     const int m = static_cast<int>(std::min<int64_t>(kTile, bucket_size - tile));
     alignas(16) uint8_t levels[kTile];
     unpack_levels<kBits>(data + (tile / kGroup) * kBits, m / kGroup, levels);
     float* __restrict__ a = acc + tile;
-    for (int i = 0; i < m; ++i) a[i] = add_rn(a[i], quant::decode_level(levels[i], mn, unit));
+    if (wide)
+      for (int i = 0; i < m; ++i) a[i] = add_rn(a[i], quant::decode_level_wide(levels[i], mn, unit));
+    else
+      for (int i = 0; i < m; ++i) a[i] = add_rn(a[i], quant::decode_level(levels[i], mn, unit));
   }
 }
 

@@ -88,8 +88,13 @@ std::tuple<at::Tensor, at::Tensor> topk_magnitude_cuda(const at::Tensor& x_in,
                                 x.numel(), table.columns};
   check_segment_keep(host_table);
   const TopkPlan plan = topk_plan(host_table.rows, table.count, table.columns, x.numel(), density);
-  at::Tensor values = at::empty({plan.total_k}, x.options());
-  at::Tensor indices = at::empty({plan.total_k}, x.options().dtype(index_type_for(x.numel())));
+  // Sized from host_segments, which cannot be compared with the device table
+  // without a sync: should they differ, slots the kernels do not fill must be
+  // zeros, not stale memory (the outputs are sent to peers).
+  const bool zero = host_segments.has_value();
+  const at::TensorOptions index_options = x.options().dtype(index_type_for(x.numel()));
+  at::Tensor values = zero ? at::zeros({plan.total_k}, x.options()) : at::empty({plan.total_k}, x.options());
+  at::Tensor indices = zero ? at::zeros({plan.total_k}, index_options) : at::empty({plan.total_k}, index_options);
   if (plan.total_k == 0) return {values, indices};
   const size_t bytes = topk_magnitude_workspace_bytes(x.numel(), table.count, plan);
   at::Tensor ws = workspace(bytes, x);

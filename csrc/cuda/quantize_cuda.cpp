@@ -7,7 +7,11 @@
 // Mixed (4-column) tables: the ops read the table on the host to size and
 // check the payloads, from the caller's `host_table` copy (the quantization
 // hook passes one; nothing waits) or else from a copy of the device table
-// (which waits for the stream).
+// (which waits for the stream). host_table is validated but cannot be compared
+// with the device table without a sync: the kernels bound every record by the
+// payload's length (bucket_layout.h), so a differing device table yields wrong
+// values but no access outside the tensors, and quantize zero-fills its
+// payload, so no uninitialised byte is ever sent.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -34,7 +38,11 @@ at::Tensor quantize_mixed_cuda(const at::Tensor& x_in, c10::optional<at::Tensor>
   check_cuda(x_in, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
-  at::Tensor payload = at::empty({a.payload_bytes}, x.options().dtype(at::kByte));
+  // The payload is sized from host_table, which is not compared with the device
+  // table (that would wait for the stream): should they differ, the kernel skips
+  // records that do not fit, and those bytes must be zeros, not stale memory.
+  at::Tensor payload = host_table.has_value() ? at::zeros({a.payload_bytes}, x.options().dtype(at::kByte))
+                                              : at::empty({a.payload_bytes}, x.options().dtype(at::kByte));
   if (a.num_buckets == 0) return payload;
   launch_quantize_mixed(x.data_ptr(), to_dtype(x, "x"), residual.has_value() ? residual->data_ptr<float>() : nullptr,
                         table.data_ptr<int64_t>(), a.chunk, a.first_row, x.numel(), a.num_buckets, bucket_size,

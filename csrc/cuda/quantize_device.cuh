@@ -80,9 +80,11 @@ PYCOMM_HD float x86_nan_result(float a, float b) {
   return bits_float(kX86DefaultNaN);
 }
 
-// quant::decode_level with the CPU's NaN bits.
-PYCOMM_HD float decode_value(uint32_t level, float mn, float unit) {
-  const float d = quant::decode_level(level, mn, unit);
+// quant::decode_level (decode_level_wide for a wide record) with the CPU's NaN
+// bits. A wide record has a finite unit, so its NaN can only come from mn and
+// has mn's bits, as the formula below gives.
+PYCOMM_HD float decode_value(uint32_t level, float mn, float unit, bool wide) {
+  const float d = quant::decode_any(level, mn, unit, wide);
   if (!is_nan(d)) return d;
   const float lev = static_cast<float>(level);
   float m = mul_rn(lev, unit);
@@ -347,6 +349,7 @@ PYCOMM_HD void quantize_phase2(const QuantizeParams& p, const BucketJob& job, in
     scale.min = 0.0f;
     scale.unit = 0.0f;
     scale.inv_unit = 0.0f;
+    scale.wide = false;
   } else {
     scale = range_scale(range, kBits);
     nonfinite = range.bad != 0;
@@ -414,9 +417,10 @@ PYCOMM_HD void dequantize_record_group(const DequantizeParams& p, const uint8_t*
   const int n = static_cast<int>(length - base < kGroup ? length - base : kGroup);
   float mn, unit;
   quant::read_header(record, mn, unit);
+  const bool wide = quant::is_wide(unit, kBits);
   const uint64_t word = load_group_word<kBits>(record + quant::kHeaderBytes + g * kBits);
   float v[kGroup];
-  for (int j = 0; j < kGroup; ++j) v[j] = decode_value(quant::level_in_group(word, j, kBits), mn, unit);
+  for (int j = 0; j < kGroup; ++j) v[j] = decode_value(quant::level_in_group(word, j, kBits), mn, unit, wide);
   store8<D>(static_cast<typename Elem<D>::Storage*>(p.out) + offset + base, n, v);
 }
 
@@ -467,9 +471,10 @@ PYCOMM_HD void accumulate_sources(const DequantizeSumParams& p, int64_t first, i
     if (quant::is_zero_record(record)) continue;
     float mn, unit;
     quant::read_header(record, mn, unit);
+    const bool wide = quant::is_wide(unit, kBits);
     const uint64_t word = load_group_word<kBits>(record + quant::kHeaderBytes + g * kBits);
     for (int j = 0; j < kGroup; ++j)
-      acc[j] = accumulate(acc[j], decode_value(quant::level_in_group(word, j, kBits), mn, unit));
+      acc[j] = accumulate(acc[j], decode_value(quant::level_in_group(word, j, kBits), mn, unit, wide));
   }
 }
 

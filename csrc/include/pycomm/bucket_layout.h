@@ -73,8 +73,12 @@ struct MixedRecords {
     const int64_t b = table[4 * row + 2];
     if (b < quant::kMinBits || b > quant::kMaxBits) return false;
     bits = static_cast<int>(b);
-    offset = table[4 * row + 3] - table[4 * first_row + 3];
-    return offset >= 0 && offset <= payload_bytes - quant::record_bytes(bits, bucket_size);
+    // Both byte offsets are checked before subtracting: a table the host has not
+    // validated (a CUDA table used with host_table) may hold any values.
+    const int64_t at = table[4 * row + 3], first = table[4 * first_row + 3];
+    if (first < 0 || at < first) return false;
+    offset = at - first;
+    return offset <= payload_bytes - quant::record_bytes(bits, bucket_size);
   }
 };
 

@@ -18,6 +18,17 @@
 // encoded as level = clamp(floor((x - m) * (1 / u) + r), 0, 2^b - 1) with
 // r = 1/2 (nearest) or r ~ U[0, 1) from Philox (stochastic, unbiased), and
 // decoded as m + level * u. A bucket whose elements are all equal has u = 0.
+//
+// Wide buckets: finite elements whose range max - m exceeds float32 (e.g.
+// [-1e38, 3e38]) would overflow both m + level * u and x - m. A record is
+// wide when its unit is finite and (2^b - 1) * u overflows float32; it is
+// decoded as (m + h) + h with h = level * (u / 2), and encoded with
+// (x / 2 - m / 2) * (1 / (u / 2)) in place of (x - m) * (1 / u). Its unit is
+// max / (2^b - 1) - m / (2^b - 1), except at b = 1, where no float32 unit
+// spans the range: u = FLT_MAX (the top level decodes to m + FLT_MAX, within
+// half the range of max). In every record the unit is lowered, ulp by ulp,
+// until the top level decodes finite; for ordinary buckets (every range up to
+// about FLT_MAX) none of this changes a bit.
 // A bucket that holds a NaN or an infinity is written as min = unit = NaN with
 // all levels 0: it decodes to NaN, so an overflow is never hidden.
 //
@@ -49,12 +60,39 @@ PYCOMM_HD uint32_t max_level(int bits) { return (1u << bits) - 1u; }
 struct BucketScale {
   float min;
   float unit;
-  float inv_unit;  // 0 when unit == 0, so every element maps to level 0
+  float inv_unit;  // 0 when unit == 0, so every element maps to level 0; 1 / (unit / 2) when wide
+  bool wide;       // see the top of this file
 };
+
+// Whether a record with this unit is wide: finite unit, (2^b - 1) * unit
+// overflows. A NaN or infinite unit (a non-finite bucket, or a hostile header)
+// is never wide, so those records decode exactly as before.
+PYCOMM_HD bool is_wide(float unit, int bits) {
+  const float a = unit < 0.0f ? -unit : unit;
+  return a <= kFloatMax && !(mul_rn(static_cast<float>(max_level(bits)), a) <= kFloatMax);
+}
+
+// Decoding of an ordinary (not wide) record.
+PYCOMM_HD float decode_level(uint32_t level, float mn, float unit) {
+  // Through int32 (exact for levels <= 255): unsigned->float does not vectorize on x86.
+  return add_rn(mn, mul_rn(static_cast<float>(static_cast<int32_t>(level)), unit));
+}
+
+// Decoding of a wide record: (m + h) + h, h = level * (u / 2), which stays
+// finite where m + level * u would overflow.
+PYCOMM_HD float decode_level_wide(uint32_t level, float mn, float unit) {
+  const float h = mul_rn(static_cast<float>(static_cast<int32_t>(level)), mul_rn(unit, 0.5f));
+  return add_rn(add_rn(mn, h), h);
+}
+
+PYCOMM_HD float decode_any(uint32_t level, float mn, float unit, bool wide) {
+  return wide ? decode_level_wide(level, mn, unit) : decode_level(level, mn, unit);
+}
 
 // `nonfinite` is nonzero when the bucket held a NaN or an infinity.
 PYCOMM_HD BucketScale make_scale(float mn, float mx, bool nonfinite, int bits) {
   BucketScale s;
+  s.wide = false;
   if (nonfinite) {
     const float nan = bits_float(0x7fc00000u);
     s.min = nan;
@@ -66,11 +104,30 @@ PYCOMM_HD BucketScale make_scale(float mn, float mx, bool nonfinite, int bits) {
   // scan order; adding +0 turns -0 into +0 and makes the header independent of it.
   mn = add_rn(mn, 0.0f);
   mx = add_rn(mx, 0.0f);
-  float unit = sub_rn(mx, mn) / static_cast<float>(max_level(bits));
-  if (!(unit <= kFloatMax)) unit = kFloatMax;  // range wider than float32 holds
+  const float levels = static_cast<float>(max_level(bits));
+  float unit = sub_rn(mx, mn) / levels;
+  if (!(unit <= kFloatMax)) {
+    // mx - mn overflowed (mn < 0 < mx): a wide bucket. Each quotient is at most
+    // FLT_MAX / 2 for b >= 2, so their difference is finite.
+    unit = bits == 1 ? kFloatMax : sub_rn(div_rn(mx, levels), div_rn(mn, levels));
+  }
+  bool wide = is_wide(unit, bits);
+  // The top level must decode finite. Rounding can push m + (2^b - 1) * u just
+  // past FLT_MAX when max is near it; each step lowers u by one ulp (a few
+  // steps at most; the bound only guards against a caller's impossible range).
+  for (int step = 0; step < 64 && unit > 0.0f; ++step) {
+    const float top = decode_any(max_level(bits), mn, unit, wide);
+    if (top <= kFloatMax && top >= -kFloatMax) break;
+    unit = bits_float(float_bits(unit) - 1u);
+    wide = is_wide(unit, bits);
+  }
   s.min = mn;
   s.unit = unit;
-  s.inv_unit = unit > 0.0f ? 1.0f / unit : 0.0f;
+  s.wide = wide;
+  if (wide)
+    s.inv_unit = 1.0f / mul_rn(unit, 0.5f);
+  else
+    s.inv_unit = unit > 0.0f ? 1.0f / unit : 0.0f;
   return s;
 }
 
@@ -84,9 +141,13 @@ PYCOMM_HD uint32_t encode_level(float x, const BucketScale& s, float r, float ma
   return static_cast<uint32_t>(static_cast<int32_t>(t));
 }
 
-PYCOMM_HD float decode_level(uint32_t level, float mn, float unit) {
-  // Through int32 (exact for levels <= 255): unsigned->float does not vectorize on x86.
-  return add_rn(mn, mul_rn(static_cast<float>(static_cast<int32_t>(level)), unit));
+// encode_level of a wide bucket (s.inv_unit = 1 / (unit / 2)): halves first, so
+// that x - m cannot overflow.
+PYCOMM_HD uint32_t encode_level_wide(float x, const BucketScale& s, float r, float max_lev) {
+  float t = add_rn(mul_rn(sub_rn(mul_rn(x, 0.5f), mul_rn(s.min, 0.5f)), s.inv_unit), r);
+  t = t > 0.0f ? t : 0.0f;
+  t = t < max_lev ? t : max_lev;
+  return static_cast<uint32_t>(static_cast<int32_t>(t));
 }
 
 PYCOMM_HD void write_header(uint8_t* record, float mn, float unit) {
@@ -159,6 +220,14 @@ PYCOMM_HD uint64_t encode_group(const float (&v)[kGroup], int n, const BucketSca
                                 float (&decoded)[kGroup]) {
   const float max_lev = static_cast<float>(max_level(kBits));
   uint64_t word = 0;
+  if (s.wide) {
+    for (int j = 0; j < kGroup; ++j) {
+      const uint32_t level = j < n ? encode_level_wide(v[j], s, r[j], max_lev) : 0u;
+      decoded[j] = decode_level_wide(level, s.min, s.unit);
+      word |= static_cast<uint64_t>(level) << (j * kBits);
+    }
+    return word;
+  }
   for (int j = 0; j < kGroup; ++j) {
     const uint32_t level = j < n ? encode_level(v[j], s, r[j], max_lev) : 0u;
     decoded[j] = decode_level(level, s.min, s.unit);
