@@ -344,6 +344,8 @@ def test_dequantize_sum_uniform(data, bits, bucket_size, sources, num_buckets, m
         valid = not use_init
     elif mutation == "host_table":
         host_table = torch.zeros(num_buckets, 2, dtype=torch.int64)
+    if valid and init is not None and table is None and begin > (2**63 - 1) // bucket_size - num_buckets:
+        valid = False  # element positions (begin + k) * bucket_size would pass 2^63 - 1: the op refuses
     note(f"valid={valid} begin={begin} init={None if init is None else init.tolist()} "
          f"table={None if table is None else table.tolist()}")
 
@@ -587,13 +589,17 @@ def test_public_api_rejects_bools(name, which, flag):
             ops.bucket_table([(0, 16)], kwargs["bucket_size"], bits=[kwargs["bits"]])
 
 
-@pytest.mark.parametrize("begin", [2**60, 2**61 + 1, 2**63 - 1])
-def test_identity_layout_huge_init_bucket_begin_reads_nothing(begin):
+@pytest.mark.parametrize("begin", [2**40, 2**59, 2**60, 2**61 + 1, 2**63 - 1])
+def test_identity_layout_huge_init_bucket_begin(begin):
     """Without a bucket_table, bucket k of init starts at (init_bucket_begin + k) * bucket_size:
-    for a huge init_bucket_begin that lies past init's end, so init adds nothing. Found by
-    test_dequantize_sum_uniform: the product (and the sum) wrapped around in int64, and the op
-    read init's first elements instead."""
+    past init's end init adds nothing, and where that position passes 2^63 - 1 the op refuses.
+    Found by test_dequantize_sum_uniform: the product (and the sum) wrapped around in int64, and
+    the op read init's first elements instead."""
     init = torch.tensor([1.0, 2.0, 3.0])
     zero_payloads = torch.zeros(1, 2, record_bytes(1, 8), dtype=torch.uint8)
+    if (begin + 2) * 8 > 2**63 - 1:
+        with pytest.raises(RuntimeError, match=r"past 2\^63 - 1"):
+            OPS.dequantize_sum(zero_payloads, init, None, begin, 1, 8)
+        return
     out = OPS.dequantize_sum(zero_payloads, init, None, begin, 1, 8)
     assert torch.equal(out, torch.zeros(16))
