@@ -443,7 +443,7 @@ def test_sync_free_bad_peer_index_raises_at_the_next_hook_call():
         assert out["pending"] >= 1  # recorded in step 2, not raised there
         assert out["raised_at"] == 3
         assert "a peer's payload held index 1073741824 at position" in out["message"]
-        assert "outside [0, " in out["message"]
+        assert "outside [0, " in out["message"] and "set to NaN" in out["message"]
 
 
 def test_index_errors_are_read_back_later():
@@ -451,18 +451,18 @@ def test_index_errors_are_read_back_later():
 
     errors = _IndexErrors()
     flags = torch.tensor([-1, -1])
-    errors.record(flags, [("mine", torch.tensor([1, 2]), 10), ("theirs", torch.tensor([3]), 10)])
+    errors.record(flags, [("mine", torch.tensor([1, 2]), 10, "a"), ("theirs", torch.tensor([3]), 10, "b")])
     errors.raise_ready()  # nothing bad
     flags = torch.tensor([-1, 1])
-    errors.record(flags, [("mine", torch.tensor([1, 2]), 10), ("theirs", torch.tensor([3, 12]), 10)])
-    with pytest.raises(RuntimeError, match=r"theirs held index 12 at position 1, outside \[0, 10\)"):
+    errors.record(flags, [("mine", torch.tensor([1, 2]), 10, "a"), ("theirs", torch.tensor([3, 12]), 10, "b")])
+    with pytest.raises(RuntimeError, match=r"theirs held index 12 at position 1, outside \[0, 10\); b"):
         errors.raise_ready()
     errors.raise_ready()  # raised once
     state = DGCState()
-    state._index_errors.record(torch.tensor([0]), [("mine", torch.tensor([-5]), 4)])
+    state._index_errors.record(torch.tensor([0]), [("mine", torch.tensor([-5]), 4, "a")])
     with pytest.raises(RuntimeError, match="mine held index -5"):
         state.raise_index_errors()
-    state._index_errors.record(torch.tensor([-1]), [("mine", torch.tensor([1]), 4)])
+    state._index_errors.record(torch.tensor([-1]), [("mine", torch.tensor([1]), 4, "a")])
     assert "_index_errors" not in state.__getstate__()  # pending device checks are not pickled
     restored = DGCState.__new__(DGCState)
     restored.__setstate__(state.__getstate__())

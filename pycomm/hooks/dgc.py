@@ -343,8 +343,8 @@ class _IndexErrors:
     def __init__(self) -> None:
         self._pending: deque = deque()
 
-    def record(self, flags: torch.Tensor, checks: list[tuple[str, torch.Tensor, int]]) -> None:
-        """``flags[i]`` is the first bad position of ``checks[i] = (what, indices, numel)``."""
+    def record(self, flags: torch.Tensor, checks: list[tuple[str, torch.Tensor, int, str]]) -> None:
+        """``flags[i]`` is the first bad position of ``checks[i] = (what, indices, numel, consequence)``."""
         if flags.is_cuda:
             host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
             host.copy_(flags, non_blocking=True)
@@ -364,12 +364,11 @@ class _IndexErrors:
                 elif not event.query():
                     return
             self._pending.popleft()
-            for position, (what, indices, numel) in zip(host.tolist(), checks):
+            for position, (what, indices, numel, consequence) in zip(host.tolist(), checks):
                 if position >= 0:
                     self._pending.clear()
                     raise RuntimeError(f"pycomm dgc: {what} held index {int(indices.reshape(-1)[position])} at "
-                                       f"position {position}, outside [0, {numel}); that step's sparse part was "
-                                       "dropped (the bucket was set to NaN on this rank)")
+                                       f"position {position}, outside [0, {numel}); {consequence}")
 
 
 def _sparse_step(state: DGCState, plan: _BucketPlan, bucket_index: int, buffer: torch.Tensor, density: float,
@@ -439,8 +438,9 @@ def _sparse_step_sync_free(state: DGCState, plan: _BucketPlan, bucket_index: int
     kept_v = comp.v[indices]
     comp.mask(indices, first_bad=first_bad[0:1])  # our own top-k: in range (checked without waiting)
     dense = ops.densify(all_values, all_indices, n, first_bad=first_bad[1:2])
-    state._index_errors.record(first_bad, [("this rank's top-k indices", indices, n),
-                                           ("a peer's payload", all_indices, n)])
+    state._index_errors.record(first_bad, [
+        ("this rank's top-k", indices, n, "nothing was masked in that step"),
+        ("a peer's payload", all_indices, n, "that step's bucket was set to NaN and the accumulators kept unmasked")])
     fell_back = (rows[:, value_bytes + 4 * k:].contiguous().view(torch.int32) != 0).any() | (first_bad[1] >= 0)
     comp.u.index_put_((indices,), torch.where(fell_back, kept_u, comp.u[indices]))
     comp.v.index_put_((indices,), torch.where(fell_back, kept_v, comp.v[indices]))
