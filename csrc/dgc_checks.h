@@ -99,4 +99,14 @@ inline void check_index_position(int64_t position, int64_t value, int64_t numel,
               numel, "); nothing was written");
 }
 
+// dgc_mask / densify's optional first_bad: where the op stores the first bad position (or -1)
+// instead of raising.
+inline void check_first_bad(const c10::optional<at::Tensor>& first_bad, const at::Tensor& like) {
+  if (!first_bad.has_value()) return;
+  TORCH_CHECK(first_bad->scalar_type() == at::kLong && first_bad->numel() == 1 && first_bad->is_contiguous(),
+              "pycomm: first_bad must be a contiguous int64 tensor of one element, got ", first_bad->scalar_type(),
+              " of shape ", first_bad->sizes());
+  check_same_device(like, *first_bad, "first_bad");
+}
+
 }  // namespace pycomm

@@ -2,7 +2,14 @@
 // registered beside their implementations (cpu/, cuda/); fake kernels for
 // torch.compile live in pycomm/ops.py.
 #include <Python.h>
+#include <ATen/core/LegacyTypeDispatch.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <ATen/core/grad_mode.h>
+#include <torch/csrc/autograd/variable.h>
 #include <torch/library.h>
+
+#include <string>
+#include <vector>
 
 extern "C" {
 // Importing pycomm._C loads this library, which runs the registrations below.
@@ -68,10 +75,16 @@ TORCH_LIBRARY(pycomm, m) {
       "topk_magnitude(Tensor x, Tensor? segments, float density, bool exact, float sample_ratio, int seed, "
       "Tensor? host_segments=None) -> (Tensor, Tensor)");
   // v[indices] = 0 and, with u, u[indices] = 0 (momentum factor masking).
-  m.def("dgc_mask(Tensor(a!) v, Tensor(b!)? u, Tensor indices) -> ()");
+  // Indices are checked before anything is written. Without first_bad an index
+  // out of range raises (on CUDA that reads a device word, which waits for the
+  // stream). With first_bad (int64, one element, on v's device) nothing waits
+  // and nothing raises: it receives the position of the first bad index, or -1,
+  // and a bad index means nothing is written. The same on CPU and CUDA.
+  m.def("dgc_mask(Tensor(a!) v, Tensor(b!)? u, Tensor indices, Tensor(c!)? first_bad=None) -> ()");
   // Sums the (values, indices) payloads (any shape, same for both) into a dense
-  // float32 tensor of numel elements; every index is checked first.
-  m.def("densify(Tensor values, Tensor indices, int numel) -> Tensor");
+  // float32 tensor of numel elements; every index is checked first. first_bad:
+  // as for dgc_mask (a bad index returns zeros instead of raising).
+  m.def("densify(Tensor values, Tensor indices, int numel, Tensor(a!)? first_bad=None) -> Tensor");
 
   // Counter-based random variates (pycomm/philox_variates.h): element j of a
   // tensor list has the global index offset + (elements of the tensors before
@@ -92,6 +105,57 @@ TORCH_LIBRARY(pycomm, m) {
   m.def("philox_axpy_multi_(Tensor(a!)[] tensors, int[] seeds, Tensor alphas, int distribution, int offset) -> ()");
   // [K] float64 on the tensors' device: element k is philox_dot(tensors, seeds[k], ...) bit for bit.
   m.def("philox_dot_multi(Tensor[] tensors, int[] seeds, int distribution, int offset) -> Tensor");
+}
+
+// In-place writes and autograd, for every op that writes into an argument (schema `Tensor(a!)`,
+// lists and optionals included). The dispatcher does not do for custom ops what torch's own
+// in-place ops get from their generated kernels, so this Autograd kernel does it:
+//   - with grad mode on, writing into a leaf that requires grad raises ValueError (torch's rule
+//     for in-place ops; the ops have no derivative: call them under torch.no_grad());
+//   - every written tensor's version counter is bumped, so a backward that saved one of them
+//     raises ("modified by an inplace operation") instead of using the new values silently.
+// A non-leaf that requires grad keeps its history, as a `.data` write would: only the version
+// check protects it.
+namespace {
+
+void check_and_bump_writes(const c10::OperatorHandle& op, c10::DispatchKeySet keys, torch::jit::Stack* stack) {
+  const auto& arguments = op.schema().arguments();
+  const size_t first = stack->size() - arguments.size();
+  std::vector<at::Tensor> written;
+  for (size_t i = 0; i < arguments.size(); ++i) {
+    const c10::AliasInfo* alias = arguments[i].alias_info();
+    if (alias == nullptr || !alias->isWrite()) continue;
+    const c10::IValue& value = (*stack)[first + i];
+    auto note = [&](const at::Tensor& t, const std::string& name) {
+      if (!t.defined()) return;
+      TORCH_CHECK_VALUE(!(at::GradMode::is_enabled() && t.requires_grad() && t.is_leaf()), op.schema().name(),
+                        " writes into `", name, "` in place, a leaf tensor that requires grad; the op has no ",
+                        "derivative: call it under torch.no_grad() (as for any in-place update of parameters) ",
+                        "or on a tensor that does not require grad");
+      written.push_back(t);
+    };
+    if (value.isTensor()) {
+      note(value.toTensor(), arguments[i].name());
+    } else if (value.isTensorList()) {
+      const auto list = value.toListRef();
+      for (size_t j = 0; j < list.size(); ++j)
+        note(list[j].toTensor(), arguments[i].name() + "[" + std::to_string(j) + "]");
+    }
+  }
+  {
+    at::AutoDispatchBelowADInplaceOrView below;
+    op.redispatchBoxed(keys & c10::after_ADInplaceOrView_keyset, stack);
+  }
+  for (const at::Tensor& t : written)
+    if (!t.is_inference()) torch::autograd::impl::bump_version(t);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(pycomm, Autograd, m) {
+  for (const char* name : {"quantize", "dequantize_into", "dgc_compensate", "dgc_mask", "densify", "philox_axpy_",
+                           "philox_axpy_multi_"})
+    m.impl(name, torch::CppFunction::makeFromBoxedFunction<&check_and_bump_writes>());
 }
 
 }  // namespace pycomm

@@ -500,11 +500,25 @@ class BenchConfig:
 
     @property
     def resolved_backend(self) -> str:
-        """``gloo`` or ``nccl``: what ``backend="auto"`` means here."""
+        """``gloo`` or ``nccl``: what ``backend="auto"`` means here.
+
+        Raises:
+            ValueError: ``backend="nccl"`` on a machine without NCCL or with fewer CUDA GPUs than
+                workers (NCCL cannot put two ranks on one GPU: rank r would share GPU r % count).
+        """
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if self.backend == "nccl":
+            if not dist.is_nccl_available():
+                raise ValueError("backend='nccl' needs a torch built with NCCL; this one has none "
+                                 "(use backend='gloo' or 'auto')")
+            if gpus < self.workers:
+                raise ValueError(f"backend='nccl' needs one CUDA GPU per worker: workers={self.workers} but this "
+                                 f"machine has {gpus} GPU(s), and NCCL cannot run two ranks on one GPU; use "
+                                 f"workers <= {gpus} or backend='gloo' (or 'auto', which picks Gloo here)")
+            return "nccl"
         if self.backend != "auto":
             return self.backend
-        cuda = torch.cuda.is_available() and torch.cuda.device_count() >= self.workers
-        return "nccl" if cuda and dist.is_nccl_available() else "gloo"
+        return "nccl" if gpus >= self.workers and dist.is_nccl_available() else "gloo"
 
     def lr_scale(self, step: int) -> float:
         """Schedule of ``step`` (0-based) as a fraction of the peak: linear warm-up, then cosine to 0.1."""

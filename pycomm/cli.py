@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from typing import Callable, Optional, Sequence
 
 from pycomm.bench_e2e import DEFAULT_METHODS, METHODS, MODELS, BenchConfig, run_e2e
@@ -101,10 +102,16 @@ def _config(args: argparse.Namespace, model: str) -> BenchConfig:
 
 
 def _run(args: argparse.Namespace, model: str, title: str) -> int:
+    config = _config(args, model)
+    try:
+        config.resolved_backend  # e.g. NCCL with fewer GPUs than workers: say so before starting anything
+    except ValueError as e:
+        print(f"{title}: error: {e}", file=sys.stderr)
+        return 2
     plot = args.plot
     if plot is None and args.json:
         plot = args.json[:-5] if args.json.endswith(".json") else args.json
-    run_e2e(args.methods, _config(args, model), json_path=args.json, markdown_path=args.markdown,
+    run_e2e(args.methods, config, json_path=args.json, markdown_path=args.markdown,
             plot_prefix=plot, title=title)
     return 0
 

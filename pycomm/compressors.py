@@ -89,9 +89,10 @@ class DGC:
                         sample_ratio=self.sample_ratio, seed=self.seed if seed is None else seed,
                         segments=segments, host_segments=host_segments)
 
-    def mask(self, indices: torch.Tensor) -> None:
-        """Zero ``v`` at the sent positions, and ``u`` too with momentum masking."""
-        ops.dgc_mask(self.v, indices, self.u if self.momentum_masking else None)
+    def mask(self, indices: torch.Tensor, first_bad: Optional[torch.Tensor] = None) -> None:
+        """Zero ``v`` at the sent positions, and ``u`` too with momentum masking (``first_bad``: see
+        :func:`pycomm.ops.dgc_mask`)."""
+        ops.dgc_mask(self.v, indices, self.u if self.momentum_masking else None, first_bad=first_bad)
 
     def compress(self, grad: torch.Tensor, density: Optional[float] = None,
                  segments: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -31,18 +31,16 @@ __all__ = ["quantization_errors", "quantization_sizes", "topk_errors", "topk_siz
 INDEX_BYTES = 4
 
 
-def _layer_ids(numel: int, layers: Sequence[tuple[int, int]], device: torch.device) -> torch.Tensor:
-    """Element -> layer number (``len(layers)`` for elements outside every layer)."""
-    ids = torch.full((numel,), len(layers), dtype=torch.int64, device=device)
-    for number, (offset, length) in enumerate(layers):
-        ids[offset:offset + length] = number
-    return ids
+def _per_layer_norms(squares: torch.Tensor, layers: Sequence[tuple[int, int]]) -> torch.Tensor:
+    """L2 norm of each layer's slice of ``squares`` (float64 squared errors).
 
-
-def _per_layer_norms(squares: torch.Tensor, ids: torch.Tensor, count: int) -> torch.Tensor:
-    sums = torch.zeros(count + 1, dtype=torch.float64, device=squares.device)
-    sums.index_add_(0, ids, squares)
-    return sums[:count].sqrt()
+    One reduction per layer over its contiguous slice, not a scatter-add: float64 ``index_add_``
+    uses atomics on CUDA, so its sums (and the solver's choice) could change from run to run.
+    A slice's sum has a fixed order on each device, so equal inputs give equal bits on every run.
+    """
+    if not layers:
+        return squares.new_zeros(0)
+    return torch.stack([squares[offset:offset + length].sum() for offset, length in layers]).sqrt()
 
 
 def _check_layers(values: torch.Tensor, layers: Sequence[tuple[int, int]]) -> None:
@@ -71,13 +69,12 @@ def quantization_errors(values: torch.Tensor, layers: Sequence[tuple[int, int]],
     if not layers:
         return out
     table = ops.bucket_table(layers, bucket_size, device=values.device)
-    ids = _layer_ids(values.numel(), layers, values.device)
     for column, b in enumerate(bits):
         payload = torch.ops.pycomm.quantize(values, None, table, table.shape[0], int(b), bucket_size, stochastic,
                                             seed, 0, 0)
         decoded = values.clone()  # elements outside the table keep their value: zero error there
         torch.ops.pycomm.dequantize_into(payload, decoded, table, int(b), bucket_size)
-        out[:, column] = _per_layer_norms((decoded.double() - values.double()).square(), ids, len(layers))
+        out[:, column] = _per_layer_norms((decoded.double() - values.double()).square(), layers)
     return out
 
 
@@ -103,14 +100,13 @@ def topk_errors(values: torch.Tensor, layers: Sequence[tuple[int, int]], densiti
         return out
     host_segments = ops.segment_table(layers)
     segments = host_segments.to(values.device)
-    ids = _layer_ids(values.numel(), layers, values.device)
     squares = values.double().square()
     for column, density in enumerate(densities):
         _, indices = ops.topk(values, float(density), exact=exact, sample_ratio=sample_ratio, seed=seed,
                               segments=segments, host_segments=host_segments if values.is_cuda else None)
         left = squares.clone()
         left[indices.long()] = 0.0
-        out[:, column] = _per_layer_norms(left, ids, len(layers))
+        out[:, column] = _per_layer_norms(left, layers)
     return out
 
 

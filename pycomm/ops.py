@@ -4,6 +4,14 @@ The quantized byte format (bucket records of ``[min f32][unit f32][levels]``)
 is specified in ``csrc/include/pycomm/quant_format.h``. CPU and CUDA produce
 the same bytes for the same input and seed.
 
+Ops that write into their arguments (quantize's ``residual``, dequantize's ``out``,
+``dgc_compensate``'s ``u`` and ``v``, ``dgc_mask``, ``first_bad``, ``philox_axpy_`` and
+``philox_axpy_multi_``) follow torch's rule for in-place ops, also when called as raw
+``torch.ops.pycomm.*``: with grad mode on, a leaf that requires grad raises ``ValueError``
+(they have no derivative: call them under ``torch.no_grad()``), and every tensor they write
+gets its version counter bumped, so a backward that saved it raises instead of silently
+using the new values.
+
 Example::
 
     import torch, pycomm
@@ -458,11 +466,26 @@ def topk(x: torch.Tensor, density: float, exact: bool = False, sample_ratio: flo
                                            float(sample_ratio), int(seed), host_segments)
 
 
-def densify(values: torch.Tensor, indices: torch.Tensor, numel: int) -> torch.Tensor:
+def _check_first_bad(first_bad: Optional[torch.Tensor], like: torch.Tensor) -> None:
+    if first_bad is None:
+        return
+    if (not isinstance(first_bad, torch.Tensor) or first_bad.dtype != torch.int64 or first_bad.numel() != 1
+            or not first_bad.is_contiguous() or first_bad.device != like.device):
+        raise ValueError(f"first_bad must be a contiguous one-element int64 tensor on {like.device}, got "
+                         f"{first_bad.dtype if isinstance(first_bad, torch.Tensor) else type(first_bad).__name__}")
+
+
+def densify(values: torch.Tensor, indices: torch.Tensor, numel: int,
+            first_bad: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sum (values, indices) payloads, of any matching shape (e.g. ``[W, k]``), into a dense float32 tensor.
 
     Every index is checked against ``[0, numel)`` before anything is written; an index out of
-    range raises ``RuntimeError``. Duplicates add up, in payload order.
+    range raises ``RuntimeError`` (on CUDA the op reads that check on the host: it waits for the
+    stream). Duplicates add up, in payload order.
+
+    ``first_bad``: a one-element int64 tensor on the values' device. Then nothing raises and, on
+    CUDA, nothing waits: it receives the position of the first index out of range, or -1, and a
+    bad index gives all zeros. Read it later (e.g. copied to the host without blocking).
     """
     _check_float(values, "values")
     if indices.dtype not in (torch.int32, torch.int64):
@@ -471,7 +494,8 @@ def densify(values: torch.Tensor, indices: torch.Tensor, numel: int) -> torch.Te
         raise ValueError(f"values {tuple(values.shape)} and indices {tuple(indices.shape)} must have the same shape")
     if isinstance(numel, bool):
         raise ValueError(f"numel must be an int, got {numel!r}")
-    return torch.ops.pycomm.densify(values, indices, int(numel))
+    _check_first_bad(first_bad, values)
+    return torch.ops.pycomm.densify(values, indices, int(numel), first_bad)
 
 
 def dgc_compensate(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor, momentum: float, nesterov: bool = False,
@@ -486,9 +510,18 @@ def dgc_compensate(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor, momentu
                                     float(clip_norm))
 
 
-def dgc_mask(v: torch.Tensor, indices: torch.Tensor, u: Optional[torch.Tensor] = None) -> None:
-    """Zero ``v`` (and ``u``: momentum factor masking) at ``indices``, in place."""
-    torch.ops.pycomm.dgc_mask(v, u, indices)
+def dgc_mask(v: torch.Tensor, indices: torch.Tensor, u: Optional[torch.Tensor] = None,
+             first_bad: Optional[torch.Tensor] = None) -> None:
+    """Zero ``v`` (and ``u``: momentum factor masking) at ``indices``, in place.
+
+    An index outside ``[0, v.numel())`` raises ``RuntimeError`` before anything is written (on
+    CUDA that check waits for the stream). With ``first_bad`` (as for :func:`densify`) nothing
+    raises or waits: it receives the first bad position, or -1, and a bad index writes nothing.
+    The DGC hook passes one on CUDA, where the indices are its own top-k.
+    """
+    if isinstance(v, torch.Tensor):
+        _check_first_bad(first_bad, v)
+    torch.ops.pycomm.dgc_mask(v, u, indices, first_bad)
 
 
 @torch.library.register_fake("pycomm::topk_magnitude")
@@ -502,7 +535,7 @@ def _topk_magnitude_fake(x, segments, density, exact, sample_ratio, seed, host_s
 
 
 @torch.library.register_fake("pycomm::densify")
-def _densify_fake(values, indices, numel):
+def _densify_fake(values, indices, numel, first_bad=None):
     return values.new_empty((numel,), dtype=torch.float32)
 
 
@@ -512,7 +545,7 @@ def _dgc_compensate_fake(grad, u, v, segments, momentum, nesterov, clip_norm):
 
 
 @torch.library.register_fake("pycomm::dgc_mask")
-def _dgc_mask_fake(v, u, indices):
+def _dgc_mask_fake(v, u, indices, first_bad=None):
     return None
 
 
@@ -686,26 +719,9 @@ def philox_axpy_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int
         return
     dist = _philox_distribution(distribution)
     offset = _philox_count(offset, "offset")
-    ts = _philox_in_place_tensors(tensors, offset, "philox_axpy_")
-    if ts:
-        torch.ops.pycomm.philox_axpy_(ts, _philox_seed(seed), _philox_alpha(alpha), dist, offset)
-        _bump_versions(ts)
-
-
-def _philox_in_place_tensors(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], offset: int, op: str
-                             ) -> list[torch.Tensor]:
     ts = _philox_tensors(tensors, offset, in_place=True)
-    if torch.is_grad_enabled():
-        for i, t in enumerate(ts):
-            if t.requires_grad and t.is_leaf:
-                raise ValueError(f"tensors[{i}] is a leaf that requires grad: call {op} under "
-                                 "torch.no_grad() (as for any in-place update of parameters)")
-    return ts
-
-
-def _bump_versions(ts: list[torch.Tensor]) -> None:
-    # The ops write through data pointers: tell autograd, as torch's own in-place ops do.
-    torch.autograd.graph.increment_version([t for t in ts if not t.is_inference()])
+    if ts:  # the op raises on a leaf that requires grad and bumps the versions (csrc/ops.cpp)
+        torch.ops.pycomm.philox_axpy_(ts, _philox_seed(seed), _philox_alpha(alpha), dist, offset)
 
 
 def philox_axpy_multi_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seeds: Sequence[int],
@@ -728,12 +744,11 @@ def philox_axpy_multi_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], see
     dist = _philox_distribution(distribution)
     offset = _philox_count(offset, "offset")
     seeds = _philox_seeds(seeds)
-    ts = _philox_in_place_tensors(tensors, offset, "philox_axpy_multi_")
+    ts = _philox_tensors(tensors, offset, in_place=True)
     device = ts[0].device if ts else torch.device("cpu")
     alphas = _philox_alphas(alphas, len(seeds), device)
     if ts and seeds:
         torch.ops.pycomm.philox_axpy_multi_(ts, seeds, alphas, dist, offset)
-        _bump_versions(ts)
 
 
 def philox_perturbed_copy(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int, alpha: float,

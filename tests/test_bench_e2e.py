@@ -250,3 +250,29 @@ def test_plots_when_matplotlib_is_installed(tmp_path):
     for path in paths:
         with open(path, "rb") as fh:
             assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _pretend_gpus(monkeypatch, count: int) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: count > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+    monkeypatch.setattr(dist, "is_nccl_available", lambda: True)
+
+
+def test_nccl_with_more_workers_than_gpus_is_refused(monkeypatch, capsys):
+    """NCCL cannot run two ranks on one GPU: refuse before any process starts, with the counts."""
+    _pretend_gpus(monkeypatch, 1)
+    with pytest.raises(ValueError, match=r"one CUDA GPU per worker: workers=2 but this machine has 1 GPU"):
+        BenchConfig(workers=2, backend="nccl").resolved_backend
+    with pytest.raises(ValueError, match="workers=2"):
+        run_e2e(["allreduce"], BenchConfig(workers=2, steps=1, backend="nccl"), verbose=False)
+    assert bench_main(["--backend", "nccl", "--workers", "2", "--steps", "1", "--methods", "allreduce"]) == 2
+    assert "one CUDA GPU per worker: workers=2 but this machine has 1 GPU" in capsys.readouterr().err
+    # What still runs: NCCL with a GPU per worker, and auto, which picks Gloo when GPUs are short.
+    assert BenchConfig(workers=1, backend="nccl").resolved_backend == "nccl"
+    assert BenchConfig(workers=2, backend="auto").resolved_backend == "gloo"
+    _pretend_gpus(monkeypatch, 0)
+    with pytest.raises(ValueError, match="has 0 GPU"):
+        BenchConfig(workers=1, backend="nccl").resolved_backend
+    _pretend_gpus(monkeypatch, 2)
+    assert BenchConfig(workers=2, backend="nccl").resolved_backend == "nccl"
+    assert BenchConfig(workers=2, backend="auto").resolved_backend == "nccl"

@@ -365,3 +365,50 @@ def test_same_validation_as_cpu():
         assert str(cpu_error.value).splitlines()[0] == str(gpu_error.value).splitlines()[0], f"case {i}"
     with pytest.raises(RuntimeError, match="segments is on cpu"):
         Q.topk_magnitude(x.cuda(), ops.segment_table([(0, 100)]), 0.1, True, 0.01, 0)
+
+
+# ---- first_bad: no host wait, the CPU's outcome --------------------------------------------------
+
+@pytest.mark.parametrize("bad", [False, True])
+def test_first_bad_paths_do_not_wait_and_match_cpu(bad):
+    torch.manual_seed(0)
+    values = torch.randn(4, 300)
+    indices = torch.randint(0, 5000, (4, 300), dtype=torch.int32)
+    if bad:
+        indices[2, 17] = 5000
+        indices[3, 0] = -1
+    v, u = torch.randn(5000), torch.randn(5000)
+    own = torch.randperm(5000)[:300].to(torch.int32)
+    if bad:
+        own[9] = 6000
+    flags_c = torch.empty(2, dtype=torch.int64)
+    dense_c = ops.densify(values, indices, 5000, first_bad=flags_c[1:2])
+    v_c, u_c = v.clone(), u.clone()
+    ops.dgc_mask(v_c, own, u_c, first_bad=flags_c[0:1])
+    values_g, indices_g, own_g = values.cuda(), indices.cuda(), own.cuda()
+    v_g, u_g = v.cuda(), u.cuda()
+    flags_g = torch.empty(2, dtype=torch.int64, device="cuda")
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")  # any host wait raises
+    try:
+        dense_g = ops.densify(values_g, indices_g, 5000, first_bad=flags_g[1:2])
+        ops.dgc_mask(v_g, own_g, u_g, first_bad=flags_g[0:1])
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert flags_c.tolist() == flags_g.tolist() == ([9, 2 * 300 + 17] if bad else [-1, -1])
+    assert_identical(dense_c, dense_g, "densify with first_bad")
+    assert_identical(v_c, v_g, "dgc_mask v with first_bad")
+    assert_identical(u_c, u_g, "dgc_mask u with first_bad")
+
+
+def test_dgc_pack_does_not_wait():
+    from pycomm.hooks.dgc import _pack
+
+    values, indices = torch.randn(7, device="cuda"), torch.arange(7, device="cuda", dtype=torch.int32)
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        payload = _pack(values, indices, 1, torch.float16)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(payload.cpu(), _pack(values.cpu(), indices.cpu(), 1, torch.float16))

@@ -342,3 +342,145 @@ def test_layer_params_validation_and_state_dict():
     p = r["positions"]
     assert r["saved"] == r["restored"] == r["unpickled"] == {(0, p[0]): 0.5, (0, p[2]): 0.05}
     assert r["old"] == {} and r["unpickled_observer"] is None
+
+
+# ---- the sync-free path (CUDA's), forced on CPU -----------------------------------------------------
+# The hook takes it where `_sync_free(buffer)` is true (CUDA tensors); these workers patch that
+# function in their own spawned process, so the CPU suite runs the code that CUDA runs.
+
+def _net() -> torch.nn.Module:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))  # 2 compressed, 2 dense layers
+
+
+def _inf_at_first_weight(g: torch.Tensor) -> torch.Tensor:
+    g = g.clone()
+    g[0, 0] = float("inf")
+    return g
+
+
+def _sync_free_overflow_worker(rank, world, sync_free, nesterov):
+    import pycomm
+    from pycomm.hooks import dgc as dgc_module
+
+    if sync_free:
+        dgc_module._sync_free = lambda buffer: True
+    net = _net()
+    model = DDP(net)
+    state = pycomm.register(model, "dgc", density=0.05, min_numel=1024, clip_norm=1.0, nesterov=nesterov)
+    steps = []
+    for step in range(5):
+        handle = net[0].weight.register_hook(_inf_at_first_weight) if (step == 3 and rank == 1) else None
+        model.zero_grad()
+        model(torch.randn(8, 64, generator=torch.Generator().manual_seed(step * 7 + rank))).pow(2).sum().backward()
+        if handle is not None:
+            handle.remove()
+        bucket = state.state_dict()["buckets"][0]
+        steps.append({"grads": [p.grad.clone() for p in net.parameters()],
+                      "u": bucket["u"].clone(), "v": bucket["v"].clone()})
+    return steps
+
+
+@pytest.mark.parametrize("nesterov", [False, True])
+def test_sync_free_overflow_keeps_the_accumulators_as_on_cpu(nesterov):
+    """After an overflow step, the device-side selects leave u and v exactly as the CPU's host
+    checks do: untouched on the rank with Inf, accumulated but unmasked on the other."""
+    host = run_distributed(_sync_free_overflow_worker, 2, False, nesterov)
+    free = run_distributed(_sync_free_overflow_worker, 2, True, nesterov)
+    for rank in range(2):
+        for step, (h, f) in enumerate(zip(host[rank], free[rank])):
+            assert torch.equal(h["u"], f["u"]) and torch.equal(h["v"], f["v"]), (rank, step)
+            assert torch.isfinite(f["u"]).all() and torch.isfinite(f["v"]).all(), (rank, step)
+            w0, b0, w1, b1 = f["grads"]
+            if step == 3:  # GradScaler sees the overflow either way: NaN here, the exact Inf on CPU
+                assert torch.isnan(w0).all() and torch.isnan(w1).all()
+                assert not torch.isfinite(h["grads"][0]).all()
+                assert torch.equal(b0, h["grads"][1]) and torch.equal(b1, h["grads"][3])
+            else:
+                for a, b in zip(h["grads"], f["grads"]):
+                    assert torch.equal(a, b), (rank, step)
+    assert torch.equal(host[1][3]["u"], host[1][2]["u"]) and torch.equal(host[1][3]["v"], host[1][2]["v"])
+    assert not torch.equal(host[0][3]["v"], host[0][2]["v"])
+
+
+def _bad_index_worker(rank, world):
+    import pycomm
+    from pycomm.hooks import dgc as dgc_module
+
+    dgc_module._sync_free = lambda buffer: True
+    original_pack = dgc_module._pack
+    corrupt = {"on": False}
+
+    def pack(values, indices, flag, value_dtype):
+        if corrupt["on"]:
+            indices = indices.clone()
+            indices[3] = 1 << 30
+        return original_pack(values, indices, flag, value_dtype)
+
+    dgc_module._pack = pack
+    net = _net()
+    model = DDP(net)
+    state = pycomm.register(model, "dgc", density=0.05, min_numel=1024)
+    out = {}
+    for step in range(4):
+        corrupt["on"] = step == 2 and rank == 1
+        model.zero_grad()
+        try:
+            model(torch.randn(8, 64, generator=torch.Generator().manual_seed(step))).pow(2).sum().backward()
+        except RuntimeError as e:
+            out["raised_at"], out["message"] = step, str(e)
+            break
+        if step == 2:
+            out["grads"] = [p.grad.clone() for p in net.parameters()]
+            out["pending"] = len(state._index_errors._pending)
+    return out
+
+
+def test_sync_free_bad_peer_index_raises_at_the_next_hook_call():
+    for out in run_distributed(_bad_index_worker, 2):
+        w0, b0, w1, b1 = out["grads"]
+        assert torch.isnan(w0).all() and torch.isnan(w1).all() and torch.isfinite(b0).all()
+        assert out["pending"] >= 1  # recorded in step 2, not raised there
+        assert out["raised_at"] == 3
+        assert "a peer's payload held index 1073741824 at position" in out["message"]
+        assert "outside [0, " in out["message"] and "set to NaN" in out["message"]
+
+
+def test_index_errors_are_read_back_later():
+    from pycomm.hooks.dgc import DGCState, _IndexErrors
+
+    errors = _IndexErrors()
+    flags = torch.tensor([-1, -1])
+    errors.record(flags, [("mine", torch.tensor([1, 2]), 10, "a"), ("theirs", torch.tensor([3]), 10, "b")])
+    errors.raise_ready()  # nothing bad
+    flags = torch.tensor([-1, 1])
+    errors.record(flags, [("mine", torch.tensor([1, 2]), 10, "a"), ("theirs", torch.tensor([3, 12]), 10, "b")])
+    with pytest.raises(RuntimeError, match=r"theirs held index 12 at position 1, outside \[0, 10\); b"):
+        errors.raise_ready()
+    errors.raise_ready()  # raised once
+    state = DGCState()
+    state._index_errors.record(torch.tensor([0]), [("mine", torch.tensor([-5]), 4, "a")])
+    with pytest.raises(RuntimeError, match="mine held index -5"):
+        state.raise_index_errors()
+    state._index_errors.record(torch.tensor([-1]), [("mine", torch.tensor([1]), 4, "a")])
+    assert "_index_errors" not in state.__getstate__()  # pending device checks are not pickled
+    restored = DGCState.__new__(DGCState)
+    restored.__setstate__(state.__getstate__())
+    restored.raise_index_errors()
+
+
+def test_pack_builds_no_tensor_from_host_data(monkeypatch):
+    """torch.tensor([flag], device=cuda) was a blocking host-to-device copy per bucket and step."""
+    from pycomm.hooks.dgc import _pack
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("torch.tensor() in the DGC hook's data path")
+
+    values, indices = torch.tensor([1.5, -2.0]), torch.tensor([3, 9], dtype=torch.int32)
+    monkeypatch.setattr(torch, "tensor", refuse)
+    payload = _pack(values, indices, 1, torch.float16)
+    device_flag = _pack(values, indices, torch.ones(1, dtype=torch.int32), torch.float16)
+    monkeypatch.undo()
+    assert torch.equal(payload, device_flag)
+    assert payload[:4].view(torch.float16).tolist() == [1.5, -2.0]
+    assert payload[4:12].view(torch.int32).tolist() == [3, 9] and payload[12:].view(torch.int32).item() == 1

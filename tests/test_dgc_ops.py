@@ -282,3 +282,47 @@ def test_opcheck_with_count_table():
     x = torch.randn(5000)
     table = ops.segment_table([(0, 3000), (3000, 2000)], counts=[7, 0])
     torch.library.opcheck(torch.ops.pycomm.topk_magnitude.default, (x, table, 0.01, False, 0.01, 0))
+
+
+# ---- first_bad: index errors recorded on the device instead of raised (no host wait) ----------
+
+def test_first_bad_records_instead_of_raising():
+    values = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    good = torch.tensor([[5, 7], [7, 0]], dtype=torch.int32)
+    flag = torch.full((1,), 123, dtype=torch.int64)
+    assert torch.equal(ops.densify(values, good, 10, first_bad=flag), ops.densify(values, good, 10))
+    assert flag.item() == -1
+    bad = torch.tensor([[5, 7], [10, -1]], dtype=torch.int32)
+    out = ops.densify(values, bad, 10, first_bad=flag)
+    assert flag.item() == 2 and out.eq(0).all() and out.shape == (10,)  # nothing written, no raise
+    flags = torch.full((2,), 123, dtype=torch.int64)  # the DGC hook's layout: one word per op
+    v, u = torch.randn(10), torch.randn(10)
+    v0, u0 = v.clone(), u.clone()
+    ops.dgc_mask(v, torch.tensor([1, 2, 11, -3]), u, first_bad=flags[0:1])
+    assert flags.tolist() == [2, 123] and torch.equal(v, v0) and torch.equal(u, u0)
+    ops.dgc_mask(v, torch.tensor([1, 2]), u, first_bad=flags[1:2])
+    assert flags.tolist() == [2, -1] and v[1:3].eq(0).all() and u[1:3].eq(0).all() and v[3:].ne(0).all()
+    ops.densify(torch.ones(0), torch.zeros(0, dtype=torch.int64), 4, first_bad=flag)
+    assert flag.item() == -1
+
+
+def test_first_bad_is_validated():
+    x, idx = torch.ones(2), torch.tensor([0, 1])
+    for bad in (torch.zeros(1, dtype=torch.int32), torch.zeros(2, dtype=torch.int64), torch.zeros(2, 2)[:, :1],
+                torch.zeros((), dtype=torch.int64)[None].expand(1, 1)[0, 0:0]):
+        with pytest.raises(ValueError, match="first_bad"):
+            ops.densify(x, idx, 4, first_bad=bad)
+        with pytest.raises(ValueError, match="first_bad"):
+            ops.dgc_mask(torch.ones(4), idx, first_bad=bad)
+    with pytest.raises(RuntimeError, match="first_bad must be a contiguous int64"):
+        torch.ops.pycomm.densify(x, idx, 4, torch.zeros(1, dtype=torch.int32))
+    with pytest.raises(RuntimeError, match="first_bad must be a contiguous int64"):
+        torch.ops.pycomm.dgc_mask(torch.ones(4), None, idx, torch.zeros(3, dtype=torch.int64))
+
+
+def test_opcheck_with_first_bad():
+    flag = torch.zeros(1, dtype=torch.int64)
+    torch.library.opcheck(torch.ops.pycomm.densify.default,
+                          (torch.randn(2, 5), torch.randint(0, 100, (2, 5), dtype=torch.int32), 100, flag))
+    torch.library.opcheck(torch.ops.pycomm.dgc_mask.default,
+                          (torch.randn(100), torch.randn(100), torch.tensor([1, 2], dtype=torch.int32), flag))

@@ -7,6 +7,7 @@ import torch
 
 import pycomm
 from pycomm import layer_errors, ops
+from cuda_support import requires_cuda
 
 
 def _layers():
@@ -86,3 +87,43 @@ def test_bad_layers_rejected():
 def test_empty_layer_list():
     assert layer_errors.quantization_errors(torch.randn(10), [], (2, 4)).shape == (0, 2)
     assert layer_errors.topk_errors(torch.randn(10), [], (0.5,)).shape == (0, 1)
+
+
+def _exact_reference_norms(squares, layers):
+    """float64 per-layer reference: each layer's squared errors summed on their own, then sqrt."""
+    return torch.stack([squares[offset:offset + length].clone().sum() for offset, length in layers]).sqrt()
+
+
+def _check_exact_and_reproducible(device):
+    x, layers = _values().to(device), _layers()
+    got = layer_errors.quantization_errors(x, layers, (2, 4), bucket_size=256, stochastic=False)
+    for c, b in enumerate((2, 4)):
+        decoded = torch.cat([ops.dequantize(ops.quantize(x[o:o + n], bits=b, bucket_size=256, stochastic=False))
+                             for o, n in layers])
+        pieces = torch.cat([x[o:o + n] for o, n in layers])
+        packed, start = [], 0
+        for _, n in layers:
+            packed.append((start, n))
+            start += n
+        want = _exact_reference_norms((decoded.double() - pieces.double()).square(), packed)
+        assert torch.equal(got[:, c], want), (b, got[:, c] - want)
+    top = layer_errors.topk_errors(x, layers, (0.01, 0.1), exact=True)
+    for c, d in enumerate((0.01, 0.1)):
+        squares = x.double().square()
+        for o, n in layers:
+            kept = x[o:o + n].abs().topk(ops.topk_count(n, d)).indices
+            squares[o + kept] = 0.0
+        assert torch.equal(top[:, c], _exact_reference_norms(squares, layers)), d
+    # Run to run: the same bits (a float64 scatter-add with atomics would not promise this on CUDA).
+    for _ in range(3):
+        assert torch.equal(layer_errors.quantization_errors(x, layers, (2, 4), bucket_size=256, stochastic=False), got)
+        assert torch.equal(layer_errors.topk_errors(x, layers, (0.01, 0.1), exact=True), top)
+
+
+def test_per_layer_sums_are_exact_and_reproducible():
+    _check_exact_and_reproducible("cpu")
+
+
+@requires_cuda
+def test_per_layer_sums_are_exact_and_reproducible_on_cuda():
+    _check_exact_and_reproducible("cuda")

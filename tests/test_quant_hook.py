@@ -310,3 +310,74 @@ def test_set_layer_params_validates():
         with pytest.raises(ValueError):
             state.set_layer_params(bad)
     assert state.observer is None
+
+
+def _dense_write_back_worker(rank, world):
+    """The hook's dense layers: written on the caller's stream before it returns, with the future
+    of the quantized collective returned as is (no callback), also across an overflow fallback."""
+    from pycomm.hooks import QuantState
+    from pycomm.hooks import quantized_allreduce as qa
+
+    collective = []
+    original = qa.quantized_all_reduce
+
+    def recording(*args, **kwargs):
+        fut = original(*args, **kwargs)
+        collective.append(fut)
+        return fut
+
+    qa.quantized_all_reduce = recording  # a spawned process of its own: nothing to restore
+    steps = []
+
+    def hook(state, bucket):
+        before = bucket.buffer().clone()
+        calls = len(collective)
+        fut = qa.quantized_allreduce_hook(state, bucket)
+        at_return = bucket.buffer().clone()  # what the hook itself wrote, before DDP waits
+        mean = before.clone()
+        dist.all_reduce(mean)
+        mean.div_(world)
+        compressed = len(collective) > calls
+        steps.append({"same_future": compressed and fut is collective[-1], "compressed": compressed,
+                      "at_return": at_return, "after": fut.wait().clone(), "mean": mean,
+                      "dense": list(state._plans[bucket.index()].dense) if compressed else []})
+        return fut
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))  # 4096-weight compressed, rest dense
+    model = DDP(net)
+    model.register_comm_hook(QuantState(bits=2, start_iter=1, min_numel=1024), hook)
+    for step in range(4):
+        x = torch.randn(16, 64, generator=torch.Generator().manual_seed(step * 10 + rank))
+        handle = None
+        if step == 3 and rank == 1:  # overflow on one rank: the whole bucket goes uncompressed
+            handle = net[0].weight.register_hook(lambda g: g.index_put((torch.tensor([0]), torch.tensor([0])),
+                                                                       torch.tensor(float("inf"))))
+        model.zero_grad()
+        model(x).pow(2).sum().backward()
+        if handle is not None:
+            handle.remove()
+    return steps
+
+
+def test_dense_layers_written_before_return_and_future_is_the_collectives():
+    per_rank = run_distributed(_dense_write_back_worker, 2)
+    steps = per_rank[0]
+    assert [s["compressed"] for s in steps] == [False, True, True, True]
+    for i, s in enumerate(steps):
+        for other in per_rank[1:]:
+            assert torch.equal(other[i]["after"], s["after"]), f"step {i}: ranks differ"
+        if not s["compressed"]:
+            continue
+        assert all(r[i]["same_future"] for r in per_rank), f"step {i}: the hook wrapped the collective's future"
+        assert s["dense"], "the model has dense layers"
+        for r in per_rank:
+            t = r[i]
+            for o, n in t["dense"]:
+                # The exact average, already in the bucket when the hook returned.
+                assert torch.equal(t["at_return"][o:o + n], t["mean"][o:o + n]), (i, o, n)
+                assert torch.equal(t["after"][o:o + n], t["mean"][o:o + n]), (i, o, n)
+    overflow = steps[3]
+    assert torch.isinf(overflow["after"]).any()
+    assert torch.equal(overflow["after"], overflow["mean"])  # the uncompressed fallback, dense layers included
+    assert not torch.equal(steps[2]["after"], steps[2]["mean"])  # 2-bit: the compressed layer visibly quantized

@@ -225,9 +225,10 @@ std::tuple<at::Tensor, at::Tensor> topk_magnitude_cpu(const at::Tensor& x_in, co
 // ---------------------------------------------------------------------------
 // Masking and densify. Indices are validated before anything is written.
 
+// The first position of an index outside [0, numel), or -1.
 template <typename I>
-void check_index_range(const I* idx, int64_t count, int64_t numel, const char* what) {
-  const int64_t bad = at::parallel_reduce(
+int64_t first_bad_index(const I* idx, int64_t count, int64_t numel) {
+  return at::parallel_reduce(
       0, count, kGrain, int64_t(-1),
       [&](int64_t begin, int64_t end, int64_t found) {
         for (int64_t i = begin; i < end && found < 0; ++i)
@@ -235,15 +236,29 @@ void check_index_range(const I* idx, int64_t count, int64_t numel, const char* w
         return found;
       },
       [](int64_t a, int64_t b) { return a >= 0 ? a : b; });
-  check_index_position(bad, bad >= 0 ? static_cast<int64_t>(idx[bad]) : 0, numel, what);
 }
 
-void dgc_mask_cpu(at::Tensor v, c10::optional<at::Tensor> u, const at::Tensor& indices_in) {
+// Raises on a bad index, or, with first_bad, stores its position there (-1: none). True: go on writing.
+template <typename I>
+bool indices_in_range(const I* idx, int64_t count, int64_t numel, const c10::optional<at::Tensor>& first_bad,
+                      const char* what) {
+  const int64_t bad = first_bad_index(idx, count, numel);
+  if (first_bad.has_value()) {
+    *first_bad->data_ptr<int64_t>() = bad;
+    return bad < 0;
+  }
+  check_index_position(bad, bad >= 0 ? static_cast<int64_t>(idx[bad]) : 0, numel, what);
+  return true;
+}
+
+void dgc_mask_cpu(at::Tensor v, c10::optional<at::Tensor> u, const at::Tensor& indices_in,
+                  c10::optional<at::Tensor> first_bad) {
   check_mask_args(v, u, indices_in);
+  check_first_bad(first_bad, v);
   const at::Tensor indices = indices_in.contiguous();
   AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "pycomm_dgc_mask_cpu", [&] {
     const index_t* ip = indices.data_ptr<index_t>();
-    check_index_range(ip, indices.numel(), v.numel(), "indices");
+    if (!indices_in_range(ip, indices.numel(), v.numel(), first_bad, "indices")) return;
     float* vp = v.data_ptr<float>();
     float* up = u.has_value() ? u->data_ptr<float>() : nullptr;
     for (int64_t j = 0; j < indices.numel(); ++j) {
@@ -253,8 +268,10 @@ void dgc_mask_cpu(at::Tensor v, c10::optional<at::Tensor> u, const at::Tensor& i
   });
 }
 
-at::Tensor densify_cpu(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t numel) {
+at::Tensor densify_cpu(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t numel,
+                       c10::optional<at::Tensor> first_bad) {
   check_densify_args(values_in, indices_in, numel);
+  check_first_bad(first_bad, values_in);
   const at::Tensor values = values_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
   at::Tensor out = at::zeros({numel}, values.options().dtype(at::kFloat));
@@ -262,7 +279,7 @@ at::Tensor densify_cpu(const at::Tensor& values_in, const at::Tensor& indices_in
     const scalar_t* vp = values.data_ptr<scalar_t>();
     AT_DISPATCH_INDEX_TYPES(indices.scalar_type(), "pycomm_densify_cpu_index", [&] {
       const index_t* ip = indices.data_ptr<index_t>();
-      check_index_range(ip, indices.numel(), numel, "indices");
+      if (!indices_in_range(ip, indices.numel(), numel, first_bad, "indices")) return;
       float* op = out.data_ptr<float>();
       // Sequential: payloads are small (k << n) and the order of the sum is fixed.
       for (int64_t j = 0; j < indices.numel(); ++j) op[ip[j]] = add_rn(op[ip[j]], static_cast<float>(vp[j]));

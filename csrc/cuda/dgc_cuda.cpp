@@ -15,7 +15,9 @@
 //     and the writing kernels skip everything when it is set; then one 8-byte
 //     device->host copy of that word tells the host whether to raise (a
 //     second small copy fetches the bad index for the message). So the stream
-//     has finished the op's work when these return.
+//     has finished the op's work when these return. With the caller's
+//     `first_bad` tensor, the word is that tensor and nothing is copied: no
+//     wait, no raise (the DGC hook reads it back later, without waiting).
 //   - dgc_compensate never waits.
 #include <torch/library.h>
 #include <ATen/ATen.h>
@@ -118,36 +120,51 @@ unsigned long long* as_word(at::Tensor& first_bad) {
   return reinterpret_cast<unsigned long long*>(first_bad.data_ptr<int64_t>());
 }
 
-void dgc_mask_cuda(at::Tensor v, c10::optional<at::Tensor> u, const at::Tensor& indices_in) {
+// The word the index check writes: the caller's first_bad, or a fresh one that is read back.
+at::Tensor first_bad_word(const c10::optional<at::Tensor>& first_bad, const at::Tensor& like) {
+  return first_bad.has_value() ? *first_bad : at::empty({1}, like.options().dtype(at::kLong));
+}
+
+void dgc_mask_cuda(at::Tensor v, c10::optional<at::Tensor> u, const at::Tensor& indices_in,
+                   c10::optional<at::Tensor> first_bad_out) {
   check_mask_args(v, u, indices_in);
   check_cuda(v, "v");
+  check_first_bad(first_bad_out, v);
   const c10::cuda::CUDAGuard guard(v.device());
   const at::Tensor indices = indices_in.contiguous();
   const int64_t count = indices.numel();
-  if (count == 0) return;
+  if (count == 0) {
+    if (first_bad_out.has_value()) first_bad_out->fill_(-1);
+    return;
+  }
   const bool index64 = indices.scalar_type() == at::kLong;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor first_bad = at::empty({1}, v.options().dtype(at::kLong));
+  at::Tensor first_bad = first_bad_word(first_bad_out, v);
   C10_CUDA_CHECK(launch_index_check(indices.data_ptr(), index64, count, v.numel(), as_word(first_bad), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   C10_CUDA_CHECK(launch_dgc_mask(v.data_ptr<float>(), u.has_value() ? u->data_ptr<float>() : nullptr,
                                  indices.data_ptr(), index64, count, as_word(first_bad), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  raise_if_bad_index(first_bad, indices, v.numel(), "indices");
+  if (!first_bad_out.has_value()) raise_if_bad_index(first_bad, indices, v.numel(), "indices");
 }
 
-at::Tensor densify_cuda(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t numel) {
+at::Tensor densify_cuda(const at::Tensor& values_in, const at::Tensor& indices_in, int64_t numel,
+                        c10::optional<at::Tensor> first_bad_out) {
   check_densify_args(values_in, indices_in, numel);
   check_cuda(values_in, "values");
+  check_first_bad(first_bad_out, values_in);
   const c10::cuda::CUDAGuard guard(values_in.device());
   const at::Tensor values = values_in.contiguous();
   const at::Tensor indices = indices_in.contiguous();
   at::Tensor out = at::zeros({numel}, values.options().dtype(at::kFloat));
   const int64_t count = indices.numel();
-  if (count == 0) return out;
+  if (count == 0) {
+    if (first_bad_out.has_value()) first_bad_out->fill_(-1);
+    return out;
+  }
   const bool index64 = indices.scalar_type() == at::kLong;
   const cudaStream_t stream = at::cuda::getCurrentCUDAStream();
-  at::Tensor first_bad = at::empty({1}, values.options().dtype(at::kLong));
+  at::Tensor first_bad = first_bad_word(first_bad_out, values);
   C10_CUDA_CHECK(launch_index_check(indices.data_ptr(), index64, count, numel, as_word(first_bad), stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   const size_t bytes = densify_workspace_bytes(count, index64, numel);
@@ -155,7 +172,7 @@ at::Tensor densify_cuda(const at::Tensor& values_in, const at::Tensor& indices_i
   C10_CUDA_CHECK(launch_densify(values.data_ptr(), to_dtype(values, "values"), indices.data_ptr(), index64, count,
                                 numel, as_word(first_bad), out.data_ptr<float>(), ws.data_ptr(), bytes, stream));
   C10_CUDA_KERNEL_LAUNCH_CHECK();
-  raise_if_bad_index(first_bad, indices, numel, "indices");
+  if (!first_bad_out.has_value()) raise_if_bad_index(first_bad, indices, numel, "indices");
   return out;
 }
 

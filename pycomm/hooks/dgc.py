@@ -5,8 +5,9 @@
 import logging
 import math
 import numbers
+from collections import deque
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -143,6 +144,12 @@ class DGCState(HookState):
         self._layer_version = 0
         self._plans: dict[int, _BucketPlan] = {}
         self._pending: dict[int, dict[str, Any]] = {}
+        self._index_errors = _IndexErrors()
+
+    def raise_index_errors(self) -> None:
+        """Wait for the device and raise the first out-of-range index that the hook's CUDA path
+        recorded and has not raised yet (see :func:`dgc_hook`); nothing to do on CPU."""
+        self._index_errors.raise_ready(wait=True)
 
     # -- schedule ------------------------------------------------------------
     def warmup_density(self, step: int) -> Optional[float]:
@@ -245,11 +252,14 @@ class DGCState(HookState):
         self._pending = dict(state_dict.get("buckets", {}))
         self.set_layer_params(state_dict.get("layer_params"))
 
+    _NOT_PICKLED = HookState._NOT_PICKLED + ("_index_errors",)  # pending device checks of this process
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self.observer = None  # HookState does not pickle it
         self.__dict__.setdefault("_layer_params", {})
         self.__dict__.setdefault("_layer_version", 0)
+        self._index_errors = _IndexErrors()
 
     # -- planning ----------------------------------------------------------------
     def _plan(self, bucket: dist.GradBucket) -> _BucketPlan:
@@ -306,11 +316,141 @@ class DGCState(HookState):
         return plan.counts[density]
 
 
-def _pack(values: torch.Tensor, indices: torch.Tensor, flag: int, value_dtype: torch.dtype) -> torch.Tensor:
-    """One fixed-size byte payload: k values, k int32 indices, then an int32 flag."""
-    flag_t = torch.tensor([flag], dtype=torch.int32, device=values.device)
+def _pack(values: torch.Tensor, indices: torch.Tensor, flag: Union[int, torch.Tensor],
+          value_dtype: torch.dtype) -> torch.Tensor:
+    """One fixed-size byte payload: k values, k int32 indices, then an int32 flag (an int, or a
+    one-element int32 tensor on the values' device)."""
+    if isinstance(flag, torch.Tensor):
+        flag_t = flag.reshape(1)
+    else:  # new_full, not torch.tensor([flag], device=...): no blocking host-to-device copy on CUDA
+        flag_t = values.new_full((1,), flag, dtype=torch.int32)
     return torch.cat([values.to(value_dtype).view(torch.uint8), indices.to(torch.int32).view(torch.uint8),
                       flag_t.view(torch.uint8)])
+
+
+def _sync_free(buffer: torch.Tensor) -> bool:
+    """Whether the hook takes its sync-free path for ``buffer``: on CUDA no value is read on the host
+    (overflow handled with device-side selects, index errors raised later). Tests force it on CPU."""
+    return buffer.is_cuda
+
+
+class _IndexErrors:
+    """Index checks of the sync-free path, read back without waiting for the device.
+
+    There, ``dgc_mask`` and ``densify`` write the first out-of-range position of their indices
+    into a device flag (-1: none) instead of raising, which would wait for the stream each step.
+    The flags are copied to pinned host memory without blocking, behind an event; each later
+    hook call raises the first error whose copy has completed (an event query: no wait).
+    """
+
+    def __init__(self) -> None:
+        self._pending: deque = deque()
+
+    def record(self, flags: torch.Tensor, checks: list[tuple[str, torch.Tensor, int, str]]) -> None:
+        """``flags[i]`` is the first bad position of ``checks[i] = (what, indices, numel, consequence)``."""
+        if flags.is_cuda:
+            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
+            host.copy_(flags, non_blocking=True)
+            event: Optional[torch.cuda.Event] = torch.cuda.Event()
+            event.record()
+        else:
+            host, event = flags, None
+        self._pending.append((host, event, checks))
+
+    def raise_ready(self, wait: bool = False) -> None:
+        """Raise the first recorded error whose flags have reached the host (all of them with ``wait``)."""
+        while self._pending:
+            host, event, checks = self._pending[0]
+            if event is not None:
+                if wait:
+                    event.synchronize()
+                elif not event.query():
+                    return
+            self._pending.popleft()
+            for position, (what, indices, numel, consequence) in zip(host.tolist(), checks):
+                if position >= 0:
+                    self._pending.clear()
+                    raise RuntimeError(f"pycomm dgc: {what} held index {int(indices.reshape(-1)[position])} at "
+                                       f"position {position}, outside [0, {numel}); {consequence}")
+
+
+def _sparse_step(state: DGCState, plan: _BucketPlan, bucket_index: int, buffer: torch.Tensor, density: float,
+                 k: int, segments: torch.Tensor, host_segments: Optional[torch.Tensor], step: int,
+                 world: int) -> bool:
+    """The compressed layers' step with host checks (CPU). Returns whether it fell back: then the
+    whole buffer has been all-reduced uncompressed."""
+    comp, group, n = plan.compressor, state.process_group, buffer.numel()
+    local_bad = not bool(torch.isfinite(buffer).all())
+    if local_bad:
+        values = torch.zeros(k, dtype=torch.float32, device=buffer.device)
+        indices = torch.zeros(k, dtype=torch.int32, device=buffer.device)
+    else:
+        clip = state.clip_norm / math.sqrt(world) if state.clip_norm else None
+        comp.compensate(buffer, plan.segments, clip_norm=clip)
+        if state.observer is not None:
+            state.observer(bucket_index, comp.v, plan.layers)
+        values, indices = comp.select(density, segments, seed=mix_seed(state.seed, step, bucket_index),
+                                      host_segments=host_segments)
+    payload = _pack(values, indices, int(local_bad), state.value_dtype)
+    gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=buffer.device)
+    all_gather_into_tensor(gathered, payload, group=group)
+    rows = gathered.view(world, -1)
+    value_bytes = k * state.value_dtype.itemsize
+    flags = rows[:, value_bytes + 4 * k:].contiguous().view(torch.int32)
+    if bool(flags.any()):
+        dist.all_reduce(buffer, group=group)
+        buffer.div_(world)
+        return True
+    comp.mask(indices)
+    all_values = rows[:, :value_bytes].contiguous().view(state.value_dtype)
+    all_indices = rows[:, value_bytes:value_bytes + 4 * k].contiguous().view(torch.int32)
+    dense = ops.densify(all_values, all_indices, n)
+    buffer.copy_(dense.div_(world))
+    return False
+
+
+def _sparse_step_sync_free(state: DGCState, plan: _BucketPlan, bucket_index: int, buffer: torch.Tensor,
+                           density: float, k: int, segments: torch.Tensor, host_segments: Optional[torch.Tensor],
+                           step: int, world: int) -> torch.Tensor:
+    """The compressed layers' step without reading a value on the host (CUDA).
+
+    The same outcome as :func:`_sparse_step` for the accumulators, chosen on the device: a rank
+    whose bucket holds NaN/Inf keeps ``u`` and ``v`` as they were; when any rank flagged one (or a
+    payload held an index out of range), the others keep what they accumulated, unmasked. The
+    bucket is then NaN on every rank instead of the uncompressed average (GradScaler skips the
+    step either way). Returns the device bool "this step fell back", for the dense layers.
+    """
+    comp, group, n = plan.compressor, state.process_group, buffer.numel()
+    finite = torch.isfinite(buffer).all()
+    old_u, old_v = comp.u.clone(), comp.v.clone()
+    clip = state.clip_norm / math.sqrt(world) if state.clip_norm else None
+    comp.compensate(buffer, plan.segments, clip_norm=clip)
+    if state.observer is not None:  # a non-finite step shows the observer the velocity it leaves: the old one
+        state.observer(bucket_index, torch.where(finite, comp.v, old_v), plan.layers)
+    values, indices = comp.select(density, segments, seed=mix_seed(state.seed, step, bucket_index),
+                                  host_segments=host_segments)
+    payload = _pack(values, indices, (~finite).to(torch.int32), state.value_dtype)
+    gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=buffer.device)
+    all_gather_into_tensor(gathered, payload, group=group)
+    rows = gathered.view(world, -1)
+    value_bytes = k * state.value_dtype.itemsize
+    all_values = rows[:, :value_bytes].contiguous().view(state.value_dtype)
+    all_indices = rows[:, value_bytes:value_bytes + 4 * k].contiguous().view(torch.int32)
+    first_bad = torch.empty(2, dtype=torch.int64, device=buffer.device)
+    kept_u = comp.u[indices]  # what the mask zeroes, restored when the step falls back
+    kept_v = comp.v[indices]
+    comp.mask(indices, first_bad=first_bad[0:1])  # our own top-k: in range (checked without waiting)
+    dense = ops.densify(all_values, all_indices, n, first_bad=first_bad[1:2])
+    state._index_errors.record(first_bad, [
+        ("this rank's top-k", indices, n, "nothing was masked in that step"),
+        ("a peer's payload", all_indices, n, "that step's bucket was set to NaN and the accumulators kept unmasked")])
+    fell_back = (rows[:, value_bytes + 4 * k:].contiguous().view(torch.int32) != 0).any() | (first_bad[1] >= 0)
+    comp.u.index_put_((indices,), torch.where(fell_back, kept_u, comp.u[indices]))
+    comp.v.index_put_((indices,), torch.where(fell_back, kept_v, comp.v[indices]))
+    comp.u.copy_(torch.where(finite, comp.u, old_u))
+    comp.v.copy_(torch.where(finite, comp.v, old_v))
+    buffer.copy_(torch.where(fell_back, torch.full_like(dense, math.nan), dense.div_(world)))
+    return fell_back
 
 
 def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -323,10 +463,18 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     layers are all-reduced densely with the same local momentum. Register with
     ``pycomm.register(ddp_model, "dgc", density=0.001)``.
 
-    A bucket with NaN/Inf on any rank (seen by every rank through the flag; checked on CPU
-    tensors, where it costs no device synchronisation) is all-reduced uncompressed, and the
-    rank that holds it leaves its accumulators untouched; the other ranks keep what they
-    accumulated (nothing is masked away), so no gradient is lost.
+    A bucket with NaN/Inf on any rank (seen by every rank through the flag) leaves the
+    accumulators of the rank that holds it untouched; the other ranks keep what they
+    accumulated (nothing is masked away), so no gradient is lost. On CPU the bucket is then
+    all-reduced uncompressed (the exact overflow reaches AMP's GradScaler). On CUDA, where that
+    decision would wait for the device, the same accumulator updates are chosen on the device
+    and the bucket is NaN on every rank, which GradScaler detects just the same.
+
+    Indices received from peers are validated. On CPU an index out of range raises at once. On
+    CUDA (no wait for the device) that bucket's step is treated like an overflow step (NaN
+    bucket, accumulators kept unmasked) and the ``RuntimeError`` is raised by the first call of
+    this hook, for any bucket, that starts after the device has finished that step's densify
+    (normally the next step); :meth:`DGCState.raise_index_errors` waits and raises at once.
     """
     agreement.check_settings(state, bucket, "dgc")
     group = state.process_group
@@ -335,12 +483,13 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     step = state.iter
     if bucket.is_last():
         state.iter += 1
+    sync_free = _sync_free(buffer)
+    state._index_errors.raise_ready()
     plan = state._plan(bucket)
     comp = plan.compressor
-    n = buffer.numel()
 
     small = torch.cat([buffer[o:o + k] for o, k in plan.dense]).float() if plan.dense else None
-    fallback = False
+    fallback: Union[bool, torch.Tensor] = False
     if plan.segments is not None:
         counts = state._layer_counts(plan, bucket.index(), step)
         if counts is None:
@@ -351,51 +500,35 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             density = 1.0
             k = sum(counts)
             select_segments, select_host_segments = state._layer_table(plan, counts, buffer.device)
-        local_bad = (not buffer.is_cuda) and not bool(torch.isfinite(buffer).all())
-        if local_bad:
-            values = torch.zeros(k, dtype=torch.float32, device=buffer.device)
-            indices = torch.zeros(k, dtype=torch.int32, device=buffer.device)
-        else:
-            clip = state.clip_norm / math.sqrt(world) if state.clip_norm else None
-            comp.compensate(buffer, plan.segments, clip_norm=clip)
-            if state.observer is not None:
-                state.observer(bucket.index(), comp.v, plan.layers)
-            values, indices = comp.select(density, select_segments, seed=mix_seed(state.seed, step, bucket.index()),
-                                          host_segments=select_host_segments)
-        payload = _pack(values, indices, int(local_bad), state.value_dtype)
-        gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=buffer.device)
-        all_gather_into_tensor(gathered, payload, group=group)
-        rows = gathered.view(world, -1)
-        value_bytes = k * torch.tensor([], dtype=state.value_dtype).element_size()
-        if not buffer.is_cuda:
-            flags = rows[:, value_bytes + 4 * k:].contiguous().view(torch.int32)
-            fallback = bool(flags.any())
-        if fallback:
-            dist.all_reduce(buffer, group=group)
-            buffer.div_(world)
-        else:
-            comp.mask(indices)
-            all_values = rows[:, :value_bytes].contiguous().view(state.value_dtype)
-            all_indices = rows[:, value_bytes:value_bytes + 4 * k].contiguous().view(torch.int32)
-            dense = ops.densify(all_values, all_indices, n)
-            buffer.copy_(dense.div_(world))
-    if small is not None and not fallback:  # every rank agrees on fallback (it saw the same flags)
+        sparse_step = _sparse_step_sync_free if sync_free else _sparse_step
+        fallback = sparse_step(state, plan, bucket.index(), buffer, density, k, select_segments,
+                               select_host_segments, step, world)
+    if small is not None and fallback is not True:  # every rank agrees on fallback (it saw the same flags)
         dist.all_reduce(small, group=group)
         small.div_(world)
-        # A non-finite average (seen identically by every rank) passes through untouched.
-        finite = buffer.is_cuda or bool(torch.isfinite(small).all())
+        # A non-finite average (seen identically by every rank) passes through untouched, and so
+        # does the average of a step that fell back on the device (as the uncompressed one would).
+        update: Union[bool, torch.Tensor] = torch.isfinite(small).all()
+        if not sync_free:
+            update = bool(update)
+        elif isinstance(fallback, torch.Tensor):
+            update = update & ~fallback
         start = 0
         for o, k_ in plan.dense:
             g = small[start:start + k_]
             out = g
-            if finite:
+            if update is not False:
                 u = comp.u[o:o + k_]
                 if state.nesterov:
-                    u.add_(g).mul_(state.momentum)
-                    out = u + g
+                    new_u = (u + g) * state.momentum
+                    out = new_u + g
                 else:
-                    u.mul_(state.momentum).add_(g)
-                    out = u
+                    new_u = u * state.momentum + g
+                    out = new_u
+                if update is not True:  # a device bool: select without waiting
+                    out = torch.where(update, out, g)
+                    new_u = torch.where(update, new_u, u)
+                u.copy_(new_u)
             buffer[o:o + k_].copy_(out)
             start += k_
     elif plan.segments is None:

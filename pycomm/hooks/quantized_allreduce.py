@@ -285,17 +285,17 @@ def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torc
         host_bucket_table=plan.host_table)
     if small is None:
         return fut
-    # The small layers travel uncompressed, after the quantized part (which may
-    # fall back to reducing the whole buffer on overflow; these values win).
+    # The small layers travel uncompressed, after the quantized part, and are copied back here,
+    # on the caller's stream, right after their divide; the future stays the collective's own.
+    # (In a `fut.then` callback the copy would run on a stream that waits for the all-gather only,
+    # not for this all-reduce and divide, and `small` would be freed without record_stream.)
+    # The decode writes only the table's elements, never these, so the two cannot race. On CPU,
+    # where an overflow makes quantized_all_reduce reduce the whole buffer uncompressed before it
+    # returns, these values are written after it and win, as the same average.
     dist.all_reduce(small, group=group)
     small.div_(world)
-
-    def write_back(f: torch.futures.Future) -> torch.Tensor:
-        out = f.value()
-        start = 0
-        for o, n in plan.dense:
-            out[o:o + n].copy_(small[start:start + n])
-            start += n
-        return out
-
-    return fut.then(write_back)
+    start = 0
+    for o, n in plan.dense:
+        buffer[o:o + n].copy_(small[start:start + n])
+        start += n
+    return fut
