@@ -16,8 +16,11 @@ import glob
 import os
 import re
 import shutil
+import shlex
 import subprocess
 import sys
+import sysconfig
+import tempfile
 from typing import Optional
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -133,6 +136,26 @@ def cuda_setup() -> tuple[Optional[str], list[str]]:
     return toolkit, extra
 
 
+def openmp_flags() -> list[str]:
+    """``["-fopenmp"]`` when the C++ compiler (``$CXX``, else Python's) compiles and links an OpenMP
+    program, else ``[]``: the CPU kernels then run single-threaded, and a line says so."""
+    compiler = shlex.split(os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++")
+    with tempfile.TemporaryDirectory() as folder:
+        source = os.path.join(folder, "openmp_probe.cpp")
+        with open(source, "w") as f:
+            f.write("#include <omp.h>\nint main() { return omp_get_max_threads() > 0 ? 0 : 1; }\n")
+        try:
+            probe = subprocess.run(compiler + ["-fopenmp", source, "-o", os.path.join(folder, "probe")],
+                                   capture_output=True, timeout=120)
+            if probe.returncode == 0:
+                return ["-fopenmp"]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    print(f"pycomm: {' '.join(compiler)} does not build OpenMP programs: the CPU kernels run single-threaded",
+          file=sys.stderr)
+    return []
+
+
 def extension():
     toolkit, library_includes = cuda_setup()
     if toolkit:
@@ -146,7 +169,8 @@ def extension():
     sources = [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "*.cpp")))]
     sources += [os.path.relpath(p, ROOT) for p in sorted(glob.glob(os.path.join(ROOT, "csrc", "cpu", "*.cpp")))]
     # -ffp-contract=off: the CPU must round exactly like the GPU (no FMA fusion).
-    cxx = ["-O3", "-fopenmp", "-ffp-contract=off", "-std=c++17"]
+    openmp = openmp_flags()
+    cxx = ["-O3", "-ffp-contract=off", "-std=c++17"] + openmp
     werror = os.environ.get("PYCOMM_WERROR") == "1"
     system_includes = cpp_extension.include_paths(device_type="cuda" if toolkit else "cpu")
     if werror:
@@ -168,27 +192,20 @@ def extension():
         return CUDAExtension(
             "pycomm._C", sources, include_dirs=include,
             extra_compile_args={"cxx": cxx + ["-DPYCOMM_WITH_CUDA"], "nvcc": nvcc},
-            extra_link_args=["-fopenmp"],
+            extra_link_args=openmp,
         ), BuildExtension
     return CppExtension("pycomm._C", sources, include_dirs=include, extra_compile_args={"cxx": cxx},
-                        extra_link_args=["-fopenmp"]), BuildExtension
+                        extra_link_args=openmp), BuildExtension
 
 
 if __name__ == "__main__":
-    from setuptools import find_packages, setup
+    from setuptools import setup
 
     ext, build_ext = extension()
+    # Name, version, packages and the rest of the metadata are in pyproject.toml.
     setup(
-        name="pycomm",
-        version="0.1.0",
-        description="Compressed gradient communication for PyTorch DDP: C++/CUDA kernels and comm hooks",
-        packages=find_packages(include=["pycomm", "pycomm.*"]),
         ext_modules=[ext],
         cmdclass={"build_ext": build_ext.with_options(no_python_abi_suffix=False)},
-        python_requires=">=3.9",
-        install_requires=["torch>=2.4"],
-        extras_require={"plot": ["matplotlib"]},
-        entry_points={"console_scripts": ["pycomm=pycomm.cli:main"]},
         # PYCOMM_BUILD_BASE keeps a second build (the CUDA one of `make cuda-build`) from sharing
         # object files with the development build in build/.
         options={"build": {"build_base": os.environ["PYCOMM_BUILD_BASE"]}} if os.environ.get("PYCOMM_BUILD_BASE") else {},

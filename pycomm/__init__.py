@@ -11,6 +11,7 @@ DDP hooks in :mod:`pycomm.hooks`.
 from pycomm import ops  # noqa: F401  (loads the kernels)
 from pycomm import codec, compressors, distributed, hooks, kernels, lgreco, traffic, zo  # noqa: F401
 from pycomm.registry import available_methods, register, register_method
+from pycomm.version import __version__
 
 register_method("quant", hooks.QuantState, hooks.quantized_allreduce_hook,
                 "bucketed max-min quantization (1-8 bits), scatter-reduce-allgather, error feedback")
@@ -22,5 +23,4 @@ register_method("spsa-projection", hooks.ProjectionState, hooks.projection_hook,
 register_method("lgreco", hooks.LGreCoState, hooks.lgreco_hook,
                 "L-GreCo: per-layer bits (family='quant') or top-k densities (family='topk') by an optimal DP solver")
 
-__version__ = "0.1.0"
 __all__ = ["register", "register_method", "available_methods", "ops", "codec", "compressors", "distributed", "hooks", "kernels", "lgreco", "traffic", "zo"]

@@ -138,3 +138,16 @@ def test_disabled_cuda_looks_for_nothing(setup_py, clean_env):
     clean_env.setenv("PYCOMM_CUDA", "0")
     clean_env.setattr(setup_py, "find_cuda_toolkit", lambda: pytest.fail("must not look"))
     assert setup_py.cuda_setup() == (None, [])
+
+
+def test_openmp_when_the_compiler_builds_an_openmp_program(setup_py, monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    assert setup_py.openmp_flags() == ["-fopenmp"]  # this machine's g++ has libgomp
+
+
+def test_no_openmp_flag_for_a_compiler_without_it(setup_py, monkeypatch, tmp_path, capsys):
+    # A compiler that rejects -fopenmp (e.g. Apple clang without libomp): build single-threaded, and say so.
+    compiler = _script(tmp_path / "cxx", '#!/bin/sh\nfor a in "$@"; do [ "$a" = -fopenmp ] && exit 1; done\nexit 0\n')
+    monkeypatch.setenv("CXX", compiler)
+    assert setup_py.openmp_flags() == []
+    assert "does not build OpenMP programs: the CPU kernels run single-threaded" in capsys.readouterr().err
