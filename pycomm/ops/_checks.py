@@ -28,4 +28,3 @@ def _check_float(x: torch.Tensor, name: str) -> None:
         raise ValueError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.dtype not in SUPPORTED_DTYPES:
         raise ValueError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
-

@@ -24,7 +24,6 @@ def num_buckets(numel: int, bucket_size: int) -> int:
     return -(-numel // bucket_size)
 
 
-
 def bucket_table(segments: Sequence[tuple[int, int]], bucket_size: int, pad_to_multiple: int = 1,
                  device: Union[str, torch.device, None] = None,
                  bits: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -135,7 +134,6 @@ def mixed_payload_bytes(table: torch.Tensor, bucket_size: int) -> int:
     return int(last[3]) + record_bytes(int(last[2]), bucket_size)
 
 
-
 def segment_table(segments: Sequence[tuple[int, int]], device: Union[str, torch.device, None] = None,
                   counts: Optional[Sequence[int]] = None) -> torch.Tensor:
     """Segment table of the layers of a flat buffer, for one launch per bucket.
@@ -172,4 +170,3 @@ def segment_table(segments: Sequence[tuple[int, int]], device: Union[str, torch.
                              f"[0, length]")
     rows = [(offset, length, count) for (offset, length), count in zip(segments, counts)]
     return torch.tensor(rows, dtype=torch.int64, device=device).reshape(-1, 3)
-

@@ -234,4 +234,3 @@ def dequantize_sum(payloads: Union[Sequence[QuantizedTensor], torch.Tensor], bit
         init = init.reshape(-1)
     out = _dequantize_sum_records(stacked, bits=bits, bucket_size=bucket_size, init=init)
     return out[:numel]
-
