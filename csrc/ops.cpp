@@ -1,6 +1,6 @@
 // Schemas of the pycomm operators (torch.ops.pycomm.*). Device kernels are
 // registered beside their implementations (cpu/, cuda/); fake kernels for
-// torch.compile live in pycomm/ops.py.
+// torch.compile live in pycomm/ops/, each after its op's wrapper.
 #include <Python.h>
 #include <ATen/core/LegacyTypeDispatch.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -105,6 +105,12 @@ TORCH_LIBRARY(pycomm, m) {
   m.def("philox_axpy_multi_(Tensor(a!)[] tensors, int[] seeds, Tensor alphas, int distribution, int offset) -> ()");
   // [K] float64 on the tensors' device: element k is philox_dot(tensors, seeds[k], ...) bit for bit.
   m.def("philox_dot_multi(Tensor[] tensors, int[] seeds, int distribution, int offset) -> Tensor");
+
+  // L-GreCo: per layer (row), the candidate (column) minimising the total size
+  // subject to a total discretized error <= budget (levels steps); when nothing
+  // fits, the least-error candidate per layer and feasible = false. Rules and
+  // tie-breaking: pycomm/lgreco.py. CPU only (cpu/lgreco_solver.cpp).
+  m.def("lgreco_solve(Tensor errors, Tensor sizes, float budget, int levels) -> (Tensor choice, Tensor feasible)");
 }
 
 // In-place writes and autograd, for every op that writes into an argument (schema `Tensor(a!)`,

@@ -31,6 +31,7 @@ import torch
 import torch.distributed as dist
 
 from pycomm import ops
+from pycomm.ops.quantization import _dequantize_records_into, _dequantize_sum_records, _quantize_records
 
 __all__ = ["quantized_all_reduce", "mix_seed", "chunk_layout", "mixed_chunk_bytes"]
 
@@ -192,32 +193,33 @@ def quantized_all_reduce(
         # Each row carries its bits (the ops take bits=0); chunk byte sizes are equal, so the
         # collectives below take the flat payloads with equal splits.
         bits = 0
-        extra: dict = {"host_table": host}
-    else:
-        extra = {}
 
     # Phase 1: quantize the peers' chunks (ours is written as zero records and
     # kept in full precision), exchange, and reduce our chunk.
-    send = torch.ops.pycomm.quantize(flat, worker_residual, bucket_table, total, bits, bucket_size, stochastic,
-                                     mix_seed(seed, rank, 1), first, first + per_chunk, **extra)
+    send = _quantize_records(flat, bits=bits, bucket_size=bucket_size, stochastic=stochastic,
+                             seed=mix_seed(seed, rank, 1), residual=worker_residual, bucket_table=bucket_table,
+                             num_buckets=total, skip_begin=first, skip_end=first + per_chunk, host_table=host)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    reduced = torch.ops.pycomm.dequantize_sum(recv.view(world, per_chunk, -1) if not mixed else recv.view(world, -1),
-                                              flat, bucket_table, first, bits, bucket_size, **extra)
+    reduced = _dequantize_sum_records(recv.view(world, per_chunk, -1) if not mixed else recv.view(world, -1),
+                                      bits=bits, bucket_size=bucket_size, init=flat, bucket_table=bucket_table,
+                                      init_bucket_begin=first, host_table=host)
     if op == dist.ReduceOp.AVG:
         reduced.div_(world)
 
     # Phase 2: re-quantize the reduced chunk once and gather every chunk.
     if mixed:
-        own = torch.ops.pycomm.quantize(reduced, server_residual, bucket_table, per_chunk, 0, bucket_size,
-                                        stochastic, mix_seed(seed, rank, 2), 0, 0, host, first)
+        own = _quantize_records(reduced, bits=0, bucket_size=bucket_size, stochastic=stochastic,
+                                seed=mix_seed(seed, rank, 2), residual=server_residual, bucket_table=bucket_table,
+                                num_buckets=per_chunk, host_table=host, chunk_row_begin=first)
     else:
-        own = torch.ops.pycomm.quantize(reduced, server_residual, None, per_chunk, bits, bucket_size, stochastic,
-                                        mix_seed(seed, rank, 2), 0, 0)
+        own = _quantize_records(reduced, bits=bits, bucket_size=bucket_size, stochastic=stochastic,
+                                seed=mix_seed(seed, rank, 2), residual=server_residual, num_buckets=per_chunk)
     gathered = torch.empty_like(send)
 
     def decode(_: object = None) -> torch.Tensor:
-        torch.ops.pycomm.dequantize_into(gathered, flat, bucket_table, bits, bucket_size, **extra)
+        _dequantize_records_into(gathered, flat, bits=bits, bucket_size=bucket_size, bucket_table=bucket_table,
+                                 host_table=host)
         return tensor
 
     if tensor.is_cuda:

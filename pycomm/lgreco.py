@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from pycomm import _C  # noqa: F401  (loads the library that registers torch.ops.pycomm)
+from pycomm.ops.lgreco_solver import lgreco_solve
 
 __all__ = ["Solution", "solve", "MAX_LEVELS", "MAX_CANDIDATES", "MAX_BACK_POINTER_BYTES"]
 
@@ -143,7 +143,7 @@ def solve(errors: Any, sizes: Any, budget: float, levels: int = 10000) -> Soluti
         raise ValueError(f"layers * (levels + 1) = {num_layers} * {levels + 1} back-pointer bytes exceeds "
                          f"MAX_BACK_POINTER_BYTES = {MAX_BACK_POINTER_BYTES}; use fewer levels")
     # The op checks the table's values (ValueError naming the offending entry).
-    choice_t, feasible_t = torch.ops.pycomm.lgreco_solve(err, size, budget, levels)
+    choice_t, feasible_t = lgreco_solve(err, size, budget, levels)
     choice = choice_t.tolist()
     rows = torch.arange(num_layers)
     total_size = 0.0
@@ -160,8 +160,3 @@ def solve(errors: Any, sizes: Any, budget: float, levels: int = 10000) -> Soluti
         log.warning("lgreco.solve: no choice of candidates fits the error budget %r (%d levels); falling back to "
                     "the least-error candidate per layer (total error %r)", budget, levels, total_error)
     return Solution(choice=choice, size=total_size, error=total_error, feasible=feasible)
-
-
-@torch.library.register_fake("pycomm::lgreco_solve")
-def _lgreco_solve_fake(errors, sizes, budget, levels):
-    return errors.new_empty((errors.shape[0],), dtype=torch.int64), errors.new_empty((), dtype=torch.bool)

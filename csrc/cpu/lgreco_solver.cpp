@@ -290,14 +290,6 @@ std::tuple<at::Tensor, at::Tensor> lgreco_solve_cpu(const at::Tensor& errors_in,
 
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(pycomm, m) {
-  // L-GreCo: per layer (row), the candidate (column) minimising the total size
-  // subject to a total discretized error <= budget (levels steps); when nothing
-  // fits, the least-error candidate per layer and feasible = false. Rules and
-  // tie-breaking: pycomm/lgreco.py.
-  m.def("lgreco_solve(Tensor errors, Tensor sizes, float budget, int levels) -> (Tensor choice, Tensor feasible)");
-}
-
 TORCH_LIBRARY_IMPL(pycomm, CPU, m) { m.impl("lgreco_solve", &lgreco_solve_cpu); }
 
 }  // namespace pycomm
