@@ -60,7 +60,8 @@ MODELS: Mapping[str, ModelSpec] = MappingProxyType(
             learning_rates=MappingProxyType({"adamw": 3e-3, "sgd-momentum": SGD_LR, "sgd": SGD_LR, "spsa": SPSA_LR}),
         ),
         "large": ModelSpec(
-            description="communication-heavy next-byte MLP (pycomm.bench.models.ByteMLP, 32x64 inputs, hidden 4096x4096)",
+            description="communication-heavy next-byte MLP (pycomm.bench.models.ByteMLP, 32x64 inputs, "
+            "hidden 4096x4096)",
             build=ByteMLP,
             context=32,
             batch_size=32,

@@ -63,10 +63,10 @@ import tempfile
 from typing import Any, Iterable, Mapping, Optional, TextIO, Union
 
 from pycomm.bench.config import BenchConfig
-from pycomm.bench.launcher import _empty_result, _run_pool, _signals_raise_keyboard_interrupt, _unavailable_reason
+from pycomm.bench.launcher import empty_result, run_pool, signals_raise_keyboard_interrupt, unavailable_reason
 from pycomm.bench.methods import DEFAULT_METHODS, METHODS, MethodSpec
 from pycomm.bench.netns import ShapedNamespace, parse_rate, shaping_unavailable_reason
-from pycomm.bench.report import _network_line, _progress_line, format_table, write_plots
+from pycomm.bench.report import network_line, progress_line, format_table, write_plots
 
 __all__ = ["run_e2e"]
 
@@ -133,7 +133,7 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
     }
     results: list[dict[str, Any]] = []
     net: Optional[ShapedNamespace] = None
-    with _signals_raise_keyboard_interrupt(), tempfile.TemporaryDirectory(prefix="pycomm-e2e-") as run_root:
+    with signals_raise_keyboard_interrupt(), tempfile.TemporaryDirectory(prefix="pycomm-e2e-") as run_root:
         try:
             if cfg.bandwidth is None:
                 network["unshaped_reason"] = "no bandwidth requested"
@@ -151,7 +151,7 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
                     network.update(shaped=True, namespace=net.name, qdisc=net.qdisc,
                                    delay_applied=net.delay_applied, delay_note=net.delay_note)
             if verbose:
-                print(f"{title}: {len(resolved)} method(s); {_network_line(network)}", file=stream, flush=True)
+                print(f"{title}: {len(resolved)} method(s); {network_line(network)}", file=stream, flush=True)
             rate = parse_rate(cfg.bandwidth) if cfg.bandwidth else None
             total = len(resolved)
             slots: list[Optional[dict[str, Any]]] = [None] * total
@@ -166,18 +166,18 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
                     cfg.workers * counted * 8 / rate if rate is not None and counted is not None else None)
                 slots[index] = result
                 if verbose:
-                    print(_progress_line(index + 1, total, result), file=stream, flush=True)
+                    print(progress_line(index + 1, total, result), file=stream, flush=True)
 
             runnable = []
             for index, (name, spec) in enumerate(resolved):
-                reason = _unavailable_reason(spec)
+                reason = unavailable_reason(spec)
                 if reason is None:
                     runnable.append((index, name, spec))
                 else:
-                    result = _empty_result(name, spec, cfg, "unavailable", reason)
+                    result = empty_result(name, spec, cfg, "unavailable", reason)
                     result["shaped"] = net is not None
                     on_result(index, result)
-            _run_pool(runnable, cfg, net, run_root, log_level, on_start, on_result)
+            run_pool(runnable, cfg, net, run_root, log_level, on_start, on_result)
             results = [r for r in slots if r is not None]
         finally:
             if net is not None:

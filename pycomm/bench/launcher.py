@@ -24,8 +24,7 @@ from typing import Any, Callable, Iterator, Optional, Sequence
 from pycomm.bench.config import BenchConfig
 from pycomm.bench.methods import MethodSpec
 from pycomm.bench.netns import ShapedNamespace
-from pycomm.bench.worker import _free_port, _worker
-
+from pycomm.bench.worker import free_port, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -40,13 +39,13 @@ def _launch(spec_path: str) -> int:
         logging.basicConfig(level=log_level, format="%(levelname)s launcher %(name)s: %(message)s")
     # fork: no second import of torch per worker; CUDA must not be initialised before a fork, so NCCL spawns
     start_method = "spawn" if cfg.resolved_backend == "nccl" else "fork"
-    mp.start_processes(_worker, args=(cfg.workers, _free_port(), cfg, methods, run_dir, measure_wire, log_level),
+    mp.start_processes(worker_main, args=(cfg.workers, free_port(), cfg, methods, run_dir, measure_wire, log_level),
                        nprocs=cfg.workers, join=True, start_method=start_method)
     return 0
 
 
 @contextlib.contextmanager
-def _signals_raise_keyboard_interrupt() -> Iterator[None]:
+def signals_raise_keyboard_interrupt() -> Iterator[None]:
     """Turn SIGTERM and SIGHUP into KeyboardInterrupt (like Ctrl-C), so that clean-up in ``finally`` runs."""
     if threading.current_thread() is not threading.main_thread():
         yield
@@ -99,7 +98,8 @@ def _failure_reason(log_text: str, returncode: Optional[int]) -> str:
     return f"worker crashed (exit code {returncode}): {tail[:500]}"
 
 
-def _unavailable_reason(spec: MethodSpec) -> Optional[str]:
+def unavailable_reason(spec: MethodSpec) -> Optional[str]:
+    """Why ``spec`` cannot run in this build (pycomm not importable, its method not registered), or None."""
     if not spec.needs_pycomm:
         return None
     try:
@@ -111,7 +111,8 @@ def _unavailable_reason(spec: MethodSpec) -> Optional[str]:
     return None
 
 
-def _empty_result(name: str, spec: MethodSpec, cfg: BenchConfig, status: str, reason: str) -> dict[str, Any]:
+def empty_result(name: str, spec: MethodSpec, cfg: BenchConfig, status: str, reason: str) -> dict[str, Any]:
+    """A result row with every measurement None, for a method that ``status`` (failed, unavailable) for ``reason``."""
     return {
         "method": name, "description": spec.description, "status": status, "reason": reason,
         "optimizer": spec.optimizer, "lr": spec.base_lr(cfg), "eps": spec.eps if spec.zeroth_order else None,
@@ -134,9 +135,9 @@ def _read_progress(path: str) -> tuple[int, int, float]:
         return -1, 0, 0.0
 
 
-def _run_pool(pending: list[tuple[int, str, MethodSpec]], cfg: BenchConfig, net: Optional[ShapedNamespace],
-              run_root: str, log_level: Optional[int],
-              on_start: Callable[[int], None], on_result: Callable[[int, dict[str, Any]], None]) -> None:
+def run_pool(pending: list[tuple[int, str, MethodSpec]], cfg: BenchConfig, net: Optional[ShapedNamespace],
+             run_root: str, log_level: Optional[int],
+             on_start: Callable[[int], None], on_result: Callable[[int, dict[str, Any]], None]) -> None:
     """Run the methods in worker pools: one launcher runs them in turn; a crash or a stall fails the running
     method, kills the whole pool, and a fresh pool takes the rest."""
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -198,13 +199,13 @@ def _run_pool(pending: list[tuple[int, str, MethodSpec]], cfg: BenchConfig, net:
         index, name, spec = pending.pop(0)
         reason = failure or _failure_reason(log_text, proc.returncode)
         logger.info("%s failed; launcher output:\n%s", name, log_text[-4000:])
-        result = _empty_result(name, spec, cfg, "failed", reason)
+        result = empty_result(name, spec, cfg, "failed", reason)
         result["shaped"] = net is not None
         on_result(index, result)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m pycomm.bench.launcher --launch SPEC``: one launcher process (started by :func:`_run_pool`)."""
+    """``python -m pycomm.bench.launcher --launch SPEC``: one launcher process (started by :func:`run_pool`)."""
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) != 2 or args[0] != "--launch":
         print("usage: python -m pycomm.bench.launcher --launch SPEC (internal; run `pycomm bench e2e`)",

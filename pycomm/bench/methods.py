@@ -13,7 +13,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pycomm.bench.config import SPSA_EPS, BenchConfig
 
-__all__ = ["OPTIMIZERS", "MethodSpec", "torch_hook", "powersgd_method", "pycomm_method", "spsa_method", "PROJECTION_DIRECTIONS", "DGC_WARMUP_FRACTION", "METHODS", "DEFAULT_METHODS"]
+__all__ = ["OPTIMIZERS", "MethodSpec", "torch_hook", "powersgd_method", "pycomm_method", "spsa_method",
+           "PROJECTION_DIRECTIONS", "DGC_WARMUP_FRACTION", "METHODS", "DEFAULT_METHODS"]
 
 
 #: Optimizer names a :class:`MethodSpec` may choose (weight decay ``BenchConfig.weight_decay``, applied locally):

@@ -20,7 +20,8 @@ def _format_ratio(ratio: Optional[float]) -> str:
     return f"{ratio:,.0f}x" if ratio >= 1000 else f"{ratio:.2f}x"
 
 
-def _progress_line(index: int, total: int, r: Mapping[str, Any]) -> str:
+def progress_line(index: int, total: int, r: Mapping[str, Any]) -> str:
+    """One method's line in the progress output: its result in short, or why it failed."""
     if r["status"] != "ok":
         return f"[{index}/{total}] {r['method']:<15} {r['status'].upper()}: {r['reason']}"
     wire = r.get("wire_bytes_per_worker_per_step")
@@ -55,7 +56,7 @@ def format_table(results: Sequence[Mapping[str, Any]], network: Optional[Mapping
     """
     lines: list[str] = []
     if network is not None:
-        lines += [_network_line(network), ""]
+        lines += [network_line(network), ""]
     lines += [
         "| method | optimizer | final loss | eval loss | eval acc | s/step | speed vs allreduce | "
         "bytes/worker/step | wire bytes/worker/step | compression vs fp32 | est. link s/step |",
@@ -89,7 +90,8 @@ def format_table(results: Sequence[Mapping[str, Any]], network: Optional[Mapping
     return "\n".join(lines)
 
 
-def _network_line(network: Mapping[str, Any]) -> str:
+def network_line(network: Mapping[str, Any]) -> str:
+    """The run's header line: model, workers, steps, and the link (shaped, or why not)."""
     run = (f"model {network['model']} ({network['parameters']:,} parameters), {network['workers']} workers "
            f"({network['backend']}), {network['steps']} steps, batch {network['batch_size']}/worker")
     if network["shaped"]:

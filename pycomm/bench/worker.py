@@ -36,7 +36,8 @@ def fp32_allreduce_bytes(model: torch.nn.Module, workers: int) -> int:
 # --------------------------------------------------------------------------- worker side
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the workers' rendezvous port)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -185,9 +186,9 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
     }
 
 
-def _worker(rank: int, world: int, port: int, cfg: BenchConfig, methods: list[tuple[int, str, MethodSpec]],
-            run_dir: str, measure_wire: bool, log_level: Optional[int]) -> None:
-    """Entry point of one DDP process (forked, or spawned for NCCL, by :func:`_launch`): run the methods in turn.
+def worker_main(rank: int, world: int, port: int, cfg: BenchConfig, methods: list[tuple[int, str, MethodSpec]],
+                run_dir: str, measure_wire: bool, log_level: Optional[int]) -> None:
+    """Entry point of one DDP process (forked, or spawned for NCCL, by the launcher): run the methods in turn.
 
     Rank 0 writes ``result_<index>.json`` after each method and keeps
     ``progress`` (method index, steps done, their total time) up to date for
