@@ -1,8 +1,8 @@
-"""``python -m pycomm``: the same as the ``pycomm`` command (see :mod:`pycomm.cli`)."""
+"""``python -m pycomm``: the same as the ``pycomm`` command (see :mod:`pycomm.bench.cli`)."""
 
 import sys
 
-from pycomm.cli import main
+from pycomm.bench.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -34,7 +34,7 @@ def train(rank: int, method: str, kwargs: dict, steps: int,
     hook to register instead of the method's own; ``bucket_cap_mb`` is DDP's. Returns the held-out loss, the bytes each
     collective sent in the last step, the hook state and the final parameters."""
     import pycomm
-    from pycomm.data import load_corpus
+    from pycomm.bench.data import load_corpus
     from pycomm.traffic import CollectiveByteCounter
     from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 

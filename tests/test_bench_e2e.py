@@ -15,20 +15,15 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
-from pycomm import netns
-from pycomm.bench_e2e import (
-    DEFAULT_METHODS,
-    METHODS,
-    MODELS,
-    BenchConfig,
-    _failure_reason,
-    format_table,
-    fp32_allreduce_bytes,
-    main as bench_main,
-    run_e2e,
-)
-from pycomm.cli import build_parser
-from pycomm.models import ByteMLP
+from pycomm.bench import netns
+from pycomm.bench.cli import build_parser, main as cli_main
+from pycomm.bench.config import MODELS, BenchConfig
+from pycomm.bench.e2e import run_e2e
+from pycomm.bench.launcher import _failure_reason
+from pycomm.bench.methods import DEFAULT_METHODS, METHODS
+from pycomm.bench.models import ByteMLP
+from pycomm.bench.report import format_table
+from pycomm.bench.worker import fp32_allreduce_bytes
 from pycomm.traffic import CollectiveByteCounter
 
 REQUIRED_KEYS = {"method", "step_time_s", "bytes_per_worker_per_step", "wire_bytes_per_worker_per_step",
@@ -37,6 +32,11 @@ ISSUE_METHODS = ("allreduce,fp16,powersgd1,powersgd4,torch-quant,quant8,quant4,q
                  "spsa-projection")
 ROOT_REASON = netns.shaping_unavailable_reason()
 needs_root = pytest.mark.skipif(ROOT_REASON is not None, reason=f"shaping not allowed here: {ROOT_REASON}")
+
+
+def bench_main(args):
+    """``pycomm bench e2e ARGS`` (also ``python -m pycomm.bench e2e ARGS``)."""
+    return cli_main(["bench", "e2e", *args])
 
 
 def _allreduce_counted(rank: int, world: int, numel: int) -> int:
@@ -144,7 +144,7 @@ def _hanging_attach(ddp, cfg):
 def test_crash_and_hang_are_reported_and_cleaned_up(capsys, tmp_path, monkeypatch):
     import tempfile
 
-    from pycomm.bench_e2e import MethodSpec
+    from pycomm.bench.methods import MethodSpec
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the launchers' command lines name tmp_path
 
@@ -162,7 +162,7 @@ def test_crash_and_hang_are_reported_and_cleaned_up(capsys, tmp_path, monkeypatc
     printed = capsys.readouterr().out
     assert "FAILED" in printed
     # no launcher or worker of this run is left (forked workers keep the launcher's command line)
-    leftovers = subprocess.run(["pgrep", "-f", f"pycomm.bench_e2e --launch {tmp_path}"], capture_output=True,
+    leftovers = subprocess.run(["pgrep", "-f", f"pycomm.bench.launcher --launch {tmp_path}"], capture_output=True,
                                text=True)
     assert leftovers.stdout.strip() == ""
 
@@ -192,8 +192,8 @@ def _running_since(pid):
 
 @needs_root
 def test_namespace_removed_on_sigint_with_workers_inside(tmp_path):
-    script = ("import sys; from pycomm.bench_e2e import main; "
-              "sys.exit(main(['--workers', '2', '--steps', '100000', '--methods', 'allreduce', "
+    script = ("import sys; from pycomm.bench.cli import main; "
+              "sys.exit(main(['bench', 'e2e', '--workers', '2', '--steps', '100000', '--methods', 'allreduce', "
               "'--bandwidth', '1gbit']))")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp_path, start_new_session=True)
@@ -228,7 +228,7 @@ def test_namespace_create_remove_is_idempotent():
     try:
         assert net.exists()
         done = subprocess.run(net.exec_prefix() + [sys.executable, "-c",
-                              "from pycomm.netns import read_tx_bytes; print(read_tx_bytes())"],
+                              "from pycomm.bench.netns import read_tx_bytes; print(read_tx_bytes())"],
                               capture_output=True, text=True, check=True)
         assert int(done.stdout) >= 0
         assert net.delay_applied or "netem" in (net.delay_note or "")
@@ -240,7 +240,7 @@ def test_namespace_create_remove_is_idempotent():
 
 def test_plots_when_matplotlib_is_installed(tmp_path):
     pytest.importorskip("matplotlib")
-    from pycomm.bench_e2e import write_plots
+    from pycomm.bench.report import write_plots
 
     rows = [{"method": m, "status": "ok", "loss_curve": [5.5, 4.0, 3.5], "step_time_curve_s": [0.1, 0.1, 0.1],
              "bytes_curve": [b, b, b]} for m, b in (("allreduce", 1e6), ("quant4", 1.3e5))]

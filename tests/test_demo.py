@@ -8,20 +8,14 @@ import math
 import pytest
 import torch
 
-from pycomm.cli import build_parser, main
-from pycomm.data import VOCAB_SIZE, eval_batches, load_corpus, train_batch, train_generator
-from pycomm.demo import (
-    DEFAULT_METHODS,
-    METHODS,
-    PROJECTION_DIRECTIONS,
-    SGD_LR,
-    SPSA_EPS,
-    SPSA_LR,
-    DemoConfig,
-    MethodSpec,
-    format_table,
-)
-from pycomm.models import CharTransformer, ModelConfig
+from pycomm.bench.cli import build_parser, main
+from pycomm.bench.config import SGD_LR, SPSA_EPS, SPSA_LR
+from pycomm.bench.data import VOCAB_SIZE, eval_batches, load_corpus, train_batch, train_generator
+from pycomm.bench.demo import DEMO_METHODS, DemoConfig
+from pycomm.bench.methods import METHODS, PROJECTION_DIRECTIONS, MethodSpec
+from pycomm.bench.models import CharTransformer, ModelConfig
+from pycomm.bench.report import format_table
+
 
 LN_VOCAB = math.log(VOCAB_SIZE)
 
@@ -62,8 +56,8 @@ def test_model_shapes_and_initial_loss(corpus):
 
 def test_cli_parser_defaults():
     args = build_parser().parse_args(["demo"])
-    assert args.workers == 4 and args.methods == list(DEFAULT_METHODS) and args.json is None
-    assert set(DEFAULT_METHODS) <= set(METHODS)
+    assert args.workers == 4 and args.methods == list(DEMO_METHODS) and args.json is None
+    assert set(DEMO_METHODS) <= set(METHODS)
     with pytest.raises(SystemExit):
         build_parser().parse_args(["demo", "--methods", "no_such_method"])
 
@@ -108,7 +102,7 @@ def test_method_optimizers_and_schedule():
         assert METHODS["dgc"].lr_at(cfg, step) == pytest.approx(cfg.lr_at(step) * SGD_LR / cfg.lr)
         assert METHODS["allreduce"].lr_at(cfg, step) == pytest.approx(cfg.lr_at(step))
     assert METHODS["dgc"].clip_in_hook and not METHODS["allreduce-sgd"].clip_in_hook
-    assert DEFAULT_METHODS[-6:] == ("allreduce-sgd", "dgc", "lgreco-quant", "lgreco-topk", "spsa-projection", "spsa")
+    assert DEMO_METHODS[-6:] == ("allreduce-sgd", "dgc", "lgreco-quant", "lgreco-topk", "spsa-projection", "spsa")
     spsa = METHODS["spsa"]
     assert spsa.zeroth_order and spsa.attach is None and spsa.lr_at(cfg, 30) == pytest.approx(
         cfg.lr_at(30) * SPSA_LR / cfg.lr

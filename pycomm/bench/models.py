@@ -7,7 +7,7 @@
   gradient communication dominates a step.
 
 Both take ``int64`` byte tokens ``(batch, time)`` and the next-byte targets of
-:func:`pycomm.data.train_batch`, and expose ``loss_from_logits`` and
+:func:`pycomm.bench.data.train_batch`, and expose ``loss_from_logits`` and
 ``correct`` (next-byte top-1 hits) so that a training loop can score them the
 same way.
 

@@ -4,11 +4,11 @@ Commands:
 
 ``pycomm demo``
     The end-to-end comparison on the demo's small byte-level transformer, over a
-    1 Gbit shaped link where allowed (see :mod:`pycomm.demo`).
+    1 Gbit shaped link where allowed (see :mod:`pycomm.bench.demo`).
 
 ``pycomm bench e2e``
     The end-to-end benchmark: any model, methods, worker count and link
-    (see :mod:`pycomm.bench_e2e`); also ``python -m pycomm.bench_e2e``.
+    (see :mod:`pycomm.bench.e2e`); also ``python -m pycomm.bench e2e``.
 
 Each command is a sub-parser added by an ``_add_<command>`` function that sets
 ``func`` to its handler; ``bench`` is a group with a nested sub-parser.
@@ -21,9 +21,11 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from pycomm.bench_e2e import DEFAULT_METHODS, METHODS, MODELS, BenchConfig, run_e2e
-from pycomm.demo import DEMO_BANDWIDTH, DEMO_METHODS, DEMO_STEPS
-from pycomm.netns import parse_delay, parse_rate
+from pycomm.bench.config import MODELS, BenchConfig
+from pycomm.bench.demo import DEMO_BANDWIDTH, DEMO_METHODS, DEMO_STEPS
+from pycomm.bench.e2e import run_e2e
+from pycomm.bench.methods import DEFAULT_METHODS, METHODS
+from pycomm.bench.netns import parse_delay, parse_rate
 
 __all__ = ["build_parser", "main"]
 

@@ -1,12 +1,11 @@
-"""``pycomm demo``: the end-to-end benchmark (:mod:`pycomm.bench_e2e`) on the demo's small language model.
+"""``pycomm demo``: the end-to-end benchmark (:mod:`pycomm.bench.e2e`) on the demo's small language model.
 
-The demo trains :class:`~pycomm.models.CharTransformer` (model ``lm``) on the
+The demo trains :class:`~pycomm.bench.models.CharTransformer` (model ``lm``) on the
 Python standard library's source with 4 Gloo workers, once per method of
 :data:`DEMO_METHODS`, over a link shaped to :data:`DEMO_BANDWIDTH` where shaping
 is allowed (root on Linux; unshaped otherwise, and the table says so), and
 prints the comparison table. Everything else (methods, models, shaping,
-measurement, reports) lives in :mod:`pycomm.bench_e2e`; the names below are
-re-exported from there for existing callers.
+measurement, reports) lives in the other modules of :mod:`pycomm.bench`.
 """
 
 from __future__ import annotations
@@ -14,26 +13,11 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Iterable, Mapping, Optional, TextIO, Union
 
-from pycomm.bench_e2e import (  # noqa: F401  (re-exports)
-    DGC_WARMUP_FRACTION,
-    METHODS,
-    OPTIMIZERS,
-    PROJECTION_DIRECTIONS,
-    SGD_LR,
-    SPSA_EPS,
-    SPSA_LR,
-    BenchConfig,
-    MethodSpec,
-    format_table,
-    fp32_allreduce_bytes,
-    pycomm_method,
-    run_e2e,
-    spsa_method,
-    torch_hook,
-)
+from pycomm.bench.config import BenchConfig
+from pycomm.bench.e2e import run_e2e
+from pycomm.bench.methods import MethodSpec
 
-__all__ = ["DEMO_METHODS", "DEFAULT_METHODS", "DEMO_STEPS", "DEMO_BANDWIDTH", "DemoConfig", "run_demo",
-           "METHODS", "MethodSpec", "format_table"]
+__all__ = ["DEMO_METHODS", "DEMO_STEPS", "DEMO_BANDWIDTH", "DemoConfig", "run_demo"]
 
 #: Methods of ``pycomm demo`` when none are named: the built-in fp32 and fp16 hooks, pycomm's methods, the SGD
 #: pair for DGC and zeroth-order SPSA (lgreco rows report "unavailable" until that method is registered).
@@ -43,7 +27,6 @@ DEMO_METHODS: tuple[str, ...] = (
     "allreduce", "fp16", "quant8", "quant4", "quant2", "allreduce-sgd", "dgc", "lgreco-quant", "lgreco-topk",
     "spsa-projection", "spsa",
 )
-DEFAULT_METHODS = DEMO_METHODS
 
 #: Steps per method of ``pycomm demo``.
 DEMO_STEPS: int = 100
@@ -65,10 +48,10 @@ def run_demo(
     out: Optional[TextIO] = None,
     verbose: bool = True,
 ) -> list[dict[str, Any]]:
-    """Run the demo comparison and return its result rows (see :func:`pycomm.bench_e2e.run_e2e`).
+    """Run the demo comparison and return its result rows (see :func:`pycomm.bench.e2e.run_e2e`).
 
     Args:
-        methods: names in :data:`METHODS`, or a mapping from name to :class:`MethodSpec`.
+        methods: names in :data:`~pycomm.bench.methods.METHODS`, or a mapping from name to :class:`MethodSpec`.
         workers: DDP worker processes.
         steps: training steps per method.
         config: further settings (default: model ``lm`` over :data:`DEMO_BANDWIDTH`); its

@@ -1,0 +1,252 @@
+"""The benchmark's methods: how each one attaches to DDP and which optimizer it trains with."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+from types import MappingProxyType
+from typing import Any, Callable, Iterable, Mapping, Optional, Union
+
+import torch
+from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook, quantization_hooks
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pycomm.bench.config import SPSA_EPS, BenchConfig
+
+__all__ = ["OPTIMIZERS", "MethodSpec", "torch_hook", "powersgd_method", "pycomm_method", "spsa_method",
+           "PROJECTION_DIRECTIONS", "DGC_WARMUP_FRACTION", "METHODS", "DEFAULT_METHODS"]
+
+
+#: Optimizer names a :class:`MethodSpec` may choose (weight decay ``BenchConfig.weight_decay``, applied locally):
+#:
+#: * ``"adamw"``: ``AdamW(betas=(0.9, 0.95))``,
+#: * ``"sgd-momentum"``: ``SGD(momentum=0.9)``,
+#: * ``"sgd"``: ``SGD(momentum=0)``, for methods whose hook applies momentum itself (DGC),
+#: * ``"spsa"``: :class:`pycomm.zo.SPSA` (zeroth order, no weight decay); it replaces DDP and the backward pass.
+OPTIMIZERS: tuple[str, ...] = ("adamw", "sgd-momentum", "sgd", "spsa")
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """How to attach one gradient-communication method to a DDP model, and how to train it.
+
+    Attributes:
+        attach: ``attach(ddp_model, config)`` on every rank right after DDP
+            construction; registers the communication hook and returns its
+            state (kept alive for the run) or None. Picklable (a module-level
+            function or a :func:`functools.partial` of one). None for the
+            ``"spsa"`` optimizer, which trains without DDP.
+        description: one line for reports.
+        needs_pycomm: whether it needs ``pycomm.register``.
+        pycomm_name: the :func:`pycomm.available_methods` name it needs, if any;
+            the method is reported as unavailable when that name is missing.
+        optimizer: one of :data:`OPTIMIZERS`.
+        lr: peak learning rate; None means the model's rate for the optimizer
+            (:attr:`ModelSpec.learning_rates`). The schedule has the shape of
+            :meth:`BenchConfig.lr_scale`.
+        clip_in_hook: the hook clips the gradients itself (DGC's local
+            clipping), so the loop does not clip after the backward pass.
+        eps: perturbation scale of the ``"spsa"`` optimizer (unused by the others).
+    """
+
+    attach: Optional[Callable[[DDP, "BenchConfig"], Any]]
+    description: str
+    needs_pycomm: bool = False
+    pycomm_name: Optional[str] = None
+    optimizer: str = "adamw"
+    lr: Optional[float] = None
+    clip_in_hook: bool = False
+    eps: float = 1e-3
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
+        if self.lr is not None and not self.lr > 0:
+            raise ValueError(f"lr must be positive or None, got {self.lr}")
+        if self.zeroth_order != (self.attach is None):
+            raise ValueError("attach must be None exactly when the optimizer is 'spsa' (no DDP, no hook)")
+        if not self.eps > 0:
+            raise ValueError(f"eps must be positive, got {self.eps}")
+
+    @property
+    def zeroth_order(self) -> bool:
+        """Whether this method trains with :class:`pycomm.zo.SPSA` (no DDP, no backward pass)."""
+        return self.optimizer == "spsa"
+
+    def base_lr(self, cfg: "BenchConfig") -> float:
+        """The peak learning rate of this method under ``cfg``."""
+        return self.lr if self.lr is not None else cfg.model_spec.learning_rates[self.optimizer]
+
+    def lr_at(self, cfg: "BenchConfig", step: int) -> float:
+        """The learning rate of ``step``: ``cfg``'s schedule shape scaled to :meth:`base_lr`."""
+        return self.base_lr(cfg) * cfg.lr_scale(step)
+
+    def make_optimizer(self, params: Union[torch.nn.Module, Iterable[torch.nn.Parameter]], cfg: "BenchConfig") -> Any:
+        """The optimizer this method trains with (see :data:`OPTIMIZERS`).
+
+        ``params`` may be the model itself; the ``"spsa"`` optimizer prefers it
+        and is seeded with ``cfg.seed`` on every rank.
+        """
+        lr = self.base_lr(cfg)
+        if self.zeroth_order:
+            from pycomm.zo import SPSA
+
+            return SPSA(params, lr=lr, eps=self.eps, seed=cfg.seed)
+        if isinstance(params, torch.nn.Module):
+            params = params.parameters()
+        if self.optimizer == "adamw":
+            return torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay)
+        momentum = 0.9 if self.optimizer == "sgd-momentum" else 0.0
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=cfg.weight_decay)
+
+
+def _attach_torch_hook(hook: Callable[..., Any], ddp: DDP, cfg: "BenchConfig") -> None:
+    ddp.register_comm_hook(state=None, hook=hook)
+    return None
+
+
+def _attach_powersgd(rank: int, ddp: DDP, cfg: "BenchConfig") -> Any:
+    # compression from iteration 2 (the earliest PyTorch allows with error feedback), not its default 1000
+    state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=2,
+                                        random_seed=cfg.seed)
+    ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    return state
+
+
+def _attach_pycomm(name: str, kwargs: Mapping[str, Any],
+                   config_options: Optional[Callable[["BenchConfig"], Mapping[str, Any]]],
+                   ddp: DDP, cfg: "BenchConfig") -> Any:
+    import pycomm
+
+    options = dict(kwargs)
+    if config_options is not None:
+        options.update(config_options(cfg))
+    return pycomm.register(ddp, name, **options)
+
+
+def torch_hook(hook: Callable[..., Any], description: Optional[str] = None, *, optimizer: str = "adamw",
+               lr: Optional[float] = None) -> MethodSpec:
+    """A method that registers a PyTorch DDP communication hook with ``state=None`` (the default group).
+
+    Args:
+        hook: a hook such as ``default_hooks.allreduce_hook``.
+        description: report text; defaults to the hook's name.
+        optimizer, lr: see :class:`MethodSpec`.
+    """
+    return MethodSpec(attach=functools.partial(_attach_torch_hook, hook),
+                      description=description or f"torch {hook.__name__}", optimizer=optimizer, lr=lr)
+
+
+def powersgd_method(rank: int) -> MethodSpec:
+    """PyTorch's ``powerSGD_hook`` at ``matrix_approximation_rank=rank``, compressing from iteration 2."""
+    return MethodSpec(attach=functools.partial(_attach_powersgd, rank),
+                      description=f"torch powerSGD_hook(rank={rank}, start_powerSGD_iter=2)")
+
+
+def pycomm_method(name: str, *, config_options: Optional[Callable[["BenchConfig"], Mapping[str, Any]]] = None,
+                  description: Optional[str] = None, **kwargs: Any) -> MethodSpec:
+    """A method that calls ``pycomm.register(ddp_model, name, **kwargs)``.
+
+    Choose the optimizer with :func:`dataclasses.replace` on the result, e.g.
+    ``replace(pycomm_method("dgc"), optimizer="sgd", clip_in_hook=True)``.
+
+    Args:
+        name: the pycomm method name, e.g. ``"quant"``.
+        config_options: options that depend on the run, as a picklable
+            ``config_options(config) -> dict`` (they override ``kwargs``).
+        description: report text; defaults to the name and options.
+        **kwargs: its options, e.g. ``bits=4``.
+    """
+    options = ", ".join(f"{k}={v!r}" for k, v in kwargs.items())
+    return MethodSpec(attach=functools.partial(_attach_pycomm, name, dict(kwargs), config_options),
+                      description=description or f"pycomm {name}({options})", needs_pycomm=True, pycomm_name=name)
+
+
+def spsa_method(eps: float, lr: Optional[float] = None, description: Optional[str] = None) -> MethodSpec:
+    """A zeroth-order method: :class:`pycomm.zo.SPSA` with one byte per worker per step.
+
+    It trains the plain model (no DDP, no hook, no backward pass; the replicas
+    start from rank 0's weights via ``SPSA.sync``) with perturbation scale
+    ``eps``, at ``lr`` or the model's SPSA learning rate.
+    """
+    return MethodSpec(attach=None, needs_pycomm=True, optimizer="spsa", lr=lr, eps=eps,
+                      description=description
+                      or f"pycomm.zo.SPSA(eps={eps:g}), zeroth order, one byte per rank per step")
+
+
+#: Directions (bytes per bucket per rank) of the ``spsa-projection`` row (AdamW; on the lm demo run AdamW 3e-3
+#: beat 1e-3, 1e-2 and K=4). It uses the hook's default, no error feedback: with it the residual becomes a running
+#: sum of stale gradients (final train loss 4.03 against 3.71 without; see :class:`pycomm.hooks.ProjectionState`).
+PROJECTION_DIRECTIONS: int = 8
+
+#: Fraction of the run that DGC's density warm-up spans (the paper: 4 of ~90 epochs).
+DGC_WARMUP_FRACTION: float = 0.12
+
+
+def _dgc_options(cfg: "BenchConfig") -> dict[str, Any]:
+    """DGC options that follow the run: the paper's density warm-up (4 stages, 25% .. 0.4%) over the first ~12%
+    of the steps, and local clipping at the run's threshold (scaled by ``W^-1/2`` in the hook). Runs shorter
+    than 17 steps get no warm-up: 4 stages of at least one step would be most of such a run, and its medians
+    would measure the warm-up instead of DGC."""
+    from pycomm.hooks.dgc import PAPER_WARMUP_DENSITIES
+
+    stage = round(cfg.steps * DGC_WARMUP_FRACTION / len(PAPER_WARMUP_DENSITIES))
+    return {"warmup_steps": stage, "clip_norm": cfg.grad_clip if cfg.grad_clip > 0 else None}
+
+
+def _lgreco_options(cfg: "BenchConfig") -> dict[str, Any]:
+    """L-GreCo's schedule scaled to the run (its defaults, a first solve at step 1000 and one per 1000 steps,
+    would never solve in a benchmark): the uniform default until ~20% of the steps, then a solve every ~25%,
+    each on the gradients of the last ``min(10, steps // 10)`` steps."""
+    acc_steps = max(1, min(10, cfg.steps // 10))
+    return {"acc_steps": acc_steps, "start_iter": max(acc_steps + 2, cfg.steps // 5),
+            "period": max(acc_steps, cfg.steps // 4)}
+
+
+def _lgreco_topk_options(cfg: "BenchConfig") -> dict[str, Any]:
+    """:func:`_lgreco_options` plus DGC's run-dependent options (its inner state is DGC's)."""
+    return {**_dgc_options(cfg), **_lgreco_options(cfg)}
+
+
+#: Method name -> :class:`MethodSpec`: the one table behind ``pycomm bench e2e`` and ``pycomm demo``.
+METHODS: Mapping[str, MethodSpec] = MappingProxyType(
+    {
+        "allreduce": torch_hook(default_hooks.allreduce_hook,
+                                "fp32 ring all-reduce (torch allreduce_hook), DDP default"),
+        "fp16": torch_hook(default_hooks.fp16_compress_hook, "fp16 all-reduce (torch fp16_compress_hook)"),
+        "powersgd1": powersgd_method(1),
+        "powersgd4": powersgd_method(4),
+        "torch-quant": torch_hook(quantization_hooks.quantization_perchannel_hook,
+                                  "torch quantization_perchannel_hook (uint8, all-gather)"),
+        "quant8": pycomm_method("quant", bits=8),
+        "quant4": pycomm_method("quant", bits=4),
+        "quant2": pycomm_method("quant", bits=2),
+        # the SGD pair: the dense baseline with optimizer momentum, and DGC with its momentum in the hook
+        "allreduce-sgd": torch_hook(default_hooks.allreduce_hook,
+                                    "fp32 ring all-reduce (torch allreduce_hook), SGD momentum 0.9",
+                                    optimizer="sgd-momentum"),
+        "dgc": replace(
+            pycomm_method("dgc", density=0.001, momentum=0.9, config_options=_dgc_options,
+                          description="pycomm dgc(density=0.001, momentum=0.9), warm-up over ~12% of steps, "
+                          "local clipping; SGD momentum 0"),
+            optimizer="sgd", clip_in_hook=True),
+        "lgreco-quant": pycomm_method("lgreco", family="quant", config_options=_lgreco_options,
+                                      description="pycomm lgreco(family='quant'): per-layer bits around 4, "
+                                      "schedule scaled to the run; AdamW"),
+        "lgreco-topk": replace(
+            pycomm_method("lgreco", family="topk", momentum=0.9, config_options=_lgreco_topk_options,
+                          description="pycomm lgreco(family='topk'): per-layer DGC densities around the default, "
+                          "schedule scaled to the run; SGD momentum 0 (momentum in the hook)"),
+            optimizer="sgd", clip_in_hook=True),
+        "spsa-projection": pycomm_method("spsa-projection", num_directions=PROJECTION_DIRECTIONS,
+                                         description=f"pycomm spsa-projection(num_directions={PROJECTION_DIRECTIONS}),"
+                                         " no error feedback (the hook's default); AdamW"),
+        "spsa": spsa_method(SPSA_EPS),
+    }
+)
+
+#: Methods of ``pycomm bench e2e`` when none are named (the issue's comparison).
+DEFAULT_METHODS: tuple[str, ...] = (
+    "allreduce", "fp16", "powersgd1", "powersgd4", "torch-quant", "quant8", "quant4", "quant2", "dgc",
+    "lgreco-quant", "lgreco-topk", "spsa-projection",
+)

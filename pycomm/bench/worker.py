@@ -1,0 +1,230 @@
+"""One DDP worker process of the benchmark: train each method in turn and measure it."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import socket
+import statistics
+import time
+from datetime import timedelta
+from typing import Any, Callable, Optional
+
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from pycomm.bench.config import BenchConfig
+from pycomm.bench.data import Corpus, eval_batches, load_corpus, train_batch, train_generator
+from pycomm.bench.methods import MethodSpec
+from pycomm.bench.netns import read_tx_bytes
+from pycomm.traffic import CollectiveByteCounter
+
+__all__ = ["fp32_allreduce_bytes"]
+
+logger = logging.getLogger(__name__)
+
+
+def fp32_allreduce_bytes(model: torch.nn.Module, workers: int) -> int:
+    """Bytes one worker sends per step in an fp32 ring all-reduce of all gradients (``2(W-1)/W`` of them)."""
+    return sum(2 * (workers - 1) * p.numel() * 4 // workers for p in model.parameters() if p.requires_grad)
+
+
+# --------------------------------------------------------------------------- worker side
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (the workers' rendezvous port)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _param_checksum(model: torch.nn.Module) -> float:
+    with torch.no_grad():
+        return float(sum(p.double().abs().sum() + p.double().sum() for p in model.parameters()))
+
+
+def _write_atomic(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(tmp, path)
+
+
+def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
+               eval_set: list[tuple[torch.Tensor, torch.Tensor]], rank: int, world: int,
+               device: torch.device, progress: Optional[Callable[[int, float], None]],
+               measure_wire: bool) -> Optional[dict[str, Any]]:
+    """Train one method on this rank; return the merged result on rank 0 (None elsewhere)."""
+    torch.manual_seed(cfg.seed)
+    model = cfg.model_spec.build().to(device)
+    fp32_bytes = fp32_allreduce_bytes(model, world)
+    if spec.zeroth_order:
+        ddp, state = None, None
+        optimizer = spec.make_optimizer(model, cfg)
+        optimizer.sync(src=0)  # same weights everywhere (they already are: same seed), outside the counter
+    else:
+        ddp = DDP(model, bucket_cap_mb=cfg.bucket_cap_mb)
+        state = spec.attach(ddp, cfg)
+        optimizer = spec.make_optimizer(model.parameters(), cfg)
+    clip = cfg.grad_clip if cfg.grad_clip > 0 and not spec.clip_in_hook else 0.0
+    generator = train_generator(cfg.seed, rank)
+    counter = CollectiveByteCounter()
+
+    losses: list[float] = []
+    step_bytes: list[int] = []
+    step_calls: list[int] = []
+    step_times: list[float] = []
+    dist.barrier()
+    tx_marks = [read_tx_bytes()] if measure_wire and rank == 0 else []
+    wall_start = time.perf_counter()
+    for step in range(cfg.steps):
+        inputs, targets = train_batch(corpus, cfg.batch, cfg.model_spec.context, generator)
+        inputs, targets = inputs.to(device), targets.to(device)
+        if spec.zeroth_order:
+            optimizer.lr = spec.lr_at(cfg, step)
+            start = time.perf_counter()
+            counter.reset()
+            with counter:  # two perturbed forwards (no_grad) and one all_gather of one byte
+                loss_value = optimizer.step(functools.partial(model.loss, inputs, targets))
+        else:
+            for group in optimizer.param_groups:
+                group["lr"] = spec.lr_at(cfg, step)
+            start = time.perf_counter()
+            loss = model.loss_from_logits(ddp(inputs), targets)
+            optimizer.zero_grad(set_to_none=True)
+            counter.reset()
+            with counter:
+                loss.backward()
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                optimizer.step()
+            loss_value = float(loss.detach())
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        step_times.append(time.perf_counter() - start)
+        step_bytes.append(counter.bytes_sent)
+        step_calls.append(sum(counter.calls.values()))
+        losses.append(loss_value)
+        if tx_marks:  # after the step's last collective: its traffic (nearly all ranks' of it) has crossed lo
+            tx_marks.append(read_tx_bytes())
+        if progress is not None:
+            progress(step + 1, sum(step_times))
+        if not math.isfinite(loss_value):
+            logger.warning("%s: rank %d loss is %s at step %d", name, rank, loss_value, step)
+    dist.barrier()
+    wall = time.perf_counter() - wall_start
+    if tx_marks:
+        wire_steps = [(b - a) / world for a, b in zip(tx_marks[:-1], tx_marks[1:])]
+        wire_median: Optional[float] = statistics.median(wire_steps)
+        wire_mean: Optional[float] = (read_tx_bytes() - tx_marks[0]) / (world * cfg.steps)
+    else:
+        wire_median = wire_mean = None
+
+    model.eval()
+    eval_sum, eval_count, eval_hits, eval_predictions = 0.0, 0, 0, 0
+    with torch.no_grad():
+        for inputs, targets in eval_set[rank::world]:
+            inputs, targets = inputs.to(device), targets.to(device)
+            logits = model(inputs)
+            hits, predictions = model.correct(logits, targets)
+            eval_sum += float(model.loss_from_logits(logits, targets)) * predictions
+            eval_count += predictions
+            eval_hits += hits
+            eval_predictions += predictions
+
+    local = {"losses": losses, "bytes": step_bytes, "calls": step_calls, "times": step_times, "wall": wall,
+             "eval_sum": eval_sum, "eval_count": eval_count, "eval_hits": eval_hits,
+             "checksum": _param_checksum(model)}
+    gathered: list[Any] = [None] * world
+    dist.all_gather_object(gathered, local)
+    del ddp, state, optimizer
+    if rank != 0:
+        return None
+
+    steps = cfg.steps
+    mean_loss = [sum(g["losses"][s] for g in gathered) / world for s in range(steps)]
+    rank_mean_bytes = [sum(g["bytes"][s] for g in gathered) / world for s in range(steps)]
+    bytes_per_step = statistics.median(rank_mean_bytes)
+    mean_bytes_per_step = sum(rank_mean_bytes) / steps
+    # a step ends for everyone at the same collective, so the slowest rank sets its time
+    step_s = [max(g["times"][s] for g in gathered) for s in range(steps)]
+    checksums = [g["checksum"] for g in gathered]
+    eval_count_total = sum(g["eval_count"] for g in gathered)
+    window = mean_loss[-cfg.window:]
+    return {
+        "method": name,
+        "description": spec.description,
+        "status": "ok",
+        "reason": None,
+        "optimizer": spec.optimizer,
+        "lr": spec.base_lr(cfg),
+        "eps": spec.eps if spec.zeroth_order else None,
+        "workers": world,
+        "steps": steps,
+        "step_time_s": statistics.median(step_s),
+        "bytes_per_worker_per_step": bytes_per_step,
+        "mean_bytes_per_worker_per_step": mean_bytes_per_step,
+        "wire_bytes_per_worker_per_step": wire_median,
+        "mean_wire_bytes_per_worker_per_step": wire_mean,
+        "fp32_allreduce_bytes_per_step": fp32_bytes,
+        "compression_ratio": fp32_bytes / bytes_per_step if bytes_per_step > 0 else None,  # None: sent nothing
+        "initial_loss": mean_loss[0],
+        "final_loss": sum(window) / len(window),
+        "eval_loss": sum(g["eval_sum"] for g in gathered) / max(1, eval_count_total),
+        "eval_accuracy": sum(g["eval_hits"] for g in gathered) / max(1, eval_count_total),
+        "collective_calls_per_step": sum(sum(g["calls"]) for g in gathered) / (world * steps),
+        "wall_s": max(g["wall"] for g in gathered),
+        "replicas_in_sync": max(checksums) - min(checksums) <= 1e-9 * max(1.0, abs(checksums[0])),
+        "loss_curve": mean_loss,
+        "step_time_curve_s": step_s,
+        "bytes_curve": rank_mean_bytes,
+    }
+
+
+def worker_main(rank: int, world: int, port: int, cfg: BenchConfig, methods: list[tuple[int, str, MethodSpec]],
+                run_dir: str, measure_wire: bool, log_level: Optional[int]) -> None:
+    """Entry point of one DDP process (forked, or spawned for NCCL, by the launcher): run the methods in turn.
+
+    Rank 0 writes ``result_<index>.json`` after each method and keeps
+    ``progress`` (method index, steps done, their total time) up to date for
+    the harness's hang detector.
+    """
+    if log_level is not None:
+        logging.basicConfig(level=log_level, format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
+    os.environ["MASTER_ADDR"] = "127.0.0.1"
+    os.environ["MASTER_PORT"] = str(port)
+    backend = cfg.resolved_backend
+    options = None
+    if backend == "nccl":
+        device = torch.device("cuda", rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
+        torch.set_num_threads(1)
+        if cfg.gloo_threads is not None:
+            options = dist.ProcessGroupGloo._Options()
+            options._threads = cfg.gloo_threads
+    dist.init_process_group(backend, rank=rank, world_size=world, timeout=timedelta(seconds=cfg.start_timeout_s),
+                            pg_options=options)
+    try:
+        corpus = load_corpus(cfg.corpus_bytes)
+        eval_set = eval_batches(corpus, cfg.eval_batches, cfg.eval_batch_size, cfg.model_spec.context,
+                                seed=cfg.seed + 1234)
+        for index, name, spec in methods:
+            progress = (functools.partial(_write_progress, os.path.join(run_dir, "progress"), index)
+                        if rank == 0 else None)
+            result = _train_one(name, spec, cfg, corpus, eval_set, rank, world, device, progress, measure_wire)
+            if result is not None:
+                _write_atomic(os.path.join(run_dir, f"result_{index}.json"), json.dumps(result))
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
+def _write_progress(path: str, index: int, steps: int, seconds: float) -> None:
+    _write_atomic(path, f"{index} {steps} {seconds:.6f}\n")
