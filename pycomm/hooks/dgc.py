@@ -2,8 +2,8 @@
 
 # No `from __future__ import annotations`: DDP inspects the hook's real annotations.
 
-import logging
 import itertools
+import logging
 import math
 import numbers
 from collections import deque
