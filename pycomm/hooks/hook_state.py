@@ -10,8 +10,10 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from pycomm.distributed import completed_future  # the one completed future, shared with the collectives
+
 __all__ = ["HookState", "BucketPlan", "LayerKey", "Layer", "Dense", "advance_step", "bucket_signature", "split_layers",
-           "validated_layer_key", "validated_layer_params", "take_dense", "allreduce_dense", "put_dense", "average_",
+           "validated_layer_key", "validated_layer_params", "take_dense", "allreduce_dense", "put_dense", "average_", "average_async",
            "completed_future"]
 
 LayerKey = tuple[int, int]      # (DDP bucket index, position of the parameter in bucket.parameters())
@@ -156,14 +158,15 @@ def put_dense(buffer: torch.Tensor, dense: list[Dense], values: torch.Tensor) ->
         start += n
 
 
+def average_async(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.futures.Future:
+    """All-reduce ``tensor`` in place and divide it by the group's size in the future's callback: the
+    plain path of a bucket that is not compressed."""
+    world = dist.get_world_size(group)
+    fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
+    return fut.then(lambda f: f.value()[0].div_(world))
+
+
 def average_(tensor: torch.Tensor, group: Optional[dist.ProcessGroup], world: int) -> torch.Tensor:
     """All-reduce ``tensor`` in place and divide it by ``world``, before returning (blocking)."""
     dist.all_reduce(tensor, group=group)
     return tensor.div_(world)
-
-
-def completed_future(tensor: torch.Tensor) -> torch.futures.Future:
-    """A future already holding ``tensor``: what a hook returns when it has reduced the bucket itself."""
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(tensor)
-    return fut

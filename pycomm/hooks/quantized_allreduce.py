@@ -12,7 +12,7 @@ import torch.distributed as dist
 from pycomm import ops
 from pycomm.hooks import agreement
 from pycomm.hooks.hook_state import (BucketPlan, Dense, HookState, Layer, advance_step, allreduce_dense,
-                                     bucket_signature, split_layers, take_dense, validated_layer_params)
+                                     average_async, bucket_signature, split_layers, take_dense, validated_layer_params)
 from pycomm.distributed import chunk_layout, mix_seed, quantized_all_reduce
 
 __all__ = ["QuantState", "quantized_allreduce_hook"]
@@ -223,12 +223,6 @@ class QuantState(HookState):
                           layer_bits=layer_bits, bits=bits, host_table=host_table, params_version=self._params_version)
 
 
-def _allreduce_mean(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.futures.Future:
-    world = dist.get_world_size(group)
-    fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0].div_(world))
-
-
 def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
     """Average a DDP bucket across ranks, quantized (see :class:`QuantState`).
 
@@ -242,10 +236,10 @@ def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torc
     buffer = bucket.buffer()
     step = advance_step(state, bucket)
     if step < state.start_iter or buffer.dtype not in ops.SUPPORTED_DTYPES:
-        return _allreduce_mean(buffer, group)
+        return average_async(buffer, group)
     plan = state._plan(bucket)
     if plan.table is None:
-        return _allreduce_mean(buffer, group)
+        return average_async(buffer, group)
 
     world = dist.get_world_size(group)
     if state.observer is not None:
