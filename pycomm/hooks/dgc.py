@@ -6,7 +6,6 @@ import itertools
 import logging
 import math
 import numbers
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -19,6 +18,7 @@ from pycomm.hooks.hook_state import (BucketPlan, HookState, Layer, advance_step,
                                      bucket_signature, completed_future, put_dense, split_layers, take_dense,
                                      validated_layer_params)
 from pycomm.compressors import DGC
+from pycomm.hooks.index_errors import IndexErrors as _IndexErrors
 from pycomm.distributed import all_gather_into_tensor, mix_seed
 
 __all__ = ["DGCState", "dgc_hook", "PAPER_WARMUP_DENSITIES"]
@@ -250,7 +250,7 @@ class DGCState(HookState):
 
     _NOT_PICKLED = HookState._NOT_PICKLED + ("_index_errors",)  # pending device checks of this process
     # Pickles from before per-layer densities lack the first two; the index checks start empty.
-    _UNPICKLE_DEFAULTS = {"_layer_params": dict, "_layer_version": int, "_index_errors": lambda: _IndexErrors()}
+    _UNPICKLE_DEFAULTS = {"_layer_params": dict, "_layer_version": int, "_index_errors": _IndexErrors}
 
     # -- planning ----------------------------------------------------------------
     def _plan(self, bucket: dist.GradBucket) -> _DGCPlan:
@@ -316,46 +316,6 @@ def _sync_free(buffer: torch.Tensor) -> bool:
     """Whether the hook takes its sync-free path for ``buffer``: on CUDA no value is read on the host
     (overflow handled with device-side selects, index errors raised later). Tests force it on CPU."""
     return buffer.is_cuda
-
-
-class _IndexErrors:
-    """Index checks of the sync-free path, read back without waiting for the device.
-
-    There, ``dgc_mask`` and ``densify`` write the first out-of-range position of their indices
-    into a device flag (-1: none) instead of raising, which would wait for the stream each step.
-    The flags are copied to pinned host memory without blocking, behind an event; each later
-    hook call raises the first error whose copy has completed (an event query: no wait).
-    """
-
-    def __init__(self) -> None:
-        self._pending: deque = deque()
-
-    def record(self, flags: torch.Tensor, checks: list[tuple[str, torch.Tensor, int, str]]) -> None:
-        """``flags[i]`` is the first bad position of ``checks[i] = (what, indices, numel, consequence)``."""
-        if flags.is_cuda:
-            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
-            event: Optional[torch.cuda.Event] = torch.cuda.Event()
-            event.record()
-        else:
-            host, event = flags, None
-        self._pending.append((host, event, checks))
-
-    def raise_ready(self, wait: bool = False) -> None:
-        """Raise the first recorded error whose flags have reached the host (all of them with ``wait``)."""
-        while self._pending:
-            host, event, checks = self._pending[0]
-            if event is not None:
-                if wait:
-                    event.synchronize()
-                elif not event.query():
-                    return
-            self._pending.popleft()
-            for position, (what, indices, numel, consequence) in zip(host.tolist(), checks):
-                if position >= 0:
-                    self._pending.clear()
-                    raise RuntimeError(f"pycomm dgc: {what} held index {int(indices.reshape(-1)[position])} at "
-                                       f"position {position}, outside [0, {numel}); {consequence}")
 
 
 def _sparse_step(state: DGCState, plan: _DGCPlan, bucket_index: int, buffer: torch.Tensor, density: float,

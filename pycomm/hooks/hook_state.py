@@ -3,8 +3,8 @@
 layer-key check, the dense side channel and completed futures. Each hook file keeps only its method."""
 
 import numbers
-from dataclasses import dataclass
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import torch
@@ -12,9 +12,9 @@ import torch.distributed as dist
 
 from pycomm.distributed import completed_future  # the one completed future, shared with the collectives
 
-__all__ = ["HookState", "BucketPlan", "LayerKey", "Layer", "Dense", "advance_step", "bucket_signature", "split_layers",
-           "validated_layer_key", "validated_layer_params", "take_dense", "allreduce_dense", "put_dense", "average_", "average_async",
-           "completed_future"]
+__all__ = ["HookState", "BucketPlan", "LayerKey", "Layer", "Dense", "advance_step", "bucket_signature",
+           "split_layers", "validated_layer_key", "validated_layer_params", "take_dense", "allreduce_dense",
+           "put_dense", "average_", "average_async", "completed_future"]
 
 LayerKey = tuple[int, int]      # (DDP bucket index, position of the parameter in bucket.parameters())
 Layer = tuple[int, int, int]    # a compressed layer: (position, offset, length) in the bucket buffer
@@ -46,7 +46,7 @@ class HookState:
     process_group: Any = None
     observer: Optional[Callable[..., None]] = None
     _NOT_PICKLED: tuple[str, ...] = ("process_group", "observer", "_settings_agreed")  # ranks check again after loading
-    _UNPICKLE_DEFAULTS: dict[str, Callable[[], Any]] = {}
+    _UNPICKLE_DEFAULTS: Mapping[str, Callable[[], Any]] = {}  # replaced by subclasses, never mutated
     _CONFIG: tuple[str, ...] = ()
 
     def __getstate__(self) -> dict[str, Any]:
