@@ -68,7 +68,9 @@ def all_gather_into_tensor(output: torch.Tensor, input: torch.Tensor, group: Opt
     return gather(output, input, group=group, async_op=async_op)
 
 
-def _completed(value: torch.Tensor) -> torch.futures.Future:
+def completed_future(value: torch.Tensor) -> torch.futures.Future:
+    """A future already holding ``value``: what an async collective (or a hook) returns when it has
+    finished the work before returning. The hooks use it too (``pycomm.hooks.hook_state``)."""
     fut: torch.futures.Future = torch.futures.Future()
     fut.set_result(value)
     return fut
@@ -170,7 +172,7 @@ def quantized_all_reduce(
     rank = dist.get_rank(group)
     flat = tensor.view(-1)
     if world == 1 or flat.numel() == 0:
-        return _completed(tensor) if async_op else None
+        return completed_future(tensor) if async_op else None
     if bucket_table is not None and bucket_table.device != tensor.device:
         raise ValueError(f"bucket_table is on {bucket_table.device} but tensor is on {tensor.device}")
 
@@ -238,4 +240,4 @@ def quantized_all_reduce(
             flat.div_(world)
     else:
         decode()
-    return _completed(tensor) if async_op else None
+    return completed_future(tensor) if async_op else None

@@ -2,10 +2,10 @@
 
 # No `from __future__ import annotations`: DDP inspects the hook's real annotations.
 
+import itertools
 import logging
 import math
 import numbers
-from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -14,8 +14,11 @@ import torch.distributed as dist
 
 from pycomm import ops
 from pycomm.hooks import agreement
-from pycomm.hooks.hook_state import HookState
+from pycomm.hooks.hook_state import (BucketPlan, HookState, Layer, advance_step, allreduce_dense, average_,
+                                     bucket_signature, completed_future, put_dense, split_layers, take_dense,
+                                     validated_layer_params)
 from pycomm.compressors import DGC
+from pycomm.hooks.index_errors import IndexErrors as _IndexErrors
 from pycomm.distributed import all_gather_into_tensor, mix_seed
 
 __all__ = ["DGCState", "dgc_hook", "PAPER_WARMUP_DENSITIES"]
@@ -27,16 +30,12 @@ PAPER_WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.004)
 
 
 @dataclass
-class _BucketPlan:
-    signature: tuple
+class _DGCPlan(BucketPlan):
     params: list                    # the bucket's parameters, in buffer order
     offsets: list[int]              # their offsets in the buffer
-    compressed: list[tuple[int, int]]
-    positions: list[int]            # the compressed layers' indices in bucket.parameters()
-    dense: list[tuple[int, int]]
-    segments: Optional[torch.Tensor]  # segment table of the compressed layers (on the buffer's device)
-    host_segments: Optional[torch.Tensor]  # its CPU copy: the CUDA top-k sizes its output without waiting
     compressor: DGC                 # u and v over the whole buffer (u of dense layers is their momentum)
+    segments: Optional[torch.Tensor] = None  # segment table of the compressed layers (on the buffer's device)
+    host_segments: Optional[torch.Tensor] = None  # its CPU copy: the CUDA top-k sizes its output without waiting
     counts: dict = field(default_factory=dict)  # density -> k of the whole bucket
     # Per-layer densities (DGCState.set_layer_params): the override of each compressed layer
     # (None: the default), as of the state's layer-parameter version, and the 3-column segment
@@ -45,11 +44,18 @@ class _BucketPlan:
     layer_densities: list = field(default_factory=list)
     has_layer_densities: bool = False
     layer_tables: dict = field(default_factory=dict)
+    compressed: list[tuple[int, int]] = field(init=False)  # the compressed layers' (offset, length)
+    positions: list[int] = field(init=False)  # the compressed layers' indices in bucket.parameters()
 
-    @property
-    def layers(self) -> list[tuple[int, int, int]]:
-        """The compressed layers as (position, offset, length)."""
-        return [(p, o, n) for p, (o, n) in zip(self.positions, self.compressed)]
+    def __post_init__(self) -> None:
+        self.compressed = [(o, n) for _, o, n in self.layers]
+        self.positions = [p for p, _, _ in self.layers]
+
+
+def _validated_density(key: tuple[int, int], value: Any) -> float:
+    if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
+        raise ValueError(f"density of layer {key} must be a number in (0, 1], got {value!r}")
+    return float(value)
 
 
 class DGCState(HookState):
@@ -139,10 +145,10 @@ class DGCState(HookState):
         self.value_dtype = value_dtype
         self.seed = seed
         self.iter = 0
-        self.observer: Optional[Callable[[int, torch.Tensor, list[tuple[int, int, int]]], None]] = None
+        self.observer: Optional[Callable[[int, torch.Tensor, list[Layer]], None]] = None
         self._layer_params: dict[tuple[int, int], float] = {}
         self._layer_version = 0
-        self._plans: dict[int, _BucketPlan] = {}
+        self._plans: dict[int, _DGCPlan] = {}
         self._pending: dict[int, dict[str, Any]] = {}
         self._index_errors = _IndexErrors()
 
@@ -186,26 +192,17 @@ class DGCState(HookState):
             ValueError: a malformed key, a density outside (0, 1], or a key naming a layer that a
                 bucket already seen does not compress.
         """
-        checked: dict[tuple[int, int], float] = {}
-        for key, value in (params or {}).items():
-            if (not isinstance(key, tuple) or len(key) != 2
-                    or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in key)):
-                raise ValueError(f"layer keys must be (bucket_index, position) pairs of non-negative ints, "
-                                 f"got {key!r}")
-            if (not isinstance(value, numbers.Real) or isinstance(value, bool)
-                    or not 0.0 < float(value) <= 1.0):
-                raise ValueError(f"density of layer {key} must be a number in (0, 1], got {value!r}")
-            bucket_index, position = int(key[0]), int(key[1])
-            plan = self._plans.get(bucket_index)
-            if plan is not None and position not in plan.positions:
-                raise ValueError(f"layer {key} is not compressed: bucket {bucket_index} compresses the "
+        checked = validated_layer_params(params, "density", _validated_density)
+        for key in checked:
+            plan = self._plans.get(key[0])
+            if plan is not None and key[1] not in plan.positions:
+                raise ValueError(f"layer {key} is not compressed: bucket {key[0]} compresses the "
                                  f"positions {plan.positions}")
-            checked[(bucket_index, position)] = float(value)
         self._layer_params = checked
         self._layer_version += 1
         agreement.settings_changed(self)
 
-    def _layer_counts(self, plan: _BucketPlan, bucket_index: int, step: int) -> Optional[tuple[int, ...]]:
+    def _layer_counts(self, plan: _DGCPlan, bucket_index: int, step: int) -> Optional[tuple[int, ...]]:
         """Elements kept per compressed layer at ``step``, or None when no layer of the bucket has its own
         density (then the whole bucket uses :meth:`density_at`, exactly as without overrides)."""
         if plan.layer_version != self._layer_version:
@@ -220,7 +217,7 @@ class DGCState(HookState):
         return tuple(ops.topk_count(n, default if d is None else d if warmup is None else max(warmup, d))
                      for (_, n), d in zip(plan.compressed, plan.layer_densities))
 
-    def _layer_table(self, plan: _BucketPlan, counts: tuple[int, ...],
+    def _layer_table(self, plan: _DGCPlan, counts: tuple[int, ...],
                      device: torch.device) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """The (offset, length, count) table for ``counts`` and, on CUDA, its CPU copy. Built once per
         setting; on CUDA the copy to the device is asynchronous (from pinned memory), so nothing waits."""
@@ -240,45 +237,32 @@ class DGCState(HookState):
         """This rank's state: configuration, iteration, per-layer densities, and u and v of every DDP
         bucket."""
         buckets = {i: {"signature": p.signature, **p.compressor.state_dict()} for i, p in self._plans.items()}
-        return {**{k: getattr(self, k) for k in self._CONFIG}, "value_dtype": str(self.value_dtype),
+        return {**self._config_state(), "value_dtype": str(self.value_dtype),
                 "layer_params": self.layer_params, "buckets": buckets}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict` (checkpoints without per-layer densities load with none)."""
-        for k in self._CONFIG:
-            setattr(self, k, state_dict[k])
+        self._load_config(state_dict)
         self.value_dtype = getattr(torch, state_dict["value_dtype"].replace("torch.", ""))
         self._plans.clear()
         self._pending = dict(state_dict.get("buckets", {}))
         self.set_layer_params(state_dict.get("layer_params"))
 
     _NOT_PICKLED = HookState._NOT_PICKLED + ("_index_errors",)  # pending device checks of this process
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.observer = None  # HookState does not pickle it
-        self.__dict__.setdefault("_layer_params", {})
-        self.__dict__.setdefault("_layer_version", 0)
-        self._index_errors = _IndexErrors()
+    # Pickles from before per-layer densities lack the first two; the index checks start empty.
+    _UNPICKLE_DEFAULTS = {"_layer_params": dict, "_layer_version": int, "_index_errors": _IndexErrors}
 
     # -- planning ----------------------------------------------------------------
-    def _plan(self, bucket: dist.GradBucket) -> _BucketPlan:
+    def _plan(self, bucket: dist.GradBucket) -> _DGCPlan:
         buffer = bucket.buffer()
         params = list(bucket.parameters())
-        signature = (buffer.numel(), buffer.dtype, tuple(tuple(p.shape) for p in params))
+        signature = bucket_signature(buffer, params)
         plan = self._plans.get(bucket.index())
         if plan is not None and plan.signature == signature:
             return plan
-        offsets, compressed, positions, dense, offset = [], [], [], [], 0
-        for position, p in enumerate(params):
-            n = p.numel()
-            offsets.append(offset)
-            if p.dim() > 1 and n >= self.min_numel:
-                compressed.append((offset, n))
-                positions.append(position)
-            elif n:
-                dense.append((offset, n))
-            offset += n
+        layers, dense = split_layers(params, self.min_numel)
+        offsets = list(itertools.accumulate((p.numel() for p in params[:-1]), initial=0)) if params else []
+        compressed = [(o, n) for _, o, n in layers]
         compressor = DGC(self.density, self.momentum, self.nesterov, self.clip_norm, self.momentum_masking,
                          self.exact, self.sample_ratio, self.seed)
         compressor.u = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
@@ -291,8 +275,8 @@ class DGCState(HookState):
             self._migrate(params, offsets, compressor)
         host_segments = ops.segment_table(compressed) if compressed else None
         segments = host_segments.to(buffer.device) if compressed else None
-        plan = _BucketPlan(signature, params, offsets, compressed, positions, dense, segments,
-                           host_segments if buffer.is_cuda else None, compressor)
+        plan = _DGCPlan(signature, layers, dense, params, offsets, compressor, segments,
+                        host_segments if buffer.is_cuda else None)
         self._plans[bucket.index()] = plan
         return plan
 
@@ -310,7 +294,7 @@ class DGCState(HookState):
                 compressor.u[o:o + n].copy_(plan.compressor.u[po:po + n])
                 compressor.v[o:o + n].copy_(plan.compressor.v[po:po + n])
 
-    def _count(self, plan: _BucketPlan, density: float) -> int:
+    def _count(self, plan: _DGCPlan, density: float) -> int:
         if density not in plan.counts:
             plan.counts[density] = sum(ops.topk_count(n, density) for _, n in plan.compressed)
         return plan.counts[density]
@@ -334,47 +318,7 @@ def _sync_free(buffer: torch.Tensor) -> bool:
     return buffer.is_cuda
 
 
-class _IndexErrors:
-    """Index checks of the sync-free path, read back without waiting for the device.
-
-    There, ``dgc_mask`` and ``densify`` write the first out-of-range position of their indices
-    into a device flag (-1: none) instead of raising, which would wait for the stream each step.
-    The flags are copied to pinned host memory without blocking, behind an event; each later
-    hook call raises the first error whose copy has completed (an event query: no wait).
-    """
-
-    def __init__(self) -> None:
-        self._pending: deque = deque()
-
-    def record(self, flags: torch.Tensor, checks: list[tuple[str, torch.Tensor, int, str]]) -> None:
-        """``flags[i]`` is the first bad position of ``checks[i] = (what, indices, numel, consequence)``."""
-        if flags.is_cuda:
-            host = torch.empty(flags.shape, dtype=flags.dtype, pin_memory=True)
-            host.copy_(flags, non_blocking=True)
-            event: Optional[torch.cuda.Event] = torch.cuda.Event()
-            event.record()
-        else:
-            host, event = flags, None
-        self._pending.append((host, event, checks))
-
-    def raise_ready(self, wait: bool = False) -> None:
-        """Raise the first recorded error whose flags have reached the host (all of them with ``wait``)."""
-        while self._pending:
-            host, event, checks = self._pending[0]
-            if event is not None:
-                if wait:
-                    event.synchronize()
-                elif not event.query():
-                    return
-            self._pending.popleft()
-            for position, (what, indices, numel, consequence) in zip(host.tolist(), checks):
-                if position >= 0:
-                    self._pending.clear()
-                    raise RuntimeError(f"pycomm dgc: {what} held index {int(indices.reshape(-1)[position])} at "
-                                       f"position {position}, outside [0, {numel}); {consequence}")
-
-
-def _sparse_step(state: DGCState, plan: _BucketPlan, bucket_index: int, buffer: torch.Tensor, density: float,
+def _sparse_step(state: DGCState, plan: _DGCPlan, bucket_index: int, buffer: torch.Tensor, density: float,
                  k: int, segments: torch.Tensor, host_segments: Optional[torch.Tensor], step: int,
                  world: int) -> bool:
     """The compressed layers' step with host checks (CPU). Returns whether it fell back: then the
@@ -388,7 +332,7 @@ def _sparse_step(state: DGCState, plan: _BucketPlan, bucket_index: int, buffer: 
         clip = state.clip_norm / math.sqrt(world) if state.clip_norm else None
         comp.compensate(buffer, plan.segments, clip_norm=clip)
         if state.observer is not None:
-            state.observer(bucket_index, comp.v, plan.layers)
+            state.observer(bucket_index, comp.v, list(plan.layers))
         values, indices = comp.select(density, segments, seed=mix_seed(state.seed, step, bucket_index),
                                       host_segments=host_segments)
     payload = _pack(values, indices, int(local_bad), state.value_dtype)
@@ -398,8 +342,7 @@ def _sparse_step(state: DGCState, plan: _BucketPlan, bucket_index: int, buffer: 
     value_bytes = k * state.value_dtype.itemsize
     flags = rows[:, value_bytes + 4 * k:].contiguous().view(torch.int32)
     if bool(flags.any()):
-        dist.all_reduce(buffer, group=group)
-        buffer.div_(world)
+        average_(buffer, group, world)
         return True
     comp.mask(indices)
     all_values = rows[:, :value_bytes].contiguous().view(state.value_dtype)
@@ -409,7 +352,7 @@ def _sparse_step(state: DGCState, plan: _BucketPlan, bucket_index: int, buffer: 
     return False
 
 
-def _sparse_step_sync_free(state: DGCState, plan: _BucketPlan, bucket_index: int, buffer: torch.Tensor,
+def _sparse_step_sync_free(state: DGCState, plan: _DGCPlan, bucket_index: int, buffer: torch.Tensor,
                            density: float, k: int, segments: torch.Tensor, host_segments: Optional[torch.Tensor],
                            step: int, world: int) -> torch.Tensor:
     """The compressed layers' step without reading a value on the host (CUDA).
@@ -426,7 +369,7 @@ def _sparse_step_sync_free(state: DGCState, plan: _BucketPlan, bucket_index: int
     clip = state.clip_norm / math.sqrt(world) if state.clip_norm else None
     comp.compensate(buffer, plan.segments, clip_norm=clip)
     if state.observer is not None:  # a non-finite step shows the observer the velocity it leaves: the old one
-        state.observer(bucket_index, torch.where(finite, comp.v, old_v), plan.layers)
+        state.observer(bucket_index, torch.where(finite, comp.v, old_v), list(plan.layers))
     values, indices = comp.select(density, segments, seed=mix_seed(state.seed, step, bucket_index),
                                   host_segments=host_segments)
     payload = _pack(values, indices, (~finite).to(torch.int32), state.value_dtype)
@@ -480,15 +423,13 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     group = state.process_group
     buffer = bucket.buffer()
     world = dist.get_world_size(group)
-    step = state.iter
-    if bucket.is_last():
-        state.iter += 1
+    step = advance_step(state, bucket)
     sync_free = _sync_free(buffer)
     state._index_errors.raise_ready()
     plan = state._plan(bucket)
-    comp = plan.compressor
 
-    small = torch.cat([buffer[o:o + k] for o, k in plan.dense]).float() if plan.dense else None
+    small = take_dense(buffer, plan.dense)
+    small = None if small is None else small.float()
     fallback: Union[bool, torch.Tensor] = False
     if plan.segments is not None:
         counts = state._layer_counts(plan, bucket.index(), step)
@@ -504,36 +445,35 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
         fallback = sparse_step(state, plan, bucket.index(), buffer, density, k, select_segments,
                                select_host_segments, step, world)
     if small is not None and fallback is not True:  # every rank agrees on fallback (it saw the same flags)
-        dist.all_reduce(small, group=group)
-        small.div_(world)
-        # A non-finite average (seen identically by every rank) passes through untouched, and so
-        # does the average of a step that fell back on the device (as the uncompressed one would).
-        update: Union[bool, torch.Tensor] = torch.isfinite(small).all()
-        if not sync_free:
-            update = bool(update)
-        elif isinstance(fallback, torch.Tensor):
-            update = update & ~fallback
-        start = 0
-        for o, k_ in plan.dense:
-            g = small[start:start + k_]
-            out = g
-            if update is not False:
-                u = comp.u[o:o + k_]
-                if state.nesterov:
-                    new_u = (u + g) * state.momentum
-                    out = new_u + g
-                else:
-                    new_u = u * state.momentum + g
-                    out = new_u
-                if update is not True:  # a device bool: select without waiting
-                    out = torch.where(update, out, g)
-                    new_u = torch.where(update, new_u, u)
-                u.copy_(new_u)
-            buffer[o:o + k_].copy_(out)
-            start += k_
+        allreduce_dense(buffer, plan.dense, small, group, world,
+                        transform=lambda average: _dense_momentum(state, plan, average, fallback, sync_free))
     elif plan.segments is None:
-        dist.all_reduce(buffer, group=group)
-        buffer.div_(world)
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(buffer)
-    return fut
+        average_(buffer, group, world)
+    return completed_future(buffer)
+
+
+def _dense_momentum(state: DGCState, plan: _DGCPlan, average: torch.Tensor, fallback: Union[bool, torch.Tensor],
+                    sync_free: bool) -> torch.Tensor:
+    """The dense layers' local momentum on their all-reduced ``average`` (concatenated): updates their
+    ``u`` and returns what the buffer receives."""
+    # A non-finite average (seen identically by every rank) passes through untouched, and so
+    # does the average of a step that fell back on the device (as the uncompressed one would).
+    update: Union[bool, torch.Tensor] = torch.isfinite(average).all()
+    if not sync_free:
+        update = bool(update)
+    elif isinstance(fallback, torch.Tensor):
+        update = update & ~fallback
+    if update is False:
+        return average
+    u = take_dense(plan.compressor.u, plan.dense)
+    if state.nesterov:
+        new_u = (u + average) * state.momentum
+        out = new_u + average
+    else:
+        new_u = u * state.momentum + average
+        out = new_u
+    if update is not True:  # a device bool: select without waiting
+        out = torch.where(update, out, average)
+        new_u = torch.where(update, new_u, u)
+    put_dense(plan.compressor.u, plan.dense, new_u)
+    return out

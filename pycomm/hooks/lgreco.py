@@ -14,7 +14,7 @@ from pycomm import layer_errors, lgreco
 from pycomm.distributed import mix_seed
 from pycomm.hooks import agreement
 from pycomm.hooks.dgc import DGCState, dgc_hook
-from pycomm.hooks.hook_state import HookState
+from pycomm.hooks.hook_state import HookState, Layer, LayerKey
 from pycomm.hooks.quantized_allreduce import QuantState, quantized_allreduce_hook
 
 __all__ = ["LGreCoState", "lgreco_hook", "QUANT_CANDIDATES", "density_grid"]
@@ -24,7 +24,6 @@ logger = logging.getLogger(__name__)
 #: Bit widths L-GreCo chooses from for the quantization family.
 QUANT_CANDIDATES = (2, 3, 4, 5, 6, 8)
 
-LayerKey = tuple[int, int]  # (DDP bucket index, position of the parameter in bucket.parameters())
 
 
 def density_grid(default: float, factors: Sequence[float] = (0.125, 0.25, 0.5, 1.0, 2.0, 4.0, 8.0)) -> tuple[float, ...]:
@@ -125,8 +124,8 @@ class LGreCoState(HookState):
         self.alpha = float(alpha)
         self.levels = int(levels)
         self.last_solve: Optional[dict[str, Any]] = None
-        # bucket index -> (float32 sum of the observed values, [(position, offset, length)])
-        self._accumulators: dict[int, tuple[torch.Tensor, list[tuple[int, int, int]]]] = {}
+        # bucket index -> (float32 sum of the observed values, its compressed layers)
+        self._accumulators: dict[int, tuple[torch.Tensor, list[Layer]]] = {}
 
     # The process group lives in the inner state; pickling drops it there.
     @property
@@ -137,10 +136,6 @@ class LGreCoState(HookState):
     def process_group(self, group: Optional[dist.ProcessGroup]) -> None:
         if "inner" in self.__dict__:
             self.inner.process_group = group
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__dict__.update(state)
-        self.inner.observer = None
 
     # -- what the hook exposes ------------------------------------------------
     @property
@@ -175,7 +170,7 @@ class LGreCoState(HookState):
         return step + 1 == self._next_solve_end(step)
 
     # -- accumulation -----------------------------------------------------------------
-    def _observe(self, bucket_index: int, values: torch.Tensor, layers: list[tuple[int, int, int]]) -> None:
+    def _observe(self, bucket_index: int, values: torch.Tensor, layers: list[Layer]) -> None:
         entry = self._accumulators.get(bucket_index)
         if entry is None or entry[0].numel() != values.numel() or entry[1] != layers:
             self._accumulators[bucket_index] = (values.detach().to(torch.float32, copy=True), list(layers))
@@ -262,15 +257,14 @@ class LGreCoState(HookState):
     # -- persistence ---------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: the inner state (residuals, per-layer choice), schedule and accumulators."""
-        return {**{k: getattr(self, k) for k in self._CONFIG}, "inner": self.inner.state_dict(),
+        return {**self._config_state(), "inner": self.inner.state_dict(),
                 "last_solve": self.last_solve,
                 "accumulators": {i: {"values": v, "layers": layers} for i, (v, layers) in self._accumulators.items()}}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         if state_dict["family"] != self.family:
             raise ValueError(f"checkpoint is for family {state_dict['family']!r}, this state is {self.family!r}")
-        for k in self._CONFIG:
-            setattr(self, k, state_dict[k])
+        self._load_config(state_dict)
         self.candidates = tuple(self.candidates)
         self.inner.load_state_dict(state_dict["inner"])
         self.last_solve = state_dict.get("last_solve")

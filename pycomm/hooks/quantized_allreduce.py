@@ -11,7 +11,8 @@ import torch.distributed as dist
 
 from pycomm import ops
 from pycomm.hooks import agreement
-from pycomm.hooks.hook_state import HookState
+from pycomm.hooks.hook_state import (BucketPlan, Dense, HookState, Layer, advance_step, allreduce_dense,
+                                     average_async, bucket_signature, split_layers, take_dense, validated_layer_params)
 from pycomm.distributed import chunk_layout, mix_seed, quantized_all_reduce
 
 __all__ = ["QuantState", "quantized_allreduce_hook"]
@@ -20,22 +21,25 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _BucketPlan:
+class _QuantPlan(BucketPlan):
     """How one DDP bucket is split between the quantized and the plain path."""
 
-    signature: tuple                         # the buffer's layout: (numel, dtype, parameter shapes)
-    table: Optional[torch.Tensor]            # bucket table over the compressed layers, or None
-    dense: list[tuple[int, int]]             # (offset, length) of layers all-reduced uncompressed
-    worker_residual: Optional[torch.Tensor]  # float32, numel of the bucket buffer
-    server_residual: Optional[torch.Tensor]  # float32, buckets_per_chunk * bucket_size
-    layers: list[tuple[int, int, int]]       # compressed layers: (position, offset, length)
+    table: Optional[torch.Tensor] = None            # bucket table over the compressed layers, or None
+    worker_residual: Optional[torch.Tensor] = None  # float32, numel of the bucket buffer
+    server_residual: Optional[torch.Tensor] = None  # float32, buckets_per_chunk * bucket_size
     layer_bits: tuple[int, ...] = ()         # bits of each compressed layer
     bits: int = 0                            # bits of the 2-column path; 0: `table` is mixed
     host_table: Optional[torch.Tensor] = None  # CPU copy of a mixed table (sizes payloads, no wait)
     params_version: int = 0                  # QuantState's layer-params version it was built for
 
 
-_Observer = Callable[[int, torch.Tensor, list[tuple[int, int, int]]], None]
+def _validated_bits(key: tuple[int, int], value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
+        raise ValueError(f"bits of layer {key} must be an integer in [1, 8], got {value!r}")
+    return int(value)
+
+
+_Observer = Callable[[int, torch.Tensor, list[Layer]], None]
 
 
 class QuantState(HookState):
@@ -98,7 +102,7 @@ class QuantState(HookState):
         self.observer: Optional[_Observer] = None
         self._layer_params: dict[tuple[int, int], int] = {}
         self._params_version = 0
-        self._plans: dict[int, _BucketPlan] = {}
+        self._plans: dict[int, _QuantPlan] = {}
         self._pending: dict[int, dict[str, Any]] = {}  # residuals loaded before their bucket is seen
 
     # -- per-layer bit widths ------------------------------------------------
@@ -123,26 +127,9 @@ class QuantState(HookState):
 
     @staticmethod
     def _validated_layer_params(params: Optional[dict]) -> dict[tuple[int, int], int]:
-        if params is None:
-            return {}
-        if not isinstance(params, dict):
-            raise ValueError(f"layer params must be a dict {{(bucket_index, position): bits}} or None, "
-                             f"got {type(params).__name__}")
-        out: dict[tuple[int, int], int] = {}
-        for key, value in params.items():
-            if (not isinstance(key, tuple) or len(key) != 2
-                    or not all(isinstance(k, int) and not isinstance(k, bool) and k >= 0 for k in key)):
-                raise ValueError(f"layer keys must be (bucket_index, position) pairs of non-negative ints, got {key!r}")
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
-                raise ValueError(f"bits of layer {key} must be an integer in [1, 8], got {value!r}")
-            out[(int(key[0]), int(key[1]))] = int(value)
-        return out
+        return validated_layer_params(params, "bits", _validated_bits)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.observer = None  # HookState does not pickle it
-        self.__dict__.setdefault("_layer_params", {})
-        self.__dict__.setdefault("_params_version", 0)
+    _UNPICKLE_DEFAULTS = {"_layer_params": dict, "_params_version": int}  # pickles from before per-layer bits
 
     # -- persistence -------------------------------------------------------
     _CONFIG = ("bits", "bucket_size", "stochastic", "error_feedback", "start_iter", "min_numel", "seed", "iter")
@@ -154,15 +141,14 @@ class QuantState(HookState):
                     "layer_bits": plan.layer_bits}
             for index, plan in self._plans.items()
         }
-        return {**{k: getattr(self, k) for k in self._CONFIG}, "residuals": residuals,
+        return {**self._config_state(), "residuals": residuals,
                 "layer_params": dict(self._layer_params)}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; residuals are matched to buckets when the hook next sees them.
 
         Checkpoints written before per-layer bits existed load too (no overrides)."""
-        for k in self._CONFIG:
-            setattr(self, k, state_dict[k])
+        self._load_config(state_dict)
         self._layer_params = self._validated_layer_params(state_dict.get("layer_params") or None)
         self._params_version += 1
         self._plans.clear()
@@ -170,7 +156,7 @@ class QuantState(HookState):
         agreement.settings_changed(self)
 
     # -- planning ------------------------------------------------------------
-    def _plan(self, bucket: dist.GradBucket) -> _BucketPlan:
+    def _plan(self, bucket: dist.GradBucket) -> _QuantPlan:
         buffer = bucket.buffer()
         index = bucket.index()
         plan = self._plans.get(index)
@@ -180,15 +166,8 @@ class QuantState(HookState):
                 if plan.signature[2] == tuple(tuple(p.shape) for p in bucket.parameters()):
                     return plan
         params = bucket.parameters()
-        signature = (buffer.numel(), buffer.dtype, tuple(tuple(p.shape) for p in params))
-        layers, dense, offset = [], [], 0
-        for position, p in enumerate(params):
-            n = p.numel()
-            if p.dim() > 1 and n >= self.min_numel:
-                layers.append((position, offset, n))
-            elif n:
-                dense.append((offset, n))
-            offset += n
+        signature = bucket_signature(buffer, params)
+        layers, dense = split_layers(params, self.min_numel)
         layer_bits = tuple(self._layer_params.get((index, position), self.bits) for position, _, _ in layers)
         if plan is not None and plan.signature == signature:
             if plan.layer_bits == layer_bits:
@@ -219,8 +198,8 @@ class QuantState(HookState):
         self._plans[index] = plan
         return plan
 
-    def _build_plan(self, bucket: dist.GradBucket, signature: tuple, layers: list[tuple[int, int, int]],
-                    dense: list[tuple[int, int]], layer_bits: tuple[int, ...]) -> _BucketPlan:
+    def _build_plan(self, bucket: dist.GradBucket, signature: tuple, layers: list[Layer], dense: list[Dense],
+                    layer_bits: tuple[int, ...]) -> _QuantPlan:
         buffer = bucket.buffer()
         world = dist.get_world_size(self.process_group)
         table, host_table, worker, server, bits = None, None, None, None, self.bits
@@ -240,14 +219,8 @@ class QuantState(HookState):
                 _, per_chunk = chunk_layout(buffer.numel(), self.bucket_size, world, table)
                 worker = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
                 server = torch.zeros(per_chunk * self.bucket_size, dtype=torch.float32, device=buffer.device)
-        return _BucketPlan(signature, table, dense, worker, server, layers, layer_bits, bits, host_table,
-                           self._params_version)
-
-
-def _allreduce_mean(tensor: torch.Tensor, group: Optional[dist.ProcessGroup]) -> torch.futures.Future:
-    world = dist.get_world_size(group)
-    fut = dist.all_reduce(tensor, group=group, async_op=True).get_future()
-    return fut.then(lambda f: f.value()[0].div_(world))
+        return _QuantPlan(signature, layers, dense, table=table, worker_residual=worker, server_residual=server,
+                          layer_bits=layer_bits, bits=bits, host_table=host_table, params_version=self._params_version)
 
 
 def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -261,14 +234,12 @@ def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torc
     agreement.check_settings(state, bucket, "quant")
     group = state.process_group
     buffer = bucket.buffer()
-    if bucket.is_last():
-        state.iter += 1
-    step = state.iter - (1 if bucket.is_last() else 0)
+    step = advance_step(state, bucket)
     if step < state.start_iter or buffer.dtype not in ops.SUPPORTED_DTYPES:
-        return _allreduce_mean(buffer, group)
+        return average_async(buffer, group)
     plan = state._plan(bucket)
     if plan.table is None:
-        return _allreduce_mean(buffer, group)
+        return average_async(buffer, group)
 
     world = dist.get_world_size(group)
     if state.observer is not None:
@@ -277,7 +248,7 @@ def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torc
         else:
             values = buffer.to(torch.float32, copy=True)
         state.observer(bucket.index(), values, list(plan.layers))
-    small = torch.cat([buffer[o:o + n] for o, n in plan.dense]) if plan.dense else None
+    small = take_dense(buffer, plan.dense)
     fut = quantized_all_reduce(
         buffer, bits=plan.bits if plan.bits else state.bits, bucket_size=state.bucket_size, op=dist.ReduceOp.AVG,
         group=group, async_op=True, stochastic=state.stochastic, seed=mix_seed(state.seed, step, bucket.index()),
@@ -286,16 +257,9 @@ def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torc
     if small is None:
         return fut
     # The small layers travel uncompressed, after the quantized part, and are copied back here,
-    # on the caller's stream, right after their divide; the future stays the collective's own.
-    # (In a `fut.then` callback the copy would run on a stream that waits for the all-gather only,
-    # not for this all-reduce and divide, and `small` would be freed without record_stream.)
+    # on the caller's stream (see allreduce_dense); the future stays the collective's own.
     # The decode writes only the table's elements, never these, so the two cannot race. On CPU,
     # where an overflow makes quantized_all_reduce reduce the whole buffer uncompressed before it
     # returns, these values are written after it and win, as the same average.
-    dist.all_reduce(small, group=group)
-    small.div_(world)
-    start = 0
-    for o, n in plan.dense:
-        buffer[o:o + n].copy_(small[start:start + n])
-        start += n
+    allreduce_dense(buffer, plan.dense, small, group, world)
     return fut

@@ -9,7 +9,7 @@ import torch.distributed as dist
 
 from pycomm import ops
 from pycomm.hooks import agreement
-from pycomm.hooks.hook_state import HookState
+from pycomm.hooks.hook_state import HookState, advance_step, average_, completed_future
 from pycomm.codec import NONFINITE_CODE, LogByteCodec
 from pycomm.distributed import all_gather_into_tensor, mix_seed
 
@@ -77,21 +77,22 @@ class ProjectionState(HookState):
         self.iter = 0
         self.residuals: dict[int, torch.Tensor] = {}
 
+    _CONFIG = ("iter", "seed")
+
     def state_dict(self) -> dict[str, Any]:
         """This rank's iteration and residuals (checkpoint per rank)."""
-        return {"iter": self.iter, "seed": self.seed, "residuals": dict(self.residuals)}
+        return {**self._config_state(), "residuals": dict(self.residuals)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore :meth:`state_dict`; a checkpoint of another state (e.g. a ``QuantState``'s) raises
         ``ValueError`` instead of failing later inside the hook."""
         residuals = state.get("residuals") if isinstance(state, dict) else None
-        if (not isinstance(residuals, dict) or not {"iter", "seed"} <= set(state)
+        if (not isinstance(residuals, dict) or not set(self._CONFIG) <= set(state)
                 or not all(isinstance(r, torch.Tensor) for r in residuals.values())):
             keys = sorted(state) if isinstance(state, dict) else type(state).__name__
             raise ValueError("not a ProjectionState checkpoint: expected 'iter', 'seed' and 'residuals' "
                              f"(bucket index -> tensor), got {keys}")
-        self.iter = state["iter"]
-        self.seed = state["seed"]
+        self._load_config(state)
         self.residuals = dict(state["residuals"])
         agreement.settings_changed(self)
 
@@ -120,9 +121,7 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     group = state.process_group
     buffer = bucket.buffer()
     world = dist.get_world_size(group)
-    step = state.iter
-    if bucket.is_last():
-        state.iter += 1
+    step = advance_step(state, bucket)
     n = buffer.numel()
     x = buffer.float()
     residual = None
@@ -140,11 +139,7 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     if not buffer.is_cuda and bool((gathered == NONFINITE_CODE).any()):
         # A rank's bucket held NaN/Inf (every rank sees its marker byte): all-reduce this bucket
         # uncompressed so the exact overflow reaches AMP's GradScaler; residuals stay as they were.
-        dist.all_reduce(buffer, group=group)
-        buffer.div_(world)
-        fut_overflow: torch.futures.Future = torch.futures.Future()
-        fut_overflow.set_result(buffer)
-        return fut_overflow
+        return completed_future(average_(buffer, group, world))
     # On CUDA, where that check would wait for the device, the marker decodes as NaN and the
     # rebuilt bucket is NaN on every rank, which GradScaler detects just the same.
     decoded = state.codec.decode(gathered).view(world, state.num_directions)
@@ -156,6 +151,4 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     out = torch.zeros(n, dtype=torch.float32, device=buffer.device)
     ops.philox_axpy_multi_([out], seeds, _rank_sum(decoded) / world, state.distribution)
     buffer.copy_(out)
-    fut: torch.futures.Future = torch.futures.Future()
-    fut.set_result(buffer)
-    return fut
+    return completed_future(buffer)
