@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import ast
-import fnmatch
 import os
 import subprocess
 import sys
@@ -14,11 +13,6 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "pycomm"
 APP = PACKAGE / "bench"
 MAX_LINES = 500
-
-# Temporary allowance: other work in progress splits these modules (ops into a package, the hooks onto a
-# shared spine). Remove an entry as soon as its split lands; the rule itself applies to everything else.
-LINE_LIMIT_PENDING = ("ops.py", "hooks/*.py")
-
 
 def _modules() -> list[Path]:
     return sorted(p for p in PACKAGE.rglob("*.py") if "__pycache__" not in p.parts)
@@ -98,15 +92,8 @@ def test_import_pycomm_does_not_load_the_application():
     assert "'pycomm.bench.cli'" in done.stdout
 
 
-def _pending(path: Path) -> bool:
-    relative = path.relative_to(PACKAGE).as_posix()
-    return any(fnmatch.fnmatchcase(relative, pattern) for pattern in LINE_LIMIT_PENDING)
-
-
 @pytest.mark.parametrize("path", _modules(), ids=lambda p: str(p.relative_to(PACKAGE)))
 def test_module_is_short(path):
-    if _pending(path):
-        pytest.skip(f"temporary allowance: {path.relative_to(PACKAGE)} is being split (LINE_LIMIT_PENDING)")
     with open(path, encoding="utf-8") as fh:
         lines = sum(1 for _ in fh)
     assert lines < MAX_LINES, f"{path.relative_to(PACKAGE)} has {lines} lines; split it below {MAX_LINES}"
