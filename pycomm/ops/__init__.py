@@ -54,29 +54,6 @@ from pycomm.ops.quantization import (
     quantize_with_error_feedback,
 )
 
-__all__ = [
-    "QuantizedTensor",
-    "quantize",
-    "quantize_with_error_feedback",
-    "dequantize",
-    "dequantize_sum",
-    "record_bytes",
-    "num_buckets",
-    "bucket_table",
-    "mixed_payload_bytes",
-    "SUPPORTED_DTYPES",
-    "segment_table",
-    "topk_count",
-    "topk",
-    "densify",
-    "dgc_compensate",
-    "dgc_mask",
-    "PHILOX_DISTRIBUTIONS",
-    "philox_normal",
-    "philox_rademacher",
-    "philox_axpy_",
-    "philox_perturbed_copy",
-    "philox_dot",
-    "philox_axpy_multi_",
-    "philox_dot_multi",
-]
+from pycomm.ops import dgc as _dgc, layouts as _layouts, philox as _philox, quantization as _quantization
+
+__all__ = [*_quantization.__all__, *_layouts.__all__, "SUPPORTED_DTYPES", *_dgc.__all__, *_philox.__all__]
