@@ -160,17 +160,6 @@ def test_dgc_compressor_matches_reference_algorithm():
     assert_follows_reference_dgc(dgc, n, m, steps=5, compress=dgc.compress, select=lambda v: reference_topk(v, k))
 
 
-def test_opcheck():
-    x = torch.randn(5000)
-    torch.library.opcheck(torch.ops.pycomm.topk_magnitude.default, (x, None, 0.01, False, 0.01, 0))
-    torch.library.opcheck(torch.ops.pycomm.densify.default,
-                          (torch.randn(2, 5), torch.randint(0, 100, (2, 5), dtype=torch.int32), 100))
-    torch.library.opcheck(torch.ops.pycomm.dgc_compensate.default,
-                          (x, torch.zeros(5000), torch.zeros(5000), None, 0.9, False, 0.0))
-    torch.library.opcheck(torch.ops.pycomm.dgc_mask.default,
-                          (torch.randn(100), torch.randn(100), torch.tensor([1, 2], dtype=torch.int32)))
-
-
 # ---- per-segment counts: a third column (offset, length, count) -------------------------
 
 def stable_reference_topk(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -278,12 +267,6 @@ def test_dgc_compressor_with_per_segment_counts_matches_reference():
                                  select=select)
 
 
-def test_opcheck_with_count_table():
-    x = torch.randn(5000)
-    table = ops.segment_table([(0, 3000), (3000, 2000)], counts=[7, 0])
-    torch.library.opcheck(torch.ops.pycomm.topk_magnitude.default, (x, table, 0.01, False, 0.01, 0))
-
-
 # ---- first_bad: index errors recorded on the device instead of raised (no host wait) ----------
 
 def test_first_bad_records_instead_of_raising():
@@ -320,9 +303,3 @@ def test_first_bad_is_validated():
         torch.ops.pycomm.dgc_mask(torch.ones(4), None, idx, torch.zeros(3, dtype=torch.int64))
 
 
-def test_opcheck_with_first_bad():
-    flag = torch.zeros(1, dtype=torch.int64)
-    torch.library.opcheck(torch.ops.pycomm.densify.default,
-                          (torch.randn(2, 5), torch.randint(0, 100, (2, 5), dtype=torch.int32), 100, flag))
-    torch.library.opcheck(torch.ops.pycomm.dgc_mask.default,
-                          (torch.randn(100), torch.randn(100), torch.tensor([1, 2], dtype=torch.int32), flag))

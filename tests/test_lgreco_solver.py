@@ -310,13 +310,11 @@ def test_large_instance_sanity():
             assert sol.size <= default_size
 
 
-def test_op_and_opcheck():
+def test_op():  # opcheck: tests/test_opcheck.py
     errors = torch.tensor([[0.0, 1.0, 3.0], [0.5, 2.0, 4.0]], dtype=torch.float64)
     sizes = torch.tensor([[30.0, 20.0, 10.0], [60.0, 40.0, 20.0]], dtype=torch.float64)
     choice, feasible = torch.ops.pycomm.lgreco_solve(errors, sizes, 4.0, 1024)
     assert choice.dtype == torch.int64 and choice.tolist() == [0, 2] and feasible.dtype == torch.bool and feasible
-    torch.library.opcheck(torch.ops.pycomm.lgreco_solve.default, (errors, sizes, 4.0, 10000))
-    torch.library.opcheck(torch.ops.pycomm.lgreco_solve.default, (errors, sizes, 0.1, 100))  # infeasible
     with pytest.raises(ValueError, match="float64"):
         torch.ops.pycomm.lgreco_solve(errors.float(), sizes.float(), 4.0, 10)
 

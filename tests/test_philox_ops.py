@@ -599,17 +599,6 @@ def test_bad_arguments_raise_in_the_ops():
 
 # ---- torch.compile / fake tensors --------------------------------------------------------
 
-def test_opcheck():
-    xs = params([100, 7], seed=12)
-    torch.library.opcheck(Q.philox_variates.default, (torch.empty(0), 50, 1, 3, 0))
-    torch.library.opcheck(Q.philox_axpy_.default, ([x.clone() for x in xs], 1, 0.5, 0, 0))
-    torch.library.opcheck(Q.philox_perturbed_copy.default, (xs, 1, 0.5, 1, 2))
-    torch.library.opcheck(Q.philox_dot.default, (xs, 1, 0, 2))
-    torch.library.opcheck(Q.philox_axpy_multi_.default,
-                          ([x.clone() for x in xs], [1, -2, 3], torch.tensor([0.5, 0.0, -1.0]), 1, 4))
-    torch.library.opcheck(Q.philox_dot_multi.default, (xs, [1, 2, 2**40], 0, 2))
-
-
 def test_fake_shapes():
     from torch._subclasses.fake_tensor import FakeTensorMode
     with FakeTensorMode():

@@ -180,16 +180,6 @@ def test_bad_inputs_raise_clear_errors():
         torch.ops.pycomm.dequantize_sum(torch.zeros(2, 2, 40), None, None, 0, 4, 64)
 
 
-def test_opcheck():
-    x = torch.randn(1000)
-    residual = torch.zeros(1000)
-    torch.library.opcheck(torch.ops.pycomm.quantize.default, (x, residual, None, -1, 4, 512, False, 0, 0, 0))
-    payload = torch.ops.pycomm.quantize(x, None, None, -1, 4, 512, False, 0, 0, 0)
-    torch.library.opcheck(torch.ops.pycomm.dequantize_into.default, (payload, torch.empty(1000), None, 4, 512))
-    torch.library.opcheck(torch.ops.pycomm.dequantize_sum.default,
-                          (torch.stack([payload, payload]), x, None, 0, 4, 512))
-
-
 def test_compression_ratio():
     q = ops.quantize(torch.randn(1 << 20), bits=4, bucket_size=512)
     assert (1 << 20) * 4 / q.nbytes == pytest.approx(32 * 512 / (4 * 512 + 64))
@@ -435,13 +425,3 @@ def test_mixed_bad_tables_are_rejected():
         ops.bucket_table([(0, 10)], 8, bits=[9])
 
 
-def test_mixed_opcheck():
-    table = ops.bucket_table([(0, 100), (100, 300)], 64, pad_to_multiple=2, bits=[3, 6])
-    x = torch.randn(400)
-    residual = torch.zeros(400)
-    torch.library.opcheck(Q.quantize.default, (x, residual, table, -1, 0, 64, True, 0, 0, 0),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
-    payload = Q.quantize(x, None, table, -1, 0, 64, True, 0, 0, 0)
-    torch.library.opcheck(Q.dequantize_into.default, (payload, torch.empty(400), table, 0, 64))
-    torch.library.opcheck(Q.dequantize_sum.default, (torch.stack([payload, payload]), x, table, 0, 0, 64),
-                          test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
