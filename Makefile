@@ -18,9 +18,9 @@ PY_CUDA := $(VENV_CUDA)/bin/python
 CUDA_ARCHS ?= 8.0;9.0
 # The CPU tests that also run against the CUDA build (every op family's kernels, the compressed
 # collective and the CPU-vs-reference checks); the whole suite runs in `make test`.
-CUDA_BUILD_TESTS ?= tests/test_kernels.py tests/test_quantize_ops.py tests/test_dgc_ops.py \
-	tests/test_philox_ops.py tests/test_codec.py tests/test_lgreco_solver.py tests/test_layer_errors.py \
-	tests/test_quantized_all_reduce.py
+CUDA_BUILD_TESTS ?= tests/ops/test_kernels.py tests/ops/test_quantize_ops.py tests/ops/test_dgc_ops.py \
+	tests/ops/test_philox_ops.py tests/ops/test_codec.py tests/ops/test_lgreco_solver.py tests/ops/test_layer_errors.py \
+	tests/ops/test_opcheck.py tests/collectives/test_quantized_all_reduce.py
 
 .PHONY: all demo test bench cuda-check cuda-build gpu-check clean
 

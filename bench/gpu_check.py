@@ -21,8 +21,8 @@ its output goes to ``DIR/<stage>.log``, and each runs even when an earlier one f
    files that import ``cuda_support``, filtered by ``bench/cuda_only_plugin.py``) except the
    multi-process training tests: CPU/CUDA bit identity of every op, and the no-host-sync checks
    under ``torch.cuda.set_sync_debug_mode("error")`` (ops and every hook,
-   ``tests/test_hooks_cuda.py``).
-5. ``hooks-one-gpu``: ``tests/test_hooks_cuda.py -k on_one_gpu``: each method trains a small
+   ``tests/hooks/test_hooks_cuda.py``).
+5. ``hooks-one-gpu``: ``tests/hooks/test_hooks_cuda.py -k on_one_gpu``: each method trains a small
    model at W = 2 and 4, every rank a process on ``cuda:0``, over Gloo (NCCL cannot put two
    ranks on one GPU; that file's docstring says what Gloo takes and what this cannot catch).
    Rank 0's losses land in ``DIR/hooks_training.json``.
@@ -66,8 +66,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_BUDGET_S = 480.0
 MIN_STAGE_S = 5.0  # a stage with less time left than this is skipped, not started
 TRAINING_TESTS = "on_one_gpu"  # -k expression of test_hooks_cuda.py's multi-process tests
-EXPLICIT_CUDA_TEST_FILES = ("tests/test_cuda_ops.py", "tests/test_dgc_cuda.py", "tests/test_philox_cuda.py",
-                            "tests/test_codec.py")
+EXPLICIT_CUDA_TEST_FILES = ("tests/ops/test_cuda_ops.py", "tests/ops/test_dgc_cuda.py", "tests/ops/test_philox_cuda.py",
+                            "tests/ops/test_codec.py")
 
 OK, FAILED, TIMEOUT, SKIPPED = "ok", "failed", "timeout", "skipped"
 NOT_SELECTED = "not selected (--stages)"
@@ -261,11 +261,12 @@ def cuda_test_files(root: str) -> list[str]:
     """The explicit CUDA test files plus every test file that imports ``cuda_support``."""
     files = list(EXPLICIT_CUDA_TEST_FILES)
     tests = os.path.join(root, "tests")
-    for name in sorted(os.listdir(tests)) if os.path.isdir(tests) else []:
-        if name.startswith("test_") and name.endswith(".py"):
-            with open(os.path.join(tests, name), errors="replace") as f:
-                if re.search(r"^\s*(from cuda_support import|import cuda_support)", f.read(), re.MULTILINE):
-                    files.append(f"tests/{name}")
+    for folder, _, names in sorted(os.walk(tests)):  # tests/ mirrors the package: ops/, hooks/, ...
+        for name in sorted(names):
+            if name.startswith("test_") and name.endswith(".py"):
+                with open(os.path.join(folder, name), errors="replace") as f:
+                    if re.search(r"^\s*(from cuda_support import|import cuda_support)", f.read(), re.MULTILINE):
+                        files.append(os.path.relpath(os.path.join(folder, name), root).replace(os.sep, "/"))
     return [f for f in dict.fromkeys(files) if os.path.exists(os.path.join(root, f))]
 
 
@@ -335,7 +336,7 @@ def stage_hooks(ctx: Context, timeout_s: float) -> tuple:
     record = os.path.join(ctx.out_dir, "hooks_training.json")
     if os.path.exists(record):
         os.remove(record)
-    status, reason, details = pytest_stage(ctx, "hooks-one-gpu", ["tests/test_hooks_cuda.py", "-k", TRAINING_TESTS],
+    status, reason, details = pytest_stage(ctx, "hooks-one-gpu", ["tests/hooks/test_hooks_cuda.py", "-k", TRAINING_TESTS],
                                            timeout_s, PYCOMM_GPU_CHECK_OUT=os.path.abspath(ctx.out_dir))
     if os.path.exists(record):
         with open(record) as f:

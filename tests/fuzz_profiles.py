@@ -1,11 +1,11 @@
-"""Hypothesis profiles of the fuzz tests (tests/test_fuzz_*.py).
+"""Hypothesis profiles of the fuzz tests (tests/ops/test_fuzz_*.py).
 
 ``pycomm-ci`` (loaded by conftest.py, so the default): about 60 examples per test and no
 deadline, so the whole fuzz suite stays well under a minute on a 2-core CI machine. No example
 database is written, so a run leaves no files behind.
 
 ``long``: thousands of examples per test, for a deliberate search:
-``pytest tests/test_fuzz_*.py --hypothesis-profile=long``.
+``pytest tests/ops/test_fuzz_*.py --hypothesis-profile=long``.
 """
 
 from __future__ import annotations

@@ -10,7 +10,7 @@ indexed elements of v (and u), which are views into canary-filled tensors whose 
 survive, and writes nothing at all when it raises.
 
 Profiles (tests/fuzz_profiles.py): by default ``pycomm-ci``, about 60 examples per test, no
-deadline; ``pytest tests/test_fuzz_dgc.py --hypothesis-profile=long`` runs thousands.
+deadline; ``pytest tests/ops/test_fuzz_dgc.py --hypothesis-profile=long`` runs thousands.
 """
 
 from __future__ import annotations

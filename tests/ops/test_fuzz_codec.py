@@ -7,7 +7,7 @@ finite, and codes given as views into larger tensors (non-contiguous, any shape,
 element for element; codes of another dtype raise ValueError.
 
 Profiles (tests/fuzz_profiles.py): by default ``pycomm-ci``, about 60 examples per test, no
-deadline; ``pytest tests/test_fuzz_codec.py --hypothesis-profile=long`` runs thousands.
+deadline; ``pytest tests/ops/test_fuzz_codec.py --hypothesis-profile=long`` runs thousands.
 """
 
 from __future__ import annotations

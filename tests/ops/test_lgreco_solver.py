@@ -310,7 +310,7 @@ def test_large_instance_sanity():
             assert sol.size <= default_size
 
 
-def test_op():  # opcheck: tests/test_opcheck.py
+def test_op():  # opcheck: tests/ops/test_opcheck.py
     errors = torch.tensor([[0.0, 1.0, 3.0], [0.5, 2.0, 4.0]], dtype=torch.float64)
     sizes = torch.tensor([[30.0, 20.0, 10.0], [60.0, 40.0, 20.0]], dtype=torch.float64)
     choice, feasible = torch.ops.pycomm.lgreco_solve(errors, sizes, 4.0, 1024)

@@ -6,7 +6,7 @@ import re
 
 import pycomm
 
-ROOT = pathlib.Path(__file__).resolve().parents[1]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 PACKAGE = ROOT / "pycomm"
 PUBLIC = {
     "QuantizedTensor", "quantize", "quantize_with_error_feedback", "dequantize", "dequantize_sum", "record_bytes",

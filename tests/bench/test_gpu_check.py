@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def _load(name, path):
@@ -250,7 +250,8 @@ def test_pytest_stage_with_every_test_skipped_fails(tmp_path):
 def test_cuda_test_files_include_every_file_using_cuda_support():
     files = gc.cuda_test_files(ROOT)
     assert files[:4] == list(gc.EXPLICIT_CUDA_TEST_FILES)
-    assert "tests/test_hooks_cuda.py" in files and "tests/test_gpu_check.py" not in files
+    assert "tests/hooks/test_hooks_cuda.py" in files and "tests/bench/test_gpu_check.py" not in files
+    assert "tests/ops/test_cuda_ops.py" in files
 
 
 def test_benchmark_stage_reports_ratios(tmp_path):

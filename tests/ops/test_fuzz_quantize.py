@@ -13,7 +13,7 @@ that it touches no memory it should not:
   canaries are compared bit for bit afterwards (on a raise, nothing at all may have changed).
 
 Profiles (tests/fuzz_profiles.py): by default ``pycomm-ci``, about 60 examples per test, no
-deadline; ``pytest tests/test_fuzz_quantize.py --hypothesis-profile=long`` runs thousands.
+deadline; ``pytest tests/ops/test_fuzz_quantize.py --hypothesis-profile=long`` runs thousands.
 """
 
 from __future__ import annotations
