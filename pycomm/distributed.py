@@ -31,7 +31,8 @@ import torch
 import torch.distributed as dist
 
 from pycomm import ops
-from pycomm.ops.quantization import _dequantize_records_into, _dequantize_sum_records, _quantize_records
+from pycomm.ops.quantization import dequantize_records_into, dequantize_sum_records, quantize_records
+from pycomm.ops.validation import check_bits_bucket, check_float_tensor
 
 __all__ = ["quantized_all_reduce", "mix_seed", "chunk_layout", "mixed_chunk_bytes"]
 
@@ -164,8 +165,8 @@ def quantized_all_reduce(
     """
     if op not in (dist.ReduceOp.SUM, dist.ReduceOp.AVG):
         raise ValueError(f"op must be ReduceOp.SUM or ReduceOp.AVG, got {op}")
-    ops._check_float(tensor, "tensor")
-    ops._check_bits_bucket(bits, bucket_size)
+    check_float_tensor(tensor, "tensor")
+    check_bits_bucket(bits, bucket_size)
     if not tensor.is_contiguous():
         raise ValueError("tensor must be contiguous (it is reduced in place)")
     world = dist.get_world_size(group)
@@ -198,12 +199,12 @@ def quantized_all_reduce(
 
     # Phase 1: quantize the peers' chunks (ours is written as zero records and
     # kept in full precision), exchange, and reduce our chunk.
-    send = _quantize_records(flat, bits=bits, bucket_size=bucket_size, stochastic=stochastic,
+    send = quantize_records(flat, bits=bits, bucket_size=bucket_size, stochastic=stochastic,
                              seed=mix_seed(seed, rank, 1), residual=worker_residual, bucket_table=bucket_table,
                              num_buckets=total, skip_begin=first, skip_end=first + per_chunk, host_table=host)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
-    reduced = _dequantize_sum_records(recv.view(world, per_chunk, -1) if not mixed else recv.view(world, -1),
+    reduced = dequantize_sum_records(recv.view(world, per_chunk, -1) if not mixed else recv.view(world, -1),
                                       bits=bits, bucket_size=bucket_size, init=flat, bucket_table=bucket_table,
                                       init_bucket_begin=first, host_table=host)
     if op == dist.ReduceOp.AVG:
@@ -211,16 +212,16 @@ def quantized_all_reduce(
 
     # Phase 2: re-quantize the reduced chunk once and gather every chunk.
     if mixed:
-        own = _quantize_records(reduced, bits=0, bucket_size=bucket_size, stochastic=stochastic,
+        own = quantize_records(reduced, bits=0, bucket_size=bucket_size, stochastic=stochastic,
                                 seed=mix_seed(seed, rank, 2), residual=server_residual, bucket_table=bucket_table,
                                 num_buckets=per_chunk, host_table=host, chunk_row_begin=first)
     else:
-        own = _quantize_records(reduced, bits=bits, bucket_size=bucket_size, stochastic=stochastic,
+        own = quantize_records(reduced, bits=bits, bucket_size=bucket_size, stochastic=stochastic,
                                 seed=mix_seed(seed, rank, 2), residual=server_residual, num_buckets=per_chunk)
     gathered = torch.empty_like(send)
 
     def decode(_: object = None) -> torch.Tensor:
-        _dequantize_records_into(gathered, flat, bits=bits, bucket_size=bucket_size, bucket_table=bucket_table,
+        dequantize_records_into(gathered, flat, bits=bits, bucket_size=bucket_size, bucket_table=bucket_table,
                                  host_table=host)
         return tensor
 

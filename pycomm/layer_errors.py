@@ -24,7 +24,7 @@ from typing import Sequence
 import torch
 
 from pycomm import ops
-from pycomm.ops.quantization import _dequantize_records_into, _quantize_records
+from pycomm.ops.quantization import dequantize_records_into, quantize_records
 
 __all__ = ["quantization_errors", "quantization_sizes", "topk_errors", "topk_sizes", "INDEX_BYTES"]
 
@@ -71,10 +71,10 @@ def quantization_errors(values: torch.Tensor, layers: Sequence[tuple[int, int]],
         return out
     table = ops.bucket_table(layers, bucket_size, device=values.device)
     for column, b in enumerate(bits):
-        payload = _quantize_records(values, bits=int(b), bucket_size=bucket_size, stochastic=stochastic, seed=seed,
+        payload = quantize_records(values, bits=int(b), bucket_size=bucket_size, stochastic=stochastic, seed=seed,
                                     bucket_table=table, num_buckets=table.shape[0])
         decoded = values.clone()  # elements outside the table keep their value: zero error there
-        _dequantize_records_into(payload, decoded, bits=int(b), bucket_size=bucket_size, bucket_table=table)
+        dequantize_records_into(payload, decoded, bits=int(b), bucket_size=bucket_size, bucket_table=table)
         out[:, column] = _per_layer_norms((decoded.double() - values.double()).square(), layers)
     return out
 

@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 
 from pycomm import ops
+from pycomm.ops.philox import philox_distribution_code
 from pycomm.codec import LogByteCodec
 from pycomm.distributed import all_gather_into_tensor, mix_seed
 
@@ -67,7 +68,7 @@ class SPSA:
                  distribution: str = "gaussian", codec: LogByteCodec = LogByteCodec()) -> None:
         if lr <= 0 or eps <= 0:
             raise ValueError(f"lr and eps must be positive, got lr={lr}, eps={eps}")
-        ops._philox_distribution(distribution)  # validates
+        philox_distribution_code(distribution)  # validates
         self.model = params_or_model if isinstance(params_or_model, torch.nn.Module) else None
         source = self.model.parameters() if self.model is not None else params_or_model
         self.params: list[torch.Tensor] = []

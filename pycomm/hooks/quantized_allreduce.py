@@ -10,6 +10,7 @@ import torch
 import torch.distributed as dist
 
 from pycomm import ops
+from pycomm.ops.validation import check_bits_bucket
 from pycomm.hooks import agreement
 from pycomm.hooks.hook_state import (BucketPlan, Dense, HookState, Layer, advance_step, allreduce_dense,
                                      average_async, bucket_signature, split_layers, take_dense, validated_layer_params)
@@ -87,7 +88,7 @@ class QuantState(HookState):
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, bits: int = 4, bucket_size: int = 512,
                  stochastic: bool = True, error_feedback: bool = True, start_iter: int = 2, min_numel: int = 1024,
                  seed: int = 0) -> None:
-        ops._check_bits_bucket(bits, bucket_size)
+        check_bits_bucket(bits, bucket_size)
         if start_iter < 0 or min_numel < 0:
             raise ValueError(f"start_iter and min_numel must be >= 0, got {start_iter} and {min_numel}")
         self.process_group = process_group

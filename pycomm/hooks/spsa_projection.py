@@ -8,6 +8,7 @@ import torch
 import torch.distributed as dist
 
 from pycomm import ops
+from pycomm.ops.philox import philox_distribution_code
 from pycomm.hooks import agreement
 from pycomm.hooks.hook_state import HookState, advance_step, average_, completed_future
 from pycomm.codec import NONFINITE_CODE, LogByteCodec
@@ -67,7 +68,7 @@ class ProjectionState(HookState):
                  codec: LogByteCodec = LogByteCodec(1e-7, 10.0), seed: int = 0) -> None:
         if num_directions < 1:
             raise ValueError(f"num_directions must be >= 1, got {num_directions}")
-        ops._philox_distribution(distribution)  # validates
+        philox_distribution_code(distribution)  # validates
         self.process_group = process_group
         self.num_directions = num_directions
         self.error_feedback = error_feedback

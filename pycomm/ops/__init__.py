@@ -30,14 +30,12 @@ Example::
     print(q.nbytes, x.numel() * 4)                 # 5280 vs 40000 bytes
 """
 
-from pycomm.ops._checks import HEADER_BYTES, MAX_BUCKET_SIZE, SUPPORTED_DTYPES  # noqa: F401  (constants of the format)
-from pycomm.ops._checks import _check_bits_bucket, _check_float  # noqa: F401  (used by pycomm.distributed, hooks)
+from pycomm.ops.validation import HEADER_BYTES, MAX_BUCKET_SIZE, SUPPORTED_DTYPES  # noqa: F401  (constants of the format)
 from pycomm.ops.dgc import densify, dgc_compensate, dgc_mask, topk, topk_count
 from pycomm.ops.layouts import bucket_table, mixed_payload_bytes, num_buckets, record_bytes, segment_table
 from pycomm.ops import lgreco_solver  # noqa: F401  (registers the solver's fake; its API is pycomm.lgreco)
 from pycomm.ops.philox import (
     PHILOX_DISTRIBUTIONS,
-    _philox_distribution,  # noqa: F401  (used by pycomm.zo and the projection hook)
     philox_axpy_,
     philox_axpy_multi_,
     philox_dot,

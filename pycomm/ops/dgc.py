@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 
 from pycomm import _C  # noqa: F401  (loads the library that registers torch.ops.pycomm)
-from pycomm.ops._checks import _check_float
+from pycomm.ops.validation import check_float_tensor
 
 __all__ = ["topk_count", "topk", "densify", "dgc_compensate", "dgc_mask"]
 
@@ -51,7 +51,7 @@ def topk(x: torch.Tensor, density: float, exact: bool = False, sample_ratio: flo
         ``(values, indices)``: values in ``x``'s dtype, flat indices (int32 when they fit),
         ascending within each segment. Ties in magnitude go to the lower index; NaN ranks first.
     """
-    _check_float(x, "x")
+    check_float_tensor(x, "x")
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if not 0.0 < sample_ratio <= 1.0:
@@ -91,7 +91,7 @@ def densify(values: torch.Tensor, indices: torch.Tensor, numel: int,
     CUDA, nothing waits: it receives the position of the first index out of range, or -1, and a
     bad index gives all zeros. Read it later (e.g. copied to the host without blocking).
     """
-    _check_float(values, "values")
+    check_float_tensor(values, "values")
     if indices.dtype not in (torch.int32, torch.int64):
         raise ValueError(f"indices must be int32 or int64, got {indices.dtype}")
     if values.shape != indices.shape:
@@ -114,7 +114,7 @@ def dgc_compensate(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor, momentu
     ``u`` and ``v`` are float32 with as many elements as ``grad``. With ``clip_norm > 0`` each
     segment's gradient is first scaled to L2 norm at most ``clip_norm``.
     """
-    _check_float(grad, "grad")
+    check_float_tensor(grad, "grad")
     torch.ops.pycomm.dgc_compensate(grad.reshape(-1), u, v, segments, float(momentum), bool(nesterov),
                                     float(clip_norm))
 

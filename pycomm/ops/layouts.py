@@ -8,14 +8,14 @@ from typing import Optional, Sequence, Union
 
 import torch
 
-from pycomm.ops._checks import HEADER_BYTES, _check_bits_bucket, _is_int
+from pycomm.ops.validation import HEADER_BYTES, check_bits_bucket, is_int
 
 __all__ = ["record_bytes", "num_buckets", "bucket_table", "mixed_payload_bytes", "segment_table"]
 
 
 def record_bytes(bits: int, bucket_size: int) -> int:
     """Bytes of one bucket record: 8 header bytes plus ``bucket_size * bits / 8`` packed bytes."""
-    _check_bits_bucket(bits, bucket_size)
+    check_bits_bucket(bits, bucket_size)
     return HEADER_BYTES + bucket_size * bits // 8
 
 
@@ -45,8 +45,8 @@ def bucket_table(segments: Sequence[tuple[int, int]], bucket_size: int, pad_to_m
     The padding costs at most a few small records per chunk. With ``pad_to_multiple=1`` the rows
     stay in segment order and nothing is added.
     """
-    _check_bits_bucket(1, bucket_size)
-    if not _is_int(pad_to_multiple) or pad_to_multiple < 1:
+    check_bits_bucket(1, bucket_size)
+    if not is_int(pad_to_multiple) or pad_to_multiple < 1:
         raise ValueError(f"pad_to_multiple must be a positive integer, got {pad_to_multiple!r}")
     segments = list(segments)
     if bits is not None:
@@ -54,7 +54,7 @@ def bucket_table(segments: Sequence[tuple[int, int]], bucket_size: int, pad_to_m
         if len(bits) != len(segments):
             raise ValueError(f"bits must have one entry per segment ({len(segments)}), got {len(bits)}")
         for b in bits:
-            if not _is_int(b) or not 1 <= b <= 8:
+            if not is_int(b) or not 1 <= b <= 8:
                 raise ValueError(f"bits must be integers in [1, 8], got {b!r}")
     order = sorted(range(len(segments)), key=lambda i: segments[i])
     rows: list[tuple[int, ...]] = []

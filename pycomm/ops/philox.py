@@ -21,7 +21,7 @@ from typing import Sequence, Union
 import torch
 
 from pycomm import _C  # noqa: F401  (loads the library that registers torch.ops.pycomm)
-from pycomm.ops._checks import SUPPORTED_DTYPES, _check_float
+from pycomm.ops.validation import SUPPORTED_DTYPES, check_float_tensor
 
 __all__ = [
     "PHILOX_DISTRIBUTIONS",
@@ -53,7 +53,8 @@ def _philox_count(value: int, name: str) -> int:
     return value
 
 
-def _philox_distribution(distribution: str) -> int:
+def philox_distribution_code(distribution: str) -> int:
+    """The kernels' code of a distribution name (``ValueError`` for an unknown one)."""
     if distribution not in PHILOX_DISTRIBUTIONS:
         raise ValueError(f"distribution must be one of {sorted(PHILOX_DISTRIBUTIONS)}, got {distribution!r}")
     return PHILOX_DISTRIBUTIONS[distribution]
@@ -95,7 +96,7 @@ def _philox_tensors(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], offset
     tensors = list(tensors)
     total = 0
     for i, t in enumerate(tensors):
-        _check_float(t, f"tensors[{i}]")
+        check_float_tensor(t, f"tensors[{i}]")
         if t.device != tensors[0].device:
             raise ValueError(f"all tensors must be on one device: tensors[0] is on {tensors[0].device}, "
                              f"tensors[{i}] on {t.device}")
@@ -183,7 +184,7 @@ def philox_axpy_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int
     if isinstance(alpha, torch.Tensor):
         philox_axpy_multi_(tensors, [seed], alpha.reshape(-1) if alpha.dim() == 0 else alpha, distribution, offset)
         return
-    dist = _philox_distribution(distribution)
+    dist = philox_distribution_code(distribution)
     offset = _philox_count(offset, "offset")
     ts = _philox_tensors(tensors, offset, in_place=True)
     if ts:  # the op raises on a leaf that requires grad and bumps the versions (csrc/ops.cpp)
@@ -212,7 +213,7 @@ def philox_axpy_multi_(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], see
             so a CUDA caller never waits for the host) or on the CPU, or a sequence of numbers.
         distribution, offset: as for :func:`philox_axpy_`.
     """
-    dist = _philox_distribution(distribution)
+    dist = philox_distribution_code(distribution)
     offset = _philox_count(offset, "offset")
     seeds = _philox_seeds(seeds)
     ts = _philox_tensors(tensors, offset, in_place=True)
@@ -234,7 +235,7 @@ def philox_perturbed_copy(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], 
     Inputs may be non-contiguous (their elements are numbered in row-major order).
     Returns a list with one tensor per input, same shapes and dtypes.
     """
-    dist = _philox_distribution(distribution)
+    dist = philox_distribution_code(distribution)
     offset = _philox_count(offset, "offset")
     ts = _philox_tensors(tensors, offset, in_place=False)
     if not ts:
@@ -257,7 +258,7 @@ def philox_dot(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seed: int, 
     tensor split. On CUDA this synchronizes (``.item()``); :func:`philox_dot_multi` returns the
     float64 device tensor without waiting.
     """
-    dist = _philox_distribution(distribution)
+    dist = philox_distribution_code(distribution)
     offset = _philox_count(offset, "offset")
     ts = _philox_tensors(tensors, offset, in_place=False)
     if not ts:
@@ -279,7 +280,7 @@ def philox_dot_multi(tensors: Union[torch.Tensor, Sequence[torch.Tensor]], seeds
     launch covers up to 32 directions and nothing waits for the device (no ``.item()``).
     An empty tensor list gives K zeros on the CPU.
     """
-    dist = _philox_distribution(distribution)
+    dist = philox_distribution_code(distribution)
     offset = _philox_count(offset, "offset")
     seeds = _philox_seeds(seeds)
     ts = _philox_tensors(tensors, offset, in_place=False)

@@ -1,7 +1,7 @@
 """Quantization: bucket records of ``[min f32][unit f32][levels]`` (``csrc/include/pycomm/quant_format.h``).
 
 The public wrappers check their arguments and return or take a :class:`QuantizedTensor`; the private
-keyword wrappers (``_quantize_records`` and the two decoders) reach the op modes that the collectives
+keyword wrappers (``quantize_records`` and the two decoders) reach the op modes that the collectives
 use (skip ranges, mixed tables, reduced chunks). Each op's fake kernel follows its wrapper.
 """
 
@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 
 from pycomm import _C  # noqa: F401  (loads the library that registers torch.ops.pycomm)
-from pycomm.ops._checks import HEADER_BYTES, SUPPORTED_DTYPES, _check_bits_bucket, _check_float
+from pycomm.ops.validation import HEADER_BYTES, SUPPORTED_DTYPES, check_bits_bucket, check_float_tensor
 from pycomm.ops.layouts import record_bytes
 
 __all__ = ["QuantizedTensor", "quantize", "quantize_with_error_feedback", "dequantize", "dequantize_sum"]
@@ -41,7 +41,7 @@ class QuantizedTensor:
     shape: torch.Size
 
     def __post_init__(self) -> None:
-        _check_bits_bucket(self.bits, self.bucket_size)
+        check_bits_bucket(self.bits, self.bucket_size)
         if self.dtype not in SUPPORTED_DTYPES:
             raise ValueError(f"dtype must be float32, float16 or bfloat16, got {self.dtype}")
         if math.prod(self.shape) != self.numel:
@@ -79,7 +79,7 @@ class QuantizedTensor:
         return dequantize(self)
 
 
-def _quantize_records(x: torch.Tensor, *, bits: int, bucket_size: int, stochastic: bool, seed: int,
+def quantize_records(x: torch.Tensor, *, bits: int, bucket_size: int, stochastic: bool, seed: int,
                       residual: Optional[torch.Tensor] = None, bucket_table: Optional[torch.Tensor] = None,
                       num_buckets: int = -1, skip_begin: int = 0, skip_end: int = 0,
                       host_table: Optional[torch.Tensor] = None, chunk_row_begin: int = -1) -> torch.Tensor:
@@ -105,7 +105,7 @@ def _quantize_fake(x, residual, bucket_table, num_buckets, bits, bucket_size, st
     return x.new_empty((num_buckets, HEADER_BYTES + bucket_size * bits // 8), dtype=torch.uint8)
 
 
-def _dequantize_records_into(payload: torch.Tensor, out: torch.Tensor, *, bits: int, bucket_size: int,
+def dequantize_records_into(payload: torch.Tensor, out: torch.Tensor, *, bits: int, bucket_size: int,
                              bucket_table: Optional[torch.Tensor] = None,
                              host_table: Optional[torch.Tensor] = None) -> None:
     """``torch.ops.pycomm.dequantize_into`` by keyword: decode ``payload`` into flat ``out`` (no checks beyond
@@ -118,7 +118,7 @@ def _dequantize_into_fake(payload, out, bucket_table, bits, bucket_size, host_ta
     return None
 
 
-def _dequantize_sum_records(payloads: torch.Tensor, *, bits: int, bucket_size: int,
+def dequantize_sum_records(payloads: torch.Tensor, *, bits: int, bucket_size: int,
                             init: Optional[torch.Tensor] = None, bucket_table: Optional[torch.Tensor] = None,
                             init_bucket_begin: int = 0, host_table: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``torch.ops.pycomm.dequantize_sum`` by keyword: ``init`` (read through the table's rows from
@@ -137,9 +137,9 @@ def _dequantize_sum_fake(payloads, init, bucket_table, init_bucket_begin, bits, 
 
 def _quantize(x: torch.Tensor, residual: Optional[torch.Tensor], bits: int, bucket_size: int,
               stochastic: bool, seed: int) -> QuantizedTensor:
-    _check_float(x, "x")
-    _check_bits_bucket(bits, bucket_size)
-    payload = _quantize_records(x.reshape(-1), bits=bits, bucket_size=bucket_size, stochastic=bool(stochastic),
+    check_float_tensor(x, "x")
+    check_bits_bucket(bits, bucket_size)
+    payload = quantize_records(x.reshape(-1), bits=bits, bucket_size=bucket_size, stochastic=bool(stochastic),
                                 seed=int(seed), residual=residual)
     return QuantizedTensor(payload, bits, bucket_size, x.numel(), x.dtype, x.shape)
 
@@ -170,7 +170,7 @@ def quantize_with_error_feedback(x: torch.Tensor, residual: torch.Tensor, bits: 
     ``residual`` is a contiguous float32 tensor with as many elements as ``x`` and is updated in place.
     Buckets holding NaN or Inf are encoded as NaN and leave their residual unchanged.
     """
-    _check_float(x, "x")
+    check_float_tensor(x, "x")
     if not isinstance(residual, torch.Tensor) or residual.dtype != torch.float32 or residual.numel() != x.numel():
         raise ValueError(f"residual must be a float32 tensor with {x.numel()} elements")
     if not residual.is_contiguous():
@@ -185,10 +185,10 @@ def dequantize(q: QuantizedTensor, out: Optional[torch.Tensor] = None) -> torch.
     if out is None:
         out = torch.empty(q.shape, dtype=q.dtype, device=q.payload.device)
     else:
-        _check_float(out, "out")
+        check_float_tensor(out, "out")
         if out.numel() != q.numel or not out.is_contiguous():
             raise ValueError(f"out must be contiguous with {q.numel} elements, got shape {tuple(out.shape)}")
-    _dequantize_records_into(q.payload, out.view(-1), bits=q.bits, bucket_size=q.bucket_size)
+    dequantize_records_into(q.payload, out.view(-1), bits=q.bits, bucket_size=q.bucket_size)
     return out
 
 
@@ -209,7 +209,7 @@ def dequantize_sum(payloads: Union[Sequence[QuantizedTensor], torch.Tensor], bit
     if isinstance(payloads, torch.Tensor):
         if bits is None or bucket_size is None or numel is None:
             raise ValueError("bits, bucket_size and numel are required when payloads is a tensor")
-        _check_bits_bucket(bits, bucket_size)
+        check_bits_bucket(bits, bucket_size)
         stacked = payloads
         if stacked.dim() != 3 or stacked.dtype != torch.uint8:
             raise ValueError(f"payloads must be uint8 [W, num_buckets, record_bytes], got {stacked.dtype} "
@@ -228,9 +228,9 @@ def dequantize_sum(payloads: Union[Sequence[QuantizedTensor], torch.Tensor], bit
         bits, bucket_size, numel = first.bits, first.bucket_size, first.numel
         stacked = torch.stack([q.payload for q in qs])
     if init is not None:
-        _check_float(init, "init")
+        check_float_tensor(init, "init")
         if init.numel() != numel:
             raise ValueError(f"init must have numel={numel} elements, got {init.numel()}")
         init = init.reshape(-1)
-    out = _dequantize_sum_records(stacked, bits=bits, bucket_size=bucket_size, init=init)
+    out = dequantize_sum_records(stacked, bits=bits, bucket_size=bucket_size, init=init)
     return out[:numel]
