@@ -6,6 +6,8 @@ independently of the kernels, so that tests compare the kernels' bytes with it.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
@@ -119,3 +121,14 @@ def mixed_reference(x: torch.Tensor, table: torch.Tensor, bucket_size: int, stoc
             records.append(quantize_reference(flat[offset:offset + length], bits, bucket_size, stochastic, seed,
                                               first_bucket=k).reshape(-1))
     return np.concatenate(records) if records else np.zeros(0, dtype=np.uint8)
+
+
+def bucket_units(x64: torch.Tensor, bits: int, bucket_size: int) -> torch.Tensor:
+    """Per-element unit (max - min) / (2^bits - 1) of the element's bucket, in float64."""
+    n = x64.numel()
+    nb = -(-n // bucket_size)
+    pad = torch.full((nb * bucket_size,), float("nan"), dtype=torch.float64)
+    pad[:n] = x64
+    pad = pad.view(nb, bucket_size)
+    rng = (torch.nan_to_num(pad, nan=-math.inf).amax(1) - torch.nan_to_num(pad, nan=math.inf).amin(1))
+    return (rng / (2**bits - 1)).repeat_interleave(bucket_size)[:n]

@@ -29,7 +29,7 @@ def _reduce_worker(rank, world, cases):
 def _error_bound(world, n, bits, dtype, op_name):
     """Per-element bound: each peer's contribution is off by < one unit of its bucket
     (stochastic) and the re-quantized sum by < one unit of the sum's bucket."""
-    from test_quantize_ops import bucket_units
+    from quant_reference import bucket_units
 
     xs = [_inputs(r, n, dtype).double() for r in range(world)]
     exact = torch.stack(xs).sum(0)
@@ -152,7 +152,7 @@ def test_mixed_bits_bit_identical_within_each_layers_bound_and_bytes_counted(wor
 
 
 def _check_mixed_case(world, per_rank, dtype, op_name):
-    from test_quantize_ops import bucket_units
+    from quant_reference import bucket_units
 
     covered = torch.zeros(MIXED_NUMEL, dtype=torch.bool)
     for o, n in MIXED_SEGMENTS:

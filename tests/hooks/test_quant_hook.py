@@ -191,7 +191,7 @@ def _observer_worker(rank, world):
     import pycomm
     from pycomm.hooks import QuantState, quantized_allreduce_hook
     from pycomm.traffic import CollectiveByteCounter
-    from test_quantize_ops import bucket_units
+    from quant_reference import bucket_units
 
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))

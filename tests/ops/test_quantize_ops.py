@@ -8,22 +8,11 @@ import torch
 
 import pycomm
 from pycomm import ops
-from quant_reference import quantize_reference
+from quant_reference import bucket_units, quantize_reference
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 SIZES = [0, 1, 7, 513, 4099, (1 << 18) + 5]
 OUTPUT_EPS = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8}
-
-
-def bucket_units(x64: torch.Tensor, bits: int, bucket_size: int) -> torch.Tensor:
-    """Per-element unit (max - min) / (2^bits - 1) of the element's bucket, in float64."""
-    n = x64.numel()
-    nb = -(-n // bucket_size)
-    pad = torch.full((nb * bucket_size,), float("nan"), dtype=torch.float64)
-    pad[:n] = x64
-    pad = pad.view(nb, bucket_size)
-    rng = (torch.nan_to_num(pad, nan=-math.inf).amax(1) - torch.nan_to_num(pad, nan=math.inf).amin(1))
-    return (rng / (2**bits - 1)).repeat_interleave(bucket_size)[:n]
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
