@@ -39,6 +39,30 @@ REQUIRES_CUDA = [
 ]
 
 
+# Float tensors are compared through an integer view of the same width, i.e. bit for bit.
+INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
+
+
+def assert_identical(cpu: torch.Tensor, gpu: torch.Tensor, what: str) -> None:
+    """Same dtype, shape and bits; NaNs must be NaN in the same places (their bits may differ)."""
+    gpu = gpu.cpu()
+    assert cpu.dtype == gpu.dtype and cpu.shape == gpu.shape, (f"{what}: {cpu.dtype}{tuple(cpu.shape)} vs "
+                                                               f"{gpu.dtype}{tuple(gpu.shape)}")
+    if cpu.dtype not in INT_VIEW:
+        if not torch.equal(cpu, gpu):
+            bad = (cpu != gpu).nonzero()
+            raise AssertionError(f"{what}: {bad.shape[0]} elements differ, first at {bad[0].tolist()}")
+        return
+    nan_c, nan_g = torch.isnan(cpu), torch.isnan(gpu)
+    assert torch.equal(nan_c, nan_g), f"{what}: NaN positions differ"
+    iv = INT_VIEW[cpu.dtype]
+    diff = (cpu.contiguous().view(iv) != gpu.contiguous().view(iv)) & ~nan_c
+    if diff.any():
+        i = diff.nonzero()[0].tolist()
+        raise AssertionError(f"{what}: {int(diff.sum())} elements differ, first at {i}: "
+                             f"cpu {cpu[tuple(i)].item()!r} gpu {gpu[tuple(i)].item()!r}")
+
+
 def requires_cuda(test):
     """Decorator form of :data:`REQUIRES_CUDA` for a single test."""
     for mark in REQUIRES_CUDA:

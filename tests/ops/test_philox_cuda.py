@@ -16,11 +16,10 @@ import torch
 import pycomm
 from pycomm import ops
 
-from cuda_support import REQUIRES_CUDA
+from cuda_support import INT_VIEW, REQUIRES_CUDA
 
 pytestmark = REQUIRES_CUDA
 
-INT_VIEW = {torch.float32: torch.int32, torch.float16: torch.int16, torch.bfloat16: torch.int16}
 SEEDS = [0, 7, -3, 2**63 + 5]
 
 
