@@ -46,7 +46,9 @@ def register(ddp_model: Any, method: str, process_group: Optional[dist.ProcessGr
         state = pycomm.register(model, "quant", bits=4)
 
     Args:
-        ddp_model: a ``torch.nn.parallel.DistributedDataParallel`` model, before its first backward.
+        ddp_model: a ``torch.nn.parallel.DistributedDataParallel`` model, before its first backward. The
+            state is bound to its parameter names (``state.bind(ddp_model)``): per-parameter state and
+            per-layer settings are keyed by the names of ``ddp_model.module.named_parameters()``.
         method: one of :func:`available_methods` (e.g. ``"quant"``).
         process_group: the group to communicate over (None: the default group).
         **kwargs: the method's options, passed to its state class (e.g. ``bits=4`` for ``"quant"``).
@@ -60,5 +62,8 @@ def register(ddp_model: Any, method: str, process_group: Optional[dist.ProcessGr
         state = entry.state_class(process_group=process_group, **kwargs)
     except TypeError as e:
         raise ValueError(f"bad options for method {method!r}: {e}") from e
+    bind = getattr(state, "bind", None)
+    if bind is not None:
+        bind(ddp_model)
     ddp_model.register_comm_hook(state, entry.hook)
     return state

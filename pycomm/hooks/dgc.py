@@ -15,11 +15,12 @@ import torch.distributed as dist
 from pycomm import ops
 from pycomm.hooks import agreement
 from pycomm.hooks.hook_state import (BucketPlan, HookState, Layer, advance_step, allreduce_dense, average_,
-                                     bucket_signature, completed_future, put_dense, split_layers, take_dense,
-                                     validated_layer_params)
+                                     bucket_seed, bucket_signature, completed_future, compressible, log_skipped,
+                                     put_dense, split_layers, take_dense, validated_layer_params)
+from pycomm.hooks.param_state import ParamStore, param_tensors_for_load, report_mismatch
 from pycomm.compressors import DGC
 from pycomm.hooks.index_errors import IndexErrors as _IndexErrors
-from pycomm.distributed import all_gather_into_tensor, mix_seed
+from pycomm.distributed import all_gather_into_tensor
 
 __all__ = ["DGCState", "dgc_hook", "PAPER_WARMUP_DENSITIES"]
 
@@ -28,12 +29,13 @@ logger = logging.getLogger(__name__)
 # Lin et al.: sparsity 75%, 93.75%, 98.4375%, 99.6%, then the target (99.9%).
 PAPER_WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.004)
 
+_FIELDS = {"u": True, "v": True}  # what each parameter keeps (u of a dense layer is its momentum)
+
 
 @dataclass
 class _DGCPlan(BucketPlan):
-    params: list                    # the bucket's parameters, in buffer order
-    offsets: list[int]              # their offsets in the buffer
     compressor: DGC                 # u and v over the whole buffer (u of dense layers is their momentum)
+    where: dict = field(default_factory=dict)  # parameter name -> (offset, length) in the buffer
     segments: Optional[torch.Tensor] = None  # segment table of the compressed layers (on the buffer's device)
     host_segments: Optional[torch.Tensor] = None  # its CPU copy: the CUDA top-k sizes its output without waiting
     counts: dict = field(default_factory=dict)  # density -> k of the whole bucket
@@ -45,16 +47,28 @@ class _DGCPlan(BucketPlan):
     has_layer_densities: bool = False
     layer_tables: dict = field(default_factory=dict)
     compressed: list[tuple[int, int]] = field(init=False)  # the compressed layers' (offset, length)
-    positions: list[int] = field(init=False)  # the compressed layers' indices in bucket.parameters()
 
     def __post_init__(self) -> None:
         self.compressed = [(o, n) for _, o, n in self.layers]
-        self.positions = [p for p, _, _ in self.layers]
+
+    def export(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """u and v of ``names`` as standalone tensors."""
+        u, v = self.compressor.u, self.compressor.v
+        return {name: {"u": u[o:o + n].clone(), "v": v[o:o + n].clone()}
+                for name in names if name in self.where for o, n in [self.where[name]]}
+
+    def load(self, taken: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Put u and v of parameters that were elsewhere (another layout, a checkpoint) in place."""
+        for name, entry in taken.items():
+            o, n = self.where[name]
+            for key, flat in (("u", self.compressor.u), ("v", self.compressor.v)):
+                if key in entry:
+                    flat[o:o + n].copy_(entry[key])
 
 
-def _validated_density(key: tuple[int, int], value: Any) -> float:
+def _validated_density(key: str, value: Any) -> float:
     if not isinstance(value, numbers.Real) or isinstance(value, bool) or not 0.0 < float(value) <= 1.0:
-        raise ValueError(f"density of layer {key} must be a number in (0, 1], got {value!r}")
+        raise ValueError(f"density of layer {key!r} must be a number in (0, 1], got {value!r}")
     return float(value)
 
 
@@ -84,19 +98,23 @@ class DGCState(HookState):
             (indices travel as int32).
         seed: seed of the top-k sample.
 
-    Per-layer densities (for L-GreCo): :meth:`set_layer_params` maps compressed layers, keyed
-    ``(bucket.index(), position in bucket.parameters())``, to their own density inside the same
-    bucket (still one top-k launch per bucket, and one fixed-size payload sized from the per-layer
-    counts ``pycomm.ops.topk_count(numel, density)``). During warm-up such a layer uses
+    Per-layer densities (for L-GreCo): :meth:`set_layer_params` maps compressed layers, by
+    parameter name, to their own density inside the same bucket (still one top-k launch per
+    bucket, and one fixed-size payload sized from the per-layer counts
+    ``pycomm.ops.topk_count(numel, density)``). During warm-up such a layer uses
     ``max(warm-up density, its density)``. Every rank must make the same call at the same step.
-    ``observer``, when set, is called as ``observer(bucket_index, v, layers)`` once per bucket per
-    step with compressed layers, after momentum correction and before top-k: ``v`` is the float32
-    accumulated velocity of the whole bucket (reused: copy what you keep), ``layers`` the compressed
-    layers as ``(position, offset, length)``. A rank that skips compression of a bucket for NaN/Inf
-    does not call it for that bucket. The observer is not pickled and not in :meth:`state_dict`.
+    ``observer``, when set, is called as ``observer(v, layers)`` once per bucket per step with
+    compressed layers, after momentum correction and before top-k: ``v`` is the float32
+    accumulated velocity of the whole bucket (reused: copy what you keep), ``layers`` the
+    compressed layers as ``(name, offset, length)``. A rank that skips compression of a bucket for
+    NaN/Inf does not call it for that bucket. The observer is not pickled and not in
+    :meth:`state_dict`.
 
-    The state is checkpointed per rank: each rank saves its own :meth:`state_dict` (u, v and the
-    per-layer densities).
+    u and v belong to parameters (the state needs their names: :meth:`bind`, which
+    ``pycomm.register`` calls): when DDP rebuilds its buckets, or a resumed run starts from
+    another layout, each parameter's u and v move to its new bucket. The state is checkpointed per
+    rank: each rank saves its own :meth:`state_dict` (u and v by parameter name, the per-layer
+    densities).
 
     Example::
 
@@ -111,8 +129,9 @@ class DGCState(HookState):
         opt.step()
     """
 
+    _METHOD = "dgc"
     _CONFIG = ("density", "momentum", "nesterov", "clip_norm", "sample_ratio", "exact", "momentum_masking",
-               "warmup_steps", "warmup_epochs", "steps_per_epoch", "warmup_densities", "min_numel", "seed", "iter")
+               "warmup_steps", "warmup_epochs", "steps_per_epoch", "warmup_densities", "min_numel", "seed")
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, density: float = 0.001,
                  momentum: float = 0.9, nesterov: bool = False, clip_norm: Optional[float] = None,
@@ -145,11 +164,11 @@ class DGCState(HookState):
         self.value_dtype = value_dtype
         self.seed = seed
         self.iter = 0
-        self.observer: Optional[Callable[[int, torch.Tensor, list[Layer]], None]] = None
-        self._layer_params: dict[tuple[int, int], float] = {}
+        self.observer: Optional[Callable[[torch.Tensor, list[Layer]], None]] = None
+        self._layer_params: dict[str, float] = {}
         self._layer_version = 0
         self._plans: dict[int, _DGCPlan] = {}
-        self._pending: dict[int, dict[str, Any]] = {}
+        self._store = ParamStore()
         self._index_errors = _IndexErrors()
 
     def raise_index_errors(self) -> None:
@@ -175,38 +194,48 @@ class DGCState(HookState):
 
     # -- per-layer densities ----------------------------------------------------
     @property
-    def layer_params(self) -> dict[tuple[int, int], float]:
-        """The per-layer densities set by :meth:`set_layer_params` (a copy)."""
+    def layer_params(self) -> dict[str, float]:
+        """The per-layer densities set by :meth:`set_layer_params`, by parameter name (a copy)."""
         return dict(self._layer_params)
 
-    def set_layer_params(self, params: Optional[Mapping[tuple[int, int], float]]) -> None:
+    def set_layer_params(self, params: Optional[Mapping[str, float]]) -> None:
         """Give compressed layers their own density, from the next time the hook sees their bucket.
 
         Args:
-            params: ``{(bucket_index, position): density}`` with density in (0, 1]; layers not named
-                use :meth:`density_at`. None (or empty) clears every override. Replaces the previous
+            params: ``{parameter name: density}`` with density in (0, 1]; layers not named use
+                :meth:`density_at`. None (or empty) clears every override. Replaces the previous
                 mapping. Every rank must call it with the same mapping at the same step: the next
                 hook call checks that they did (:mod:`pycomm.hooks.agreement`).
 
         Raises:
-            ValueError: a malformed key, a density outside (0, 1], or a key naming a layer that a
-                bucket already seen does not compress.
+            ValueError: a key that is not a name of the bound model, a density outside (0, 1], or
+                a layer the hook does not compress (``dim <= 1`` or fewer than ``min_numel`` elements).
         """
-        checked = validated_layer_params(params, "density", _validated_density)
-        for key in checked:
-            plan = self._plans.get(key[0])
-            if plan is not None and key[1] not in plan.positions:
-                raise ValueError(f"layer {key} is not compressed: bucket {key[0]} compresses the "
-                                 f"positions {plan.positions}")
-        self._layer_params = checked
+        self._layer_params = self._validated_layer_params(params)
         self._layer_version += 1
         agreement.settings_changed(self)
 
-    def _layer_counts(self, plan: _DGCPlan, bucket_index: int, step: int) -> Optional[tuple[int, ...]]:
+    def _validated_layer_params(self, params: Optional[Mapping[str, float]]) -> dict[str, float]:
+        checked = validated_layer_params(params, "density", _validated_density, self._names)
+        if self._names is not None:
+            for name in checked:
+                p = self._names.params[name]
+                if not compressible(p, self.min_numel):
+                    raise ValueError(f"layer {name!r} is not compressed: it has shape {tuple(p.shape)}, and DGC "
+                                     f"compresses layers with dim > 1 and at least min_numel={self.min_numel} "
+                                     "elements")
+        return checked
+
+    def _check_bound(self) -> None:
+        self._layer_params = self._validated_layer_params(self._layer_params)
+        skipped: list[str] = []
+        self._store.loose = param_tensors_for_load(self._store.loose, self._names, _FIELDS, True, skipped)
+
+    def _layer_counts(self, plan: _DGCPlan, step: int) -> Optional[tuple[int, ...]]:
         """Elements kept per compressed layer at ``step``, or None when no layer of the bucket has its own
         density (then the whole bucket uses :meth:`density_at`, exactly as without overrides)."""
         if plan.layer_version != self._layer_version:
-            plan.layer_densities = [self._layer_params.get((bucket_index, p)) for p in plan.positions]
+            plan.layer_densities = [self._layer_params.get(name) for name, _, _ in plan.layers]
             plan.has_layer_densities = any(d is not None for d in plan.layer_densities)
             plan.layer_tables.clear()  # tables of earlier settings are not needed again
             plan.layer_version = self._layer_version
@@ -234,65 +263,68 @@ class DGCState(HookState):
 
     # -- persistence -----------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: configuration, iteration, per-layer densities, and u and v of every DDP
-        bucket."""
-        buckets = {i: {"signature": p.signature, **p.compressor.state_dict()} for i, p in self._plans.items()}
-        return {**self._config_state(), "value_dtype": str(self.value_dtype),
-                "layer_params": self.layer_params, "buckets": buckets}
+        """This rank's state: the configuration, the step, the per-layer densities, and u and v of
+        every parameter by name (``params[name]["u"]``, ``["v"]``, shaped like the parameter)."""
+        params = self._store.everything()
+        if self._names is not None:
+            params = {name: {k: t.reshape(self._names.params[name].shape) for k, t in fields.items()}
+                      for name, fields in params.items() if name in self._names.params}
+        return {**self._header(), "value_dtype": str(self.value_dtype).replace("torch.", ""),
+                "layer_params": self.layer_params, "params": params}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict` (checkpoints without per-layer densities load with none)."""
-        self._load_config(state_dict)
-        self.value_dtype = getattr(torch, state_dict["value_dtype"].replace("torch.", ""))
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore :meth:`state_dict` before the first step; the first hook call puts each
+        parameter's u and v into whatever bucket holds it then.
+
+        ``strict`` (default): raise :class:`~pycomm.hooks.param_state.CheckpointMismatch` at the
+        first thing that does not fit (another method or setting, a name the bound model does not
+        have, another shape); ``strict=False`` loads what fits and logs the rest.
+        """
+        skipped: list[str] = []
+        self._read_header(state_dict, strict, skipped)
+        saved_dtype = state_dict.get("value_dtype", "float32")
+        if saved_dtype != str(self.value_dtype).replace("torch.", ""):
+            report_mismatch(strict, f"the checkpoint has value_dtype={saved_dtype}, this state has "
+                                    f"{self.value_dtype}", skipped)
+        layer_params = state_dict.get("layer_params") or {}
+        if not strict and self._names is not None:
+            layer_params = {k: v for k, v in layer_params.items()
+                            if k in self._names.params and compressible(self._names.params[k], self.min_numel)}
         self._plans.clear()
-        self._pending = dict(state_dict.get("buckets", {}))
-        self.set_layer_params(state_dict.get("layer_params"))
+        self._store.clear()
+        self._store.loose = param_tensors_for_load(state_dict.get("params", {}), self._names, _FIELDS, strict,
+                                                   skipped)
+        log_skipped(self, skipped)
+        self.set_layer_params(layer_params)
 
     _NOT_PICKLED = HookState._NOT_PICKLED + ("_index_errors",)  # pending device checks of this process
-    # Pickles from before per-layer densities lack the first two; the index checks start empty.
-    _UNPICKLE_DEFAULTS = {"_layer_params": dict, "_layer_version": int, "_index_errors": _IndexErrors}
+    _UNPICKLE_DEFAULTS = {"_index_errors": _IndexErrors}
 
     # -- planning ----------------------------------------------------------------
     def _plan(self, bucket: dist.GradBucket) -> _DGCPlan:
         buffer = bucket.buffer()
-        params = list(bucket.parameters())
+        params = bucket.parameters()
         signature = bucket_signature(buffer, params)
         plan = self._plans.get(bucket.index())
         if plan is not None and plan.signature == signature:
             return plan
-        layers, dense = split_layers(params, self.min_numel)
-        offsets = list(itertools.accumulate((p.numel() for p in params[:-1]), initial=0)) if params else []
+        names = self._require_names().names_of(params)
+        layers, dense = split_layers(params, names, self.min_numel)
+        where = dict(zip(names, zip(itertools.accumulate((p.numel() for p in params[:-1]), initial=0),
+                                    (p.numel() for p in params))))
         compressed = [(o, n) for _, o, n in layers]
         compressor = DGC(self.density, self.momentum, self.nesterov, self.clip_norm, self.momentum_masking,
                          self.exact, self.sample_ratio, self.seed)
         compressor.u = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
         compressor.v = torch.zeros_like(compressor.u)
-        pending = self._pending.pop(bucket.index(), None)
-        if pending is not None and pending["signature"] == signature:
-            compressor.u.copy_(pending["u"])
-            compressor.v.copy_(pending["v"])
-        else:
-            self._migrate(params, offsets, compressor)
         host_segments = ops.segment_table(compressed) if compressed else None
         segments = host_segments.to(buffer.device) if compressed else None
-        plan = _DGCPlan(signature, layers, dense, params, offsets, compressor, segments,
+        plan = _DGCPlan(signature, names, layers, dense, compressor, where, segments,
                         host_segments if buffer.is_cuda else None)
+        plan.load(self._store.take(names))
+        self._store.claim(names, plan)
         self._plans[bucket.index()] = plan
         return plan
-
-    def _migrate(self, params: list, offsets: list[int], compressor: DGC) -> None:
-        """Carry u and v of parameters that were in other buckets (DDP rebuilds its buckets
-        after the first iteration), so no accumulated gradient is dropped."""
-        old = {}
-        for plan in self._plans.values():
-            for p, o in zip(plan.params, plan.offsets):
-                old[id(p)] = (plan, o)
-        for p, o in zip(params, offsets):
-            if id(p) in old:
-                plan, po = old[id(p)]
-                n = p.numel()
-                compressor.u[o:o + n].copy_(plan.compressor.u[po:po + n])
-                compressor.v[o:o + n].copy_(plan.compressor.v[po:po + n])
 
     def _count(self, plan: _DGCPlan, density: float) -> int:
         if density not in plan.counts:
@@ -318,9 +350,8 @@ def _sync_free(buffer: torch.Tensor) -> bool:
     return buffer.is_cuda
 
 
-def _sparse_step(state: DGCState, plan: _DGCPlan, bucket_index: int, buffer: torch.Tensor, density: float,
-                 k: int, segments: torch.Tensor, host_segments: Optional[torch.Tensor], step: int,
-                 world: int) -> bool:
+def _sparse_step(state: DGCState, plan: _DGCPlan, buffer: torch.Tensor, density: float, k: int,
+                 segments: torch.Tensor, host_segments: Optional[torch.Tensor], step: int, world: int) -> bool:
     """The compressed layers' step with host checks (CPU). Returns whether it fell back: then the
     whole buffer has been all-reduced uncompressed."""
     comp, group, n = plan.compressor, state.process_group, buffer.numel()
@@ -332,8 +363,8 @@ def _sparse_step(state: DGCState, plan: _DGCPlan, bucket_index: int, buffer: tor
         clip = state.clip_norm / math.sqrt(world) if state.clip_norm else None
         comp.compensate(buffer, plan.segments, clip_norm=clip)
         if state.observer is not None:
-            state.observer(bucket_index, comp.v, list(plan.layers))
-        values, indices = comp.select(density, segments, seed=mix_seed(state.seed, step, bucket_index),
+            state.observer(comp.v, list(plan.layers))
+        values, indices = comp.select(density, segments, seed=bucket_seed(state, step, plan.names),
                                       host_segments=host_segments)
     payload = _pack(values, indices, int(local_bad), state.value_dtype)
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=buffer.device)
@@ -352,9 +383,9 @@ def _sparse_step(state: DGCState, plan: _DGCPlan, bucket_index: int, buffer: tor
     return False
 
 
-def _sparse_step_sync_free(state: DGCState, plan: _DGCPlan, bucket_index: int, buffer: torch.Tensor,
-                           density: float, k: int, segments: torch.Tensor, host_segments: Optional[torch.Tensor],
-                           step: int, world: int) -> torch.Tensor:
+def _sparse_step_sync_free(state: DGCState, plan: _DGCPlan, buffer: torch.Tensor, density: float, k: int,
+                           segments: torch.Tensor, host_segments: Optional[torch.Tensor], step: int,
+                           world: int) -> torch.Tensor:
     """The compressed layers' step without reading a value on the host (CUDA).
 
     The same outcome as :func:`_sparse_step` for the accumulators, chosen on the device: a rank
@@ -369,8 +400,8 @@ def _sparse_step_sync_free(state: DGCState, plan: _DGCPlan, bucket_index: int, b
     clip = state.clip_norm / math.sqrt(world) if state.clip_norm else None
     comp.compensate(buffer, plan.segments, clip_norm=clip)
     if state.observer is not None:  # a non-finite step shows the observer the velocity it leaves: the old one
-        state.observer(bucket_index, torch.where(finite, comp.v, old_v), list(plan.layers))
-    values, indices = comp.select(density, segments, seed=mix_seed(state.seed, step, bucket_index),
+        state.observer(torch.where(finite, comp.v, old_v), list(plan.layers))
+    values, indices = comp.select(density, segments, seed=bucket_seed(state, step, plan.names),
                                   host_segments=host_segments)
     payload = _pack(values, indices, (~finite).to(torch.int32), state.value_dtype)
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=buffer.device)
@@ -419,6 +450,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     this hook, for any bucket, that starts after the device has finished that step's densify
     (normally the next step); :meth:`DGCState.raise_index_errors` waits and raises at once.
     """
+    state._require_names()
     agreement.check_settings(state, bucket, "dgc")
     group = state.process_group
     buffer = bucket.buffer()
@@ -432,7 +464,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     small = None if small is None else small.float()
     fallback: Union[bool, torch.Tensor] = False
     if plan.segments is not None:
-        counts = state._layer_counts(plan, bucket.index(), step)
+        counts = state._layer_counts(plan, step)
         if counts is None:
             density = state.density_at(step)
             k = state._count(plan, density)
@@ -442,8 +474,7 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
             k = sum(counts)
             select_segments, select_host_segments = state._layer_table(plan, counts, buffer.device)
         sparse_step = _sparse_step_sync_free if sync_free else _sparse_step
-        fallback = sparse_step(state, plan, bucket.index(), buffer, density, k, select_segments,
-                               select_host_segments, step, world)
+        fallback = sparse_step(state, plan, buffer, density, k, select_segments, select_host_segments, step, world)
     if small is not None and fallback is not True:  # every rank agrees on fallback (it saw the same flags)
         allreduce_dense(buffer, plan.dense, small, group, world,
                         transform=lambda average: _dense_momentum(state, plan, average, fallback, sync_free))

@@ -1,8 +1,9 @@
-"""The spine every pycomm hook stands on: the state's base class (pickling, the configuration in
-``state_dict``), the step counter, the split of a bucket into compressed and dense layers, the
-layer-key check, the dense side channel and completed futures. Each hook file keeps only its method."""
+"""The spine every pycomm hook stands on: the state's base class (parameter names, pickling, the
+common part of ``state_dict``), the step counter, the split of a bucket into compressed and dense
+layers, the layer-key check, the dense side channel and completed futures. Each hook file keeps
+only its method."""
 
-import numbers
+import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, TypeVar
@@ -10,14 +11,19 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
+from pycomm.distributed import mix_seed
 from pycomm.distributed import completed_future  # the one completed future, shared with the collectives
+from pycomm.hooks.param_state import (STATE_FORMAT, CheckpointMismatch, ParameterNames, ParamsLike,
+                                      check_header)
 
-__all__ = ["HookState", "BucketPlan", "LayerKey", "Layer", "Dense", "advance_step", "bucket_signature",
-           "split_layers", "validated_layer_key", "validated_layer_params", "take_dense", "allreduce_dense",
-           "put_dense", "average_", "average_async", "completed_future"]
+logger = logging.getLogger(__name__)
 
-LayerKey = tuple[int, int]      # (DDP bucket index, position of the parameter in bucket.parameters())
-Layer = tuple[int, int, int]    # a compressed layer: (position, offset, length) in the bucket buffer
+__all__ = ["HookState", "BucketPlan", "LayerKey", "Layer", "Dense", "advance_step", "split_layers",
+           "validated_layer_key", "validated_layer_params", "take_dense", "allreduce_dense", "put_dense", "average_",
+           "average_async", "completed_future"]
+
+LayerKey = str                  # a parameter's name in the model (``model.named_parameters()``)
+Layer = tuple[str, int, int]    # a compressed layer: (name, offset, length) in the bucket buffer
 Dense = tuple[int, int]         # a layer all-reduced uncompressed: (offset, length)
 
 
@@ -25,29 +31,36 @@ Dense = tuple[int, int]         # a layer all-reduced uncompressed: (offset, len
 class BucketPlan:
     """What a hook prepared for one DDP bucket's layout; each hook extends it with its own fields."""
 
-    signature: tuple      # the buffer's layout (bucket_signature): the plan is rebuilt when it changes
-    layers: list[Layer]   # compressed layers: (position, offset, length)
+    signature: tuple      # the bucket's layout (:func:`bucket_signature`): the plan is rebuilt when it changes
+    names: list[str]      # the bucket's parameters' names, in buffer order
+    layers: list[Layer]   # compressed layers: (name, offset, length)
     dense: list[Dense]    # layers all-reduced uncompressed: (offset, length)
 
 
 class HookState:
     """The base of pycomm's hook states.
 
-    Pickling drops ``process_group`` (a process group cannot be pickled) and ``observer``
-    (a callable of the running job, e.g. L-GreCo's accumulator, often not picklable); after
-    unpickling the group is None, the default group, as in PyTorch's PowerSGDState, and the
-    observer is None. Attributes named in ``_UNPICKLE_DEFAULTS`` that a pickle lacks (written
-    before they existed, or in ``_NOT_PICKLED``) are created by their factory.
+    State belongs to parameters (see :mod:`pycomm.hooks.param_state`): a state needs the names of
+    the model's parameters, given by :meth:`bind` (``pycomm.register`` calls it). A hook whose
+    state was never bound raises ``ValueError`` at its first call.
 
-    ``_CONFIG`` names the plain settings that :meth:`_config_state` writes into a state dict and
-    :meth:`_load_config` reads back.
+    Pickling drops ``process_group`` (a process group cannot be pickled), ``observer`` (a callable
+    of the running job, often not picklable) and the bound names (bind again after unpickling);
+    after unpickling the group is None, the default group, as in PyTorch's PowerSGDState. For
+    checkpoints use :meth:`state_dict`, which holds only tensors, numbers, strings, lists and
+    dicts (it loads with ``torch.load(weights_only=True)``).
+
+    ``_CONFIG`` names the settings written into a state dict's ``config`` and compared on loading;
+    ``_METHOD`` is the method's registry name, also written there.
     """
 
     process_group: Any = None
     observer: Optional[Callable[..., None]] = None
-    _NOT_PICKLED: tuple[str, ...] = ("process_group", "observer", "_settings_agreed")  # ranks check again after loading
+    _names: Optional[ParameterNames] = None
+    _NOT_PICKLED: tuple[str, ...] = ("process_group", "observer", "_settings_agreed", "_names")
     _UNPICKLE_DEFAULTS: Mapping[str, Callable[[], Any]] = {}  # replaced by subclasses, never mutated
     _CONFIG: tuple[str, ...] = ()
+    _METHOD: str = ""
 
     def __getstate__(self) -> dict[str, Any]:
         return {k: v for k, v in self.__dict__.items() if k not in self._NOT_PICKLED}
@@ -60,14 +73,75 @@ class HookState:
             if name not in self.__dict__:
                 self.__dict__[name] = factory()
 
+    # -- parameter names -------------------------------------------------------------
+    def bind(self, model: ParamsLike) -> "HookState":
+        """Give the state the names of the model's parameters, which key its per-parameter state.
+
+        Args:
+            model: the DDP model the hook is registered on (its ``.module``'s parameter names are
+                used, as in the model's own ``state_dict``), or an ``nn.Module``, a ``{name: tensor}``
+                mapping or ``(name, tensor)`` pairs holding the same parameter tensors.
+
+        Returns:
+            The state itself. Call it before the first backward; ``pycomm.register`` does.
+
+        Raises:
+            ValueError: no parameters, a duplicate name, or (after ``load_state_dict`` with
+                ``strict=True``) a loaded name or shape the model does not have.
+        """
+        self._names = ParameterNames(model)
+        self._check_bound()
+        return self
+
+    def _check_bound(self) -> None:
+        """Check what was set before :meth:`bind` (loaded state, per-layer settings) against the names."""
+
+    @property
+    def parameter_names(self) -> Optional[ParameterNames]:
+        """The bound names (None before :meth:`bind`)."""
+        return self._names
+
+    def _require_names(self) -> ParameterNames:
+        if self._names is None:
+            raise ValueError(f"{type(self).__name__} was not bound to a model: its state is kept per parameter "
+                             f"name. Register it with pycomm.register(ddp_model, {self._METHOD!r}, ...), or call "
+                             "state.bind(ddp_model) before the first backward")
+        return self._names
+
+    # -- state dicts ---------------------------------------------------------------------
     def _config_state(self) -> dict[str, Any]:
-        """The ``_CONFIG`` settings, as written at the top of :meth:`state_dict`."""
+        """The ``_CONFIG`` settings, as written into :meth:`state_dict`'s ``config``."""
         return {k: getattr(self, k) for k in self._CONFIG}
 
-    def _load_config(self, state_dict: dict[str, Any]) -> None:
-        """Set the ``_CONFIG`` settings from a state dict (each one must be there)."""
-        for k in self._CONFIG:
-            setattr(self, k, state_dict[k])
+    def _header(self) -> dict[str, Any]:
+        """The part of every state dict that is not per parameter."""
+        group = self.process_group
+        initialized = dist.is_available() and dist.is_initialized()
+        return {"method": self._METHOD, "format": STATE_FORMAT, "config": self._config_state(),
+                "step": int(self.iter),
+                "rank": dist.get_rank(group) if initialized else 0,
+                "world_size": dist.get_world_size(group) if initialized else 1}
+
+    def _read_header(self, state_dict: Any, strict: bool, skipped: list[str]) -> None:
+        """Check the method, format and settings of ``state_dict`` and take its step."""
+        check_header(state_dict, self._METHOD, self._config_state(), strict, skipped)
+        step = state_dict.get("step")
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise CheckpointMismatch(f"the checkpoint's step must be an int >= 0, got {step!r}")
+        self.iter = step
+
+
+def bucket_seed(state: HookState, step: int, names: list[str]) -> int:
+    """The seed of a bucket's random draws at ``step``: ``state.seed``, the step and the bucket's
+    first parameter in model order, not DDP's bucket index (which a rebuild or a resume changes)."""
+    offsets = state._require_names().model_offsets
+    return mix_seed(state.seed, step, min((offsets.get(n, 0) for n in names), default=0))
+
+
+def log_skipped(state: HookState, skipped: list[str]) -> None:
+    """Log what a ``strict=False`` load skipped."""
+    for message in skipped:
+        logger.warning("pycomm %s load_state_dict(strict=False) skipped: %s", state._METHOD, message)
 
 
 def advance_step(state: Any, bucket: dist.GradBucket) -> int:
@@ -79,47 +153,56 @@ def advance_step(state: Any, bucket: dist.GradBucket) -> int:
     return step
 
 
-def bucket_signature(buffer: torch.Tensor, params: Iterable[torch.Tensor]) -> tuple:
-    """The layout a plan is built for: (numel, dtype, parameter shapes)."""
-    return (buffer.numel(), buffer.dtype, tuple(tuple(p.shape) for p in params))
+def bucket_signature(buffer: torch.Tensor, params: list[torch.Tensor]) -> tuple:
+    """The layout a plan is built for: (numel, dtype, the parameters' identities). Identities, not
+    shapes: two buckets whose equal-shaped parameters swapped places have different state."""
+    return (buffer.numel(), buffer.dtype, tuple(id(p) for p in params))
 
 
-def split_layers(params: Iterable[torch.Tensor], min_numel: int) -> tuple[list[Layer], list[Dense]]:
-    """Split a bucket's parameters, in buffer order, into compressed layers ``(position, offset,
-    length)`` (``dim > 1`` and at least ``min_numel`` elements) and dense ones ``(offset, length)``
-    (the rest, empty parameters left out)."""
+def split_layers(params: Iterable[torch.Tensor], names: list[str], min_numel: int) -> tuple[list[Layer], list[Dense]]:
+    """Split a bucket's parameters, in buffer order, into compressed layers ``(name, offset, length)``
+    (``dim > 1`` and at least ``min_numel`` elements) and dense ones ``(offset, length)`` (the rest,
+    empty parameters left out)."""
     layers: list[Layer] = []
     dense: list[Dense] = []
     offset = 0
-    for position, p in enumerate(params):
+    for name, p in zip(names, params):
         n = p.numel()
-        if p.dim() > 1 and n >= min_numel:
-            layers.append((position, offset, n))
+        if compressible(p, min_numel):
+            layers.append((name, offset, n))
         elif n:
             dense.append((offset, n))
         offset += n
     return layers, dense
 
 
-def validated_layer_key(key: Any) -> LayerKey:
-    """A per-layer settings key as ``(bucket_index, position)`` of plain ints.
+def compressible(p: torch.Tensor, min_numel: int) -> bool:
+    """Whether a hook compresses parameter ``p`` (``dim > 1`` and at least ``min_numel`` elements)."""
+    return p.dim() > 1 and p.numel() >= min_numel
+
+
+def validated_layer_key(key: Any, names: Optional[ParameterNames] = None) -> LayerKey:
+    """A per-layer settings key: a parameter name (as in ``model.named_parameters()``).
 
     Raises:
-        ValueError: unless ``key`` is a pair of non-negative integers (bools are not integers here).
+        ValueError: ``key`` is not a string, or the state is bound and the model has no such parameter.
     """
-    if (not isinstance(key, tuple) or len(key) != 2
-            or not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) and i >= 0 for i in key)):
-        raise ValueError(f"layer keys must be (bucket_index, position) pairs of non-negative ints, got {key!r}")
-    return int(key[0]), int(key[1])
+    if not isinstance(key, str):
+        raise ValueError(f"layer keys must be parameter names (str, as in model.named_parameters()), got {key!r}")
+    if names is not None and key not in names.params:
+        raise ValueError(f"no parameter is named {key!r} in the bound model")
+    return key
 
 
 _Setting = TypeVar("_Setting")
 
 
 def validated_layer_params(params: Optional[Mapping[Any, Any]], what: str,
-                           validated_value: Callable[[LayerKey, Any], _Setting]) -> dict[LayerKey, _Setting]:
-    """A ``set_layer_params`` mapping ``{(bucket_index, position): setting}`` with checked keys and
-    each value passed through ``validated_value(key, value)`` (which raises ValueError); None: ``{}``.
+                           validated_value: Callable[[LayerKey, Any], _Setting],
+                           names: Optional[ParameterNames] = None) -> dict[LayerKey, _Setting]:
+    """A ``set_layer_params`` mapping ``{parameter name: setting}`` with checked keys (known names
+    when ``names`` is given) and each value passed through ``validated_value(key, value)`` (which
+    raises ValueError); None: ``{}``.
 
     Raises:
         ValueError: ``params`` is not a mapping, or a key or value is malformed.
@@ -127,9 +210,8 @@ def validated_layer_params(params: Optional[Mapping[Any, Any]], what: str,
     if params is None:
         return {}
     if not isinstance(params, Mapping):
-        raise ValueError(f"layer params must be a dict {{(bucket_index, position): {what}}} or None, "
-                         f"got {type(params).__name__}")
-    return {validated_layer_key(key): validated_value(key, value) for key, value in params.items()}
+        raise ValueError(f"layer params must be a dict {{parameter name: {what}}} or None, got {type(params).__name__}")
+    return {validated_layer_key(key, names): validated_value(key, value) for key, value in params.items()}
 
 
 def take_dense(buffer: torch.Tensor, dense: list[Dense]) -> Optional[torch.Tensor]:

@@ -3,8 +3,11 @@
 # No `from __future__ import annotations`: DDP inspects the hook's real annotations.
 
 import collections
+import itertools
 import logging
 import math
+import zlib
+from collections.abc import Mapping
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -14,7 +17,8 @@ from pycomm import layer_errors, lgreco
 from pycomm.distributed import mix_seed
 from pycomm.hooks import agreement
 from pycomm.hooks.dgc import DGCState, dgc_hook
-from pycomm.hooks.hook_state import HookState, Layer, LayerKey
+from pycomm.hooks.hook_state import HookState, Layer, LayerKey, log_skipped
+from pycomm.hooks.param_state import param_tensors_for_load
 from pycomm.hooks.quantized_allreduce import QuantState, quantized_allreduce_hook
 
 __all__ = ["LGreCoState", "lgreco_hook", "QUANT_CANDIDATES", "density_grid"]
@@ -124,8 +128,8 @@ class LGreCoState(HookState):
         self.alpha = float(alpha)
         self.levels = int(levels)
         self.last_solve: Optional[dict[str, Any]] = None
-        # bucket index -> (float32 sum of the observed values, its compressed layers)
-        self._accumulators: dict[int, tuple[torch.Tensor, list[Layer]]] = {}
+        # parameter name -> float32 sum of its observed values in the current window
+        self._accumulators: dict[str, torch.Tensor] = {}
 
     # The process group lives in the inner state; pickling drops it there.
     @property
@@ -137,10 +141,25 @@ class LGreCoState(HookState):
         if "inner" in self.__dict__:
             self.inner.process_group = group
 
+    # -- parameter names ---------------------------------------------------------------
+    def bind(self, model: Any) -> "LGreCoState":
+        """Bind the inner state (and this one) to the model's parameter names; see
+        :meth:`pycomm.hooks.hook_state.HookState.bind`."""
+        self.inner.bind(model)
+        self._names = self.inner.parameter_names
+        self._check_bound()
+        return self
+
+    def _check_bound(self) -> None:
+        skipped: list[str] = []
+        loaded = {name: {"accumulated": t} for name, t in self._accumulators.items()}
+        kept = param_tensors_for_load(loaded, self._names, {"accumulated": True}, True, skipped)
+        self._accumulators = {name: fields["accumulated"] for name, fields in kept.items()}
+
     # -- what the hook exposes ------------------------------------------------
     @property
     def choice(self) -> dict[LayerKey, Union[int, float]]:
-        """The current per-layer setting, ``{(bucket index, position): bits or density}`` (empty: uniform)."""
+        """The current per-layer setting, ``{parameter name: bits or density}`` (empty: uniform)."""
         return dict(self.inner.layer_params)
 
     @property
@@ -152,6 +171,10 @@ class LGreCoState(HookState):
     def iter(self) -> int:
         """Iterations counted by the inner hook."""
         return self.inner.iter
+
+    @iter.setter
+    def iter(self, step: int) -> None:
+        self.inner.iter = step
 
     # -- schedule -------------------------------------------------------------------
     def _next_solve_end(self, step: int) -> int:
@@ -170,36 +193,36 @@ class LGreCoState(HookState):
         return step + 1 == self._next_solve_end(step)
 
     # -- accumulation -----------------------------------------------------------------
-    def _observe(self, bucket_index: int, values: torch.Tensor, layers: list[Layer]) -> None:
-        entry = self._accumulators.get(bucket_index)
-        if entry is None or entry[0].numel() != values.numel() or entry[1] != layers:
-            self._accumulators[bucket_index] = (values.detach().to(torch.float32, copy=True), list(layers))
-        else:
-            entry[0].add_(values)
+    def _observe(self, values: torch.Tensor, layers: list[Layer]) -> None:
+        for name, offset, length in layers:
+            piece = values[offset:offset + length]
+            total = self._accumulators.get(name)
+            if total is None or total.numel() != length:
+                self._accumulators[name] = piece.detach().to(torch.float32, copy=True)
+            else:
+                total.add_(piece)
 
     # -- solving ------------------------------------------------------------------------
     def _tables(self) -> tuple[list[LayerKey], list[int], torch.Tensor, list[list[int]]]:
-        keys: list[LayerKey] = []
-        errors, lengths = [], []
-        for index in sorted(self._accumulators):
-            values, layers = self._accumulators[index]
-            slices = [(offset, length) for _, offset, length in layers]
-            seed = mix_seed(self.inner.seed, self.inner.iter, index, 0x1C)
-            if self.family == "quant":
-                inner: QuantState = self.inner  # type: ignore[assignment]
-                err = layer_errors.quantization_errors(values, slices, self.candidates, inner.bucket_size,
-                                                       inner.stochastic, seed)
-            else:
-                dgc: DGCState = self.inner  # type: ignore[assignment]
-                err = layer_errors.topk_errors(values, slices, self.candidates, dgc.exact, dgc.sample_ratio, seed)
-            errors.append(err)
-            keys.extend((index, position) for position, _, _ in layers)
-            lengths.extend(length for _, _, length in layers)
-        table = torch.cat(errors) if errors else torch.zeros(0, len(self.candidates), dtype=torch.float64)
+        """The observed layers (model order), their lengths, the error table and the sizes table. The
+        errors of every layer are measured in one launch per candidate over their concatenation."""
+        names = self._require_names()
+        keys = [name for name in names.params if name in self._accumulators]
+        lengths = [self._accumulators[name].numel() for name in keys]
+        if not keys:
+            return keys, lengths, torch.zeros(0, len(self.candidates), dtype=torch.float64), []
+        values = torch.cat([self._accumulators[name] for name in keys])
+        slices = list(zip(itertools.accumulate(lengths[:-1], initial=0), lengths))
+        seed = mix_seed(self.inner.seed, self.inner.iter, 0x1C)
         if self.family == "quant":
-            sizes = layer_errors.quantization_sizes(lengths, self.candidates, self.inner.bucket_size)
+            inner: QuantState = self.inner  # type: ignore[assignment]
+            table = layer_errors.quantization_errors(values, slices, self.candidates, inner.bucket_size,
+                                                     inner.stochastic, seed)
+            sizes = layer_errors.quantization_sizes(lengths, self.candidates, inner.bucket_size)
         else:
-            value_bytes = torch.tensor([], dtype=self.inner.value_dtype).element_size()
+            dgc: DGCState = self.inner  # type: ignore[assignment]
+            table = layer_errors.topk_errors(values, slices, self.candidates, dgc.exact, dgc.sample_ratio, seed)
+            value_bytes = torch.tensor([], dtype=dgc.value_dtype).element_size()
             sizes = layer_errors.topk_sizes(lengths, self.candidates, value_bytes)
         return keys, lengths, table, sizes
 
@@ -255,28 +278,34 @@ class LGreCoState(HookState):
                     solution.error, budget, "" if solution.feasible else " (infeasible: least-error fallback)")
 
     # -- persistence ---------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """This rank's state: the inner state (residuals, per-layer choice), schedule and accumulators."""
-        return {**self._config_state(), "inner": self.inner.state_dict(),
-                "last_solve": self.last_solve,
-                "accumulators": {i: {"values": v, "layers": layers} for i, (v, layers) in self._accumulators.items()}}
+    _METHOD = "lgreco"
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        if state_dict["family"] != self.family:
-            raise ValueError(f"checkpoint is for family {state_dict['family']!r}, this state is {self.family!r}")
-        self._load_config(state_dict)
-        self.candidates = tuple(self.candidates)
-        self.inner.load_state_dict(state_dict["inner"])
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: the configuration, the step, the inner state (its per-parameter state
+        and the per-layer choice, by parameter name), the last solve and the accumulated window
+        (``params[name]["accumulated"]``)."""
+        accumulated = {name: {"accumulated": t.clone()} for name, t in sorted(self._accumulators.items())}
+        if self._names is not None:
+            accumulated = {name: {"accumulated": f["accumulated"].reshape(self._names.params[name].shape)}
+                           for name, f in accumulated.items()}
+        return {**self._header(), "inner": self.inner.state_dict(), "last_solve": self.last_solve,
+                "params": accumulated}
+
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore :meth:`state_dict` (see :meth:`QuantState.load_state_dict` for ``strict``)."""
+        skipped: list[str] = []
+        self._read_header(state_dict, strict, skipped)
+        self.inner.load_state_dict(state_dict["inner"], strict=strict)
         self.last_solve = state_dict.get("last_solve")
-        self._accumulators = {int(i): (e["values"], [tuple(x) for x in e["layers"]])
-                              for i, e in state_dict.get("accumulators", {}).items()}
+        kept = param_tensors_for_load(state_dict.get("params", {}), self._names, {"accumulated": True}, strict,
+                                      skipped)
+        self._accumulators = {name: fields["accumulated"] for name, fields in kept.items()}
+        log_skipped(self, skipped)
         agreement.settings_changed(self)
 
 
 def _same_on_all_ranks(keys: list[LayerKey], device: torch.device, group: Optional[dist.ProcessGroup]) -> bool:
-    digest = 0
-    for bucket, position in keys:
-        digest = (digest * 1_000_003 + bucket * 65_537 + position + 1) % (1 << 31)
+    digest = zlib.crc32("\n".join(keys).encode())
     summary = torch.tensor([len(keys), digest], dtype=torch.int64, device=device)
     both = torch.cat([summary, -summary])
     dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group)
@@ -289,6 +318,7 @@ def lgreco_hook(state: LGreCoState, bucket: dist.GradBucket) -> torch.futures.Fu
     Register with ``ddp_model.register_comm_hook(state, lgreco_hook)`` or in one line with
     ``pycomm.register(ddp_model, "lgreco", family="quant", default=4)``.
     """
+    state._require_names()
     agreement.check_settings(state, bucket, "lgreco")
     step = state.inner.iter  # the inner hook counts iterations on the last bucket
     state.inner.observer = state._observe if state.observing(step) else None

@@ -4,6 +4,7 @@
 
 import logging
 from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
 import torch
@@ -13,8 +14,10 @@ from pycomm import ops
 from pycomm.ops.validation import check_bits_bucket
 from pycomm.hooks import agreement
 from pycomm.hooks.hook_state import (BucketPlan, Dense, HookState, Layer, advance_step, allreduce_dense,
-                                     average_async, bucket_signature, split_layers, take_dense, validated_layer_params)
-from pycomm.distributed import chunk_layout, mix_seed, quantized_all_reduce
+                                     average_async, bucket_seed, bucket_signature, log_skipped, split_layers, take_dense,
+                                     validated_layer_params)
+from pycomm.hooks.param_state import ParamStore, param_tensors_for_load
+from pycomm.distributed import chunk_layout, quantized_all_reduce
 
 __all__ = ["QuantState", "quantized_allreduce_hook"]
 
@@ -23,7 +26,8 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class _QuantPlan(BucketPlan):
-    """How one DDP bucket is split between the quantized and the plain path."""
+    """How one DDP bucket is split between the quantized and the plain path, and the working
+    buffers of its parameters' residuals."""
 
     table: Optional[torch.Tensor] = None            # bucket table over the compressed layers, or None
     worker_residual: Optional[torch.Tensor] = None  # float32, numel of the bucket buffer
@@ -32,15 +36,88 @@ class _QuantPlan(BucketPlan):
     bits: int = 0                            # bits of the 2-column path; 0: `table` is mixed
     host_table: Optional[torch.Tensor] = None  # CPU copy of a mixed table (sizes payloads, no wait)
     params_version: int = 0                  # QuantState's layer-params version it was built for
+    world: int = 1
+    rank: int = 0
+    bucket_size: int = 0
+    own_positions: Optional[torch.Tensor] = None  # buffer position of each server-residual element (-1: none)
+
+    def owned_positions(self) -> torch.Tensor:
+        """For each element of the server residual, the bucket element it belongs to (-1 for the
+        padding of a record): its rows are this rank's chunk of the table. Built when first needed
+        (at a layout change or a checkpoint), never in a step."""
+        if self.own_positions is None:
+            assert self.table is not None and self.server_residual is not None
+            per_chunk = self.server_residual.numel() // self.bucket_size
+            table = self.host_table if self.host_table is not None else self.table
+            rows = table[self.rank * per_chunk:(self.rank + 1) * per_chunk, :2].to("cpu", torch.int64)
+            within = torch.arange(self.bucket_size, dtype=torch.int64)
+            positions = rows[:, :1] + within
+            positions[within.expand_as(positions) >= rows[:, 1:2]] = -1
+            self.own_positions = positions.reshape(-1).to(self.server_residual.device)
+        return self.own_positions
+
+    def export(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        """The residuals of ``names`` as standalone tensors: ``worker`` (gradient units, what this
+        rank has not sent yet) and ``server`` (units of the average: the re-quantization error of the
+        elements of this rank's chunk; zero elsewhere)."""
+        if self.worker_residual is None:
+            return {}
+        server_full = self._server_by_position()
+        where = {name: (o, n) for name, o, n in self.layers}
+        return {name: {"worker": self.worker_residual[o:o + n].clone(), "server": server_full[o:o + n].clone()}
+                for name in names if name in where for o, n in [where[name]]}
+
+    def padding_residual(self) -> torch.Tensor:
+        """The server residual of the records' padding (the tail of each layer's last record): the
+        reduced chunk holds decoded padding there, so the re-quantization leaves a residual that
+        belongs to no parameter. It is kept per bucket layout (see ``QuantState.state_dict``)."""
+        assert self.server_residual is not None
+        return self.server_residual[self.owned_positions() < 0]
+
+    def _server_by_position(self) -> torch.Tensor:
+        assert self.worker_residual is not None and self.server_residual is not None
+        full = torch.zeros_like(self.worker_residual)
+        positions = self.owned_positions()
+        valid = positions >= 0
+        full[positions[valid]] = self.server_residual[valid]
+        return full
+
+    def load(self, taken: dict[str, dict[str, torch.Tensor]]) -> None:
+        """Put the residuals of parameters that were elsewhere (another layout, a checkpoint) into
+        this plan. Owed mass keeps its value wherever it lands: on the elements this rank now
+        reduces (its chunk, which it does not quantize in the first phase) it goes into the server
+        residual, as ``server + worker / W``; on the others into the worker residual, as
+        ``worker + W * server``. Where the ownership did not change, one of the two is zero and the
+        values are kept as they were."""
+        if self.worker_residual is None or not taken:
+            return
+        worker = self.worker_residual
+        server = torch.zeros_like(worker)
+        for name, o, n in self.layers:
+            entry = taken.get(name)
+            if entry is None:
+                continue
+            if "worker" in entry:
+                worker[o:o + n].copy_(entry["worker"])
+            if "server" in entry:
+                server[o:o + n].copy_(entry["server"])
+        positions = self.owned_positions()
+        valid = positions >= 0
+        owned = positions[valid]
+        assert self.server_residual is not None
+        self.server_residual[valid] = server[owned] + worker[owned] / self.world
+        worker[owned] = 0.0
+        not_owned_server = server.index_fill_(0, owned, 0.0)
+        worker.add_(not_owned_server, alpha=self.world)
 
 
-def _validated_bits(key: tuple[int, int], value: object) -> int:
+def _validated_bits(key: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
-        raise ValueError(f"bits of layer {key} must be an integer in [1, 8], got {value!r}")
+        raise ValueError(f"bits of layer {key!r} must be an integer in [1, 8], got {value!r}")
     return int(value)
 
 
-_Observer = Callable[[int, torch.Tensor, list[Layer]], None]
+_Observer = Callable[[torch.Tensor, list[Layer]], None]
 
 
 class QuantState(HookState):
@@ -57,20 +134,27 @@ class QuantState(HookState):
             also skips DDP's first iteration, after which DDP rebuilds its buckets.
         min_numel: layers with fewer elements, and every layer with ``dim <= 1`` (biases, norms),
             are all-reduced uncompressed.
-        seed: base seed of stochastic rounding (mixed with the step, the bucket and the rank).
+        seed: base seed of stochastic rounding (mixed with the step, the bucket's first parameter
+            in model order and the rank).
 
-    Per-layer bit widths (for L-GreCo): :meth:`set_layer_params` maps a compressed layer
-    ``(bucket.index(), position in bucket.parameters())`` to its bits; layers without an entry
-    use ``bits``. A DDP bucket whose layers differ is sent with a mixed bucket table (one kernel
-    launch per phase, the same two collectives). ``observer``, when set, is called as
-    ``observer(bucket_index, values, layers)`` once per bucket per compressed step, before
-    compressing: ``values`` is a float32 tensor of the bucket's numel holding exactly what is
-    quantized (buffer + worker residual; copy what you keep), ``layers`` the compressed layers as
-    ``(position, offset, length)``. It is not pickled and not in :meth:`state_dict`.
+    The state needs the model's parameter names (:meth:`bind`; ``pycomm.register`` does it): the
+    residuals belong to parameters. A DDP bucket's plan holds them in flat working buffers while
+    its layout lasts; when DDP rebuilds its buckets (after the first iteration, and at the first
+    step after a resume) every parameter's residuals move to its new bucket, and the re-quantization
+    residual of the elements a rank reduces moves with them (see ``_QuantPlan.load``).
+
+    Per-layer bit widths (for L-GreCo): :meth:`set_layer_params` maps a compressed layer, by
+    parameter name, to its bits; layers without an entry use ``bits``. A DDP bucket whose layers
+    differ is sent with a mixed bucket table (one kernel launch per phase, the same two
+    collectives). ``observer``, when set, is called as ``observer(values, layers)`` once per
+    bucket per compressed step, before compressing: ``values`` is a float32 tensor of the bucket's
+    numel holding exactly what is quantized (buffer + worker residual; copy what you keep),
+    ``layers`` the compressed layers as ``(name, offset, length)``. It is not pickled and not in
+    :meth:`state_dict`.
 
     Residuals are per rank: checkpoint each rank's :meth:`state_dict` (e.g. to
-    ``f"quant_rank{rank}.pt"``) and load it on the same rank. Pickling the state
-    (``__getstate__``) drops the process group; it is set to the default group on load.
+    ``f"quant_rank{rank}.pt"``, or all of them with :func:`pycomm.checkpoint.gather_state_dicts`)
+    and load it on the same rank.
 
     Example::
 
@@ -80,10 +164,12 @@ class QuantState(HookState):
 
         dist.init_process_group("gloo")          # run under torchrun
         model = DDP(torch.nn.Linear(1024, 1024))
-        state = QuantState(bits=4)
+        state = QuantState(bits=4).bind(model)
         model.register_comm_hook(state, quantized_allreduce_hook)
         model(torch.randn(8, 1024)).sum().backward()
     """
+
+    _METHOD = "quant"
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, bits: int = 4, bucket_size: int = 512,
                  stochastic: bool = True, error_feedback: bool = True, start_iter: int = 2, min_numel: int = 1024,
@@ -101,108 +187,133 @@ class QuantState(HookState):
         self.seed = seed
         self.iter = 0
         self.observer: Optional[_Observer] = None
-        self._layer_params: dict[tuple[int, int], int] = {}
+        self._layer_params: dict[str, int] = {}
         self._params_version = 0
         self._plans: dict[int, _QuantPlan] = {}
-        self._pending: dict[int, dict[str, Any]] = {}  # residuals loaded before their bucket is seen
+        self._store = ParamStore()
+        self._loaded_padding: list[dict[str, Any]] = []
 
     # -- per-layer bit widths ------------------------------------------------
     @property
-    def layer_params(self) -> dict[tuple[int, int], int]:
-        """The per-layer bits overrides, ``{(bucket_index, position): bits}`` (a copy)."""
+    def layer_params(self) -> dict[str, int]:
+        """The per-layer bits overrides, ``{parameter name: bits}`` (a copy)."""
         return dict(self._layer_params)
 
-    def set_layer_params(self, params: Optional[dict[tuple[int, int], int]]) -> None:
-        """Set per-layer bits: ``{(bucket_index, position): bits}`` with bits in 1..8; None clears.
+    def set_layer_params(self, params: Optional[Mapping[str, int]]) -> None:
+        """Set per-layer bits: ``{parameter name: bits}`` with bits in 1..8; None clears.
 
         Layers without an entry use ``bits``; entries of layers that are not compressed (``dim <= 1``
         or fewer than ``min_numel`` elements) have no effect. Takes effect the next time the hook
-        sees each bucket; a bucket whose layers' bits changed keeps its worker residuals and resets
-        its server residual (whose layout follows the bits). Every rank must set the same mapping
-        at the same step: the next hook call checks that they did (one tiny collective, see
+        sees each bucket; the residuals carry over. Every rank must set the same mapping at the
+        same step: the next hook call checks that they did (one tiny collective, see
         :mod:`pycomm.hooks.agreement`) and raises ``RankDisagreementError`` on every rank if not.
+
+        Raises:
+            ValueError: a key that is not a name of the bound model, or bits outside 1..8.
         """
-        self._layer_params = self._validated_layer_params(params)
+        self._layer_params = validated_layer_params(params, "bits", _validated_bits, self._names)
         self._params_version += 1
         agreement.settings_changed(self)
 
-    @staticmethod
-    def _validated_layer_params(params: Optional[dict]) -> dict[tuple[int, int], int]:
-        return validated_layer_params(params, "bits", _validated_bits)
+    def _check_bound(self) -> None:
+        self._layer_params = validated_layer_params(self._layer_params, "bits", _validated_bits, self._names)
+        self._check_loose(strict=True)
 
-    _UNPICKLE_DEFAULTS = {"_layer_params": dict, "_params_version": int}  # pickles from before per-layer bits
+    def _check_loose(self, strict: bool) -> None:
+        skipped: list[str] = []
+        self._store.loose = param_tensors_for_load(self._store.loose, self._names, self._fields(), strict, skipped)
+        log_skipped(self, skipped)
+
+    def _fields(self) -> dict[str, bool]:
+        return {"worker": self.error_feedback, "server": self.error_feedback}
 
     # -- persistence -------------------------------------------------------
-    _CONFIG = ("bits", "bucket_size", "stochastic", "error_feedback", "start_iter", "min_numel", "seed", "iter")
+    _CONFIG = ("bits", "bucket_size", "stochastic", "error_feedback", "start_iter", "min_numel", "seed")
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's state: configuration, iteration and its own residuals per DDP bucket."""
-        residuals = {
-            index: {"signature": plan.signature, "worker": plan.worker_residual, "server": plan.server_residual,
-                    "layer_bits": plan.layer_bits}
-            for index, plan in self._plans.items()
-        }
-        return {**self._config_state(), "residuals": residuals,
-                "layer_params": dict(self._layer_params)}
+        """This rank's state: the configuration, the step, the per-layer bits and each parameter's
+        residuals by name (``params[name]["worker"]`` and ``["server"]``, shaped like the parameter)."""
+        params = self._store.everything()
+        if self._names is not None:
+            params = {name: {k: t.reshape(self._names.params[name].shape) for k, t in fields.items()}
+                      for name, fields in params.items() if name in self._names.params}
+        padding = [{"names": [name for name, _, _ in plan.layers], "layer_bits": list(plan.layer_bits),
+                    "world_size": plan.world, "residual": plan.padding_residual().clone()}
+                   for plan in self._plans.values() if plan.server_residual is not None]
+        return {**self._header(), "layer_params": dict(self._layer_params), "params": params,
+                "padding": padding or list(self._loaded_padding)}
 
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; residuals are matched to buckets when the hook next sees them.
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore :meth:`state_dict` before the first step; the first hook call puts each
+        parameter's residuals into whatever bucket holds it then.
 
-        Checkpoints written before per-layer bits existed load too (no overrides)."""
-        self._load_config(state_dict)
-        self._layer_params = self._validated_layer_params(state_dict.get("layer_params") or None)
+        Args:
+            state_dict: a ``QuantState.state_dict()`` (of this rank).
+            strict: raise :class:`~pycomm.hooks.param_state.CheckpointMismatch` (a ``ValueError``)
+                at the first thing that does not fit: another method or setting (e.g. bits), a name
+                the bound model does not have, or another shape. ``False`` loads what fits and logs
+                the rest.
+        """
+        skipped: list[str] = []
+        self._read_header(state_dict, strict, skipped)
+        layer_params = state_dict.get("layer_params") or {}
+        if self._names is not None and not strict:
+            layer_params = {k: v for k, v in layer_params.items() if k in self._names.params}
+        self._layer_params = validated_layer_params(layer_params, "bits", _validated_bits, self._names)
         self._params_version += 1
         self._plans.clear()
-        self._pending = dict(state_dict.get("residuals", {}))
+        self._store.clear()
+        self._store.loose = param_tensors_for_load(state_dict.get("params", {}), self._names, self._fields(), strict,
+                                                   skipped)
+        self._loaded_padding = [entry for entry in state_dict.get("padding", []) if self.error_feedback]
+        log_skipped(self, skipped)
         agreement.settings_changed(self)
 
     # -- planning ------------------------------------------------------------
     def _plan(self, bucket: dist.GradBucket) -> _QuantPlan:
         buffer = bucket.buffer()
         index = bucket.index()
-        plan = self._plans.get(index)
-        if plan is not None and plan.params_version == self._params_version:
-            if plan.signature[0] == buffer.numel() and plan.signature[1] == buffer.dtype:
-                # The same layout is the overwhelmingly common case: compare the shapes only then.
-                if plan.signature[2] == tuple(tuple(p.shape) for p in bucket.parameters()):
-                    return plan
         params = bucket.parameters()
+        plan = self._plans.get(index)
         signature = bucket_signature(buffer, params)
-        layers, dense = split_layers(params, self.min_numel)
-        layer_bits = tuple(self._layer_params.get((index, position), self.bits) for position, _, _ in layers)
-        if plan is not None and plan.signature == signature:
-            if plan.layer_bits == layer_bits:
-                plan.params_version = self._params_version
-                return plan
-            # Same buffer, new bits: the worker residual (per element) keeps its meaning, the
-            # server residual (laid out by the table's chunks) does not.
-            logger.info("pycomm quant: bucket %d changed its layer bits; its server residual is reset", index)
-            worker = plan.worker_residual
-            plan = self._build_plan(bucket, signature, layers, dense, layer_bits)
-            if worker is not None and plan.worker_residual is not None:
-                plan.worker_residual = worker
-            self._plans[index] = plan
+        if plan is not None and plan.signature == signature and plan.params_version == self._params_version:
             return plan
-        if plan is not None:
-            logger.info("pycomm quant: bucket %d changed layout; its residuals are reset", index)
-        plan = self._build_plan(bucket, signature, layers, dense, layer_bits)
-        pending = self._pending.pop(index, None)
-        if pending is not None and pending["signature"] == signature:
-            if pending["worker"] is not None and plan.worker_residual is not None:
-                plan.worker_residual = pending["worker"].to(buffer.device)
-            # Checkpoints without "layer_bits" were written with every layer at their `bits`.
-            saved_bits = pending.get("layer_bits") or tuple(self.bits for _ in layers)
-            server = pending["server"]
-            if (server is not None and plan.server_residual is not None and tuple(saved_bits) == layer_bits
-                    and server.numel() == plan.server_residual.numel()):
-                plan.server_residual = server.to(buffer.device)
+        names = self._require_names().names_of(params)
+        layers, dense = split_layers(params, names, self.min_numel)
+        layer_bits = tuple(self._layer_params.get(name, self.bits) for name, _, _ in layers)
+        if plan is not None and plan.signature == signature and plan.layer_bits == layer_bits:
+            plan.params_version = self._params_version
+            return plan
+        plan = self._build_plan(bucket, signature, names, layers, dense, layer_bits)
+        compressed = [name for name, _, _ in layers]
+        plan.load(self._store.take(compressed))
+        self._store.claim(compressed if plan.worker_residual is not None else [], plan)
+        self._restore_padding(plan)
         self._plans[index] = plan
         return plan
 
-    def _build_plan(self, bucket: dist.GradBucket, signature: tuple, layers: list[Layer], dense: list[Dense],
-                    layer_bits: tuple[int, ...]) -> _QuantPlan:
+    def _restore_padding(self, plan: _QuantPlan) -> None:
+        """Give a plan the padding residual saved for the same layout (names, bits and world size);
+        under another layout it is dropped: it holds no gradient, only the re-quantization error of
+        padding."""
+        if plan.server_residual is None:
+            return
+        names = [name for name, _, _ in plan.layers]
+        for entry in self._loaded_padding:
+            if (entry.get("names") == names and list(entry.get("layer_bits", [])) == list(plan.layer_bits)
+                    and entry.get("world_size") == plan.world):
+                padding = plan.owned_positions() < 0
+                values = entry["residual"]
+                if isinstance(values, torch.Tensor) and values.numel() == int(padding.sum()):
+                    plan.server_residual[padding] = values.to(plan.server_residual)
+                self._loaded_padding.remove(entry)
+                return
+
+    def _build_plan(self, bucket: dist.GradBucket, signature: tuple, names: list[str], layers: list[Layer],
+                    dense: list[Dense], layer_bits: tuple[int, ...]) -> _QuantPlan:
         buffer = bucket.buffer()
         world = dist.get_world_size(self.process_group)
+        rank = dist.get_rank(self.process_group)
         table, host_table, worker, server, bits = None, None, None, None, self.bits
         if layers:
             segments = [(o, n) for _, o, n in layers]
@@ -220,8 +331,11 @@ class QuantState(HookState):
                 _, per_chunk = chunk_layout(buffer.numel(), self.bucket_size, world, table)
                 worker = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
                 server = torch.zeros(per_chunk * self.bucket_size, dtype=torch.float32, device=buffer.device)
-        return _QuantPlan(signature, layers, dense, table=table, worker_residual=worker, server_residual=server,
-                          layer_bits=layer_bits, bits=bits, host_table=host_table, params_version=self._params_version)
+        return _QuantPlan(signature, names, layers, dense, table=table, worker_residual=worker,
+                          server_residual=server, layer_bits=layer_bits, bits=bits, host_table=host_table,
+                          params_version=self._params_version, world=world, rank=rank,
+                          bucket_size=self.bucket_size)
+
 
 
 def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:
@@ -232,6 +346,7 @@ def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torc
     Layers with ``dim <= 1`` or fewer than ``min_numel`` elements, and every layer
     before ``start_iter``, are all-reduced uncompressed.
     """
+    state._require_names()
     agreement.check_settings(state, bucket, "quant")
     group = state.process_group
     buffer = bucket.buffer()
@@ -248,11 +363,11 @@ def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torc
             values = buffer.float() + plan.worker_residual
         else:
             values = buffer.to(torch.float32, copy=True)
-        state.observer(bucket.index(), values, list(plan.layers))
+        state.observer(values, list(plan.layers))
     small = take_dense(buffer, plan.dense)
     fut = quantized_all_reduce(
         buffer, bits=plan.bits if plan.bits else state.bits, bucket_size=state.bucket_size, op=dist.ReduceOp.AVG,
-        group=group, async_op=True, stochastic=state.stochastic, seed=mix_seed(state.seed, step, bucket.index()),
+        group=group, async_op=True, stochastic=state.stochastic, seed=bucket_seed(state, step, plan.names),
         worker_residual=plan.worker_residual, server_residual=plan.server_residual, bucket_table=plan.table,
         host_bucket_table=plan.host_table)
     if small is None:

@@ -2,6 +2,9 @@
 
 # No `from __future__ import annotations`: DDP inspects the hook's real annotations.
 
+import itertools
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Optional
 
 import torch
@@ -10,7 +13,9 @@ import torch.distributed as dist
 from pycomm import ops
 from pycomm.ops.philox import philox_distribution_code
 from pycomm.hooks import agreement
-from pycomm.hooks.hook_state import HookState, advance_step, average_, completed_future
+from pycomm.hooks.hook_state import (BucketPlan, HookState, advance_step, average_, bucket_signature,
+                                     completed_future, log_skipped)
+from pycomm.hooks.param_state import ParamStore, param_tensors_for_load
 from pycomm.codec import NONFINITE_CODE, LogByteCodec
 from pycomm.distributed import all_gather_into_tensor, mix_seed
 
@@ -53,15 +58,25 @@ class ProjectionState(HookState):
     every step bounded it (about 8-10x) and reached 3.770 / 3.738: better than plain
     feedback, still worse than none (AdamW's own momentum already averages the steps).
 
+    The directions are drawn where the parameters are, not where DDP's bucket puts them:
+    ``z_j`` is one Philox vector over the model's parameters that require a gradient,
+    concatenated in ``model.named_parameters()`` order, keyed by (seed, step, j); a bucket
+    projects its parameters' slices of it. A parameter's directions therefore do not change
+    when DDP rebuilds its buckets or a resumed run starts from another layout. The state
+    needs the parameter names (:meth:`bind`; ``pycomm.register`` calls it).
+
     Args:
         process_group: the group (None: the default group).
         num_directions: K, directions (bytes) per bucket per step.
-        error_feedback: keep the per-bucket residual ``x - Σ_j a_j z_j`` and add it to the
+        error_feedback: keep each parameter's residual ``x - Σ_j a_j z_j`` and add it to the
             next step's gradient (default False, see above).
         distribution: ``"gaussian"`` or ``"rademacher"``.
         codec: byte codec of the coefficients (default: 1e-7 to 10, 8 decades).
         seed: base seed shared by all ranks.
     """
+
+    _METHOD = "spsa-projection"
+    _CONFIG = ("num_directions", "error_feedback", "distribution", "seed")
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, num_directions: int = 4,
                  error_feedback: bool = False, distribution: str = "gaussian",
@@ -76,26 +91,107 @@ class ProjectionState(HookState):
         self.codec = codec
         self.seed = seed
         self.iter = 0
-        self.residuals: dict[int, torch.Tensor] = {}
+        self._plans: dict[int, _ProjectionPlan] = {}
+        self._store = ParamStore()
 
-    _CONFIG = ("iter", "seed")
+    def _fields(self) -> dict[str, bool]:
+        return {"residual": self.error_feedback}
+
+    def _check_bound(self) -> None:
+        skipped: list[str] = []
+        self._store.loose = param_tensors_for_load(self._store.loose, self._names, self._fields(), True, skipped)
 
     def state_dict(self) -> dict[str, Any]:
-        """This rank's iteration and residuals (checkpoint per rank)."""
-        return {**self._config_state(), "residuals": dict(self.residuals)}
+        """This rank's state: the configuration, the step and, with error feedback, each
+        parameter's residual by name (``params[name]["residual"]``). Checkpoint it per rank."""
+        params = self._store.everything()
+        if self._names is not None:
+            params = {name: {k: t.reshape(self._names.params[name].shape) for k, t in fields.items()}
+                      for name, fields in params.items() if name in self._names.params}
+        return {**self._header(), "params": params}
 
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore :meth:`state_dict`; a checkpoint of another state (e.g. a ``QuantState``'s) raises
-        ``ValueError`` instead of failing later inside the hook."""
-        residuals = state.get("residuals") if isinstance(state, dict) else None
-        if (not isinstance(residuals, dict) or not set(self._CONFIG) <= set(state)
-                or not all(isinstance(r, torch.Tensor) for r in residuals.values())):
-            keys = sorted(state) if isinstance(state, dict) else type(state).__name__
-            raise ValueError("not a ProjectionState checkpoint: expected 'iter', 'seed' and 'residuals' "
-                             f"(bucket index -> tensor), got {keys}")
-        self._load_config(state)
-        self.residuals = dict(state["residuals"])
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
+        """Restore :meth:`state_dict` before the first step. ``strict`` (default): a checkpoint of
+        another method or setting, or with a name or shape the bound model does not have, raises
+        :class:`~pycomm.hooks.param_state.CheckpointMismatch` (a ``ValueError``) naming the first
+        mismatch; ``strict=False`` loads what fits and logs the rest."""
+        skipped: list[str] = []
+        self._read_header(state_dict, strict, skipped)
+        self._plans.clear()
+        self._store.clear()
+        self._store.loose = param_tensors_for_load(state_dict.get("params", {}), self._names, self._fields(), strict,
+                                                   skipped)
+        log_skipped(self, skipped)
         agreement.settings_changed(self)
+
+    def _plan(self, bucket: dist.GradBucket) -> "_ProjectionPlan":
+        buffer = bucket.buffer()
+        params = bucket.parameters()
+        signature = bucket_signature(buffer, params)
+        plan = self._plans.get(bucket.index())
+        if plan is not None and plan.signature == signature:
+            return plan
+        names_map = self._require_names()
+        names = names_map.names_of(params)
+        pieces = []  # (model offset, buffer offset, length), in model order
+        offset = 0
+        for name, p in zip(names, params):
+            if p.numel():
+                pieces.append((names_map.model_offsets[name], offset, p.numel()))
+            offset += p.numel()
+        pieces.sort()
+        runs: list[tuple[int, list[tuple[int, int]]]] = []
+        for model_offset, buffer_offset, n in pieces:
+            if runs and runs[-1][0] + sum(length for _, length in runs[-1][1]) == model_offset:
+                runs[-1][1].append((buffer_offset, n))
+            else:
+                runs.append((model_offset, [(buffer_offset, n)]))
+        residual = None
+        if self.error_feedback:
+            residual = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
+        where = {name: (o, p.numel()) for name, p, o in
+                 zip(names, params, itertools.accumulate((p.numel() for p in params[:-1]), initial=0))}
+        plan = _ProjectionPlan(signature, names, [], [], runs=runs, residual=residual, where=where)
+        if residual is not None:
+            plan.load(self._store.take(names))
+            self._store.claim(names, plan)
+        self._plans[bucket.index()] = plan
+        return plan
+
+
+@dataclass
+class _ProjectionPlan(BucketPlan):
+    runs: list = field(default_factory=list)  # (model offset, [(buffer offset, length), ...]) in model order
+    residual: Optional[torch.Tensor] = None   # float32 over the bucket (error feedback)
+    where: dict = field(default_factory=dict)  # parameter name -> (offset, length) in the buffer
+
+    def export(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
+        if self.residual is None:
+            return {}
+        return {name: {"residual": self.residual[o:o + n].clone()}
+                for name in names if name in self.where for o, n in [self.where[name]]}
+
+    def load(self, taken: dict[str, dict[str, torch.Tensor]]) -> None:
+        assert self.residual is not None
+        for name, entry in taken.items():
+            if "residual" in entry:
+                o, n = self.where[name]
+                self.residual[o:o + n].copy_(entry["residual"])
+
+    def pieces(self, x: torch.Tensor) -> list[tuple[int, list[torch.Tensor]]]:
+        """``x`` (laid out like the bucket) as runs of views that are consecutive in model order."""
+        return [(model_offset, [x[o:o + n] for o, n in parts]) for model_offset, parts in self.runs]
+
+
+def _project(pieces: list[tuple[int, list[torch.Tensor]]], seeds: list[int], distribution: str,
+             device: torch.device) -> torch.Tensor:
+    """The K dot products of a bucket with its slices of the directions: one launch per run of
+    parameters that are consecutive in model order (usually one per bucket), summed in model order."""
+    total = None
+    for model_offset, views in pieces:
+        part = ops.philox_dot_multi(views, seeds, distribution, model_offset)
+        total = part if total is None else total + part
+    return torch.zeros(len(seeds), dtype=torch.float64, device=device) if total is None else total
 
 
 def _rank_sum(rows: torch.Tensor) -> torch.Tensor:
@@ -118,22 +214,20 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     one launch per K directions for the residual and for the result (the coefficients
     stay device tensors throughout).
     """
+    state._require_names()
     agreement.check_settings(state, bucket, "spsa-projection")
     group = state.process_group
     buffer = bucket.buffer()
     world = dist.get_world_size(group)
     step = advance_step(state, bucket)
     n = buffer.numel()
+    plan = state._plan(bucket)
     x = buffer.float()
-    residual = None
-    if state.error_feedback:
-        residual = state.residuals.get(bucket.index())
-        if residual is None or residual.numel() != n:
-            residual = torch.zeros(n, dtype=torch.float32, device=buffer.device)
-            state.residuals[bucket.index()] = residual
+    residual = plan.residual
+    if residual is not None:
         x = x + residual
-    seeds = [mix_seed(state.seed, step, bucket.index(), j) for j in range(state.num_directions)]
-    coefficients = ops.philox_dot_multi([x], seeds, state.distribution) / n
+    seeds = [mix_seed(state.seed, step, j) for j in range(state.num_directions)]
+    coefficients = _project(plan.pieces(x), seeds, state.distribution, buffer.device) / n
     codes = state.codec.encode(coefficients)
     gathered = torch.empty(world * state.num_directions, dtype=torch.uint8, device=buffer.device)
     all_gather_into_tensor(gathered, codes, group=group)
@@ -146,10 +240,13 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     decoded = state.codec.decode(gathered).view(world, state.num_directions)
     if residual is not None:  # residual = x - Σ_j a_j z_j with this rank's decoded coefficients
         own = decoded[dist.get_rank(group)]
-        ops.philox_axpy_multi_([x], seeds, -own, state.distribution)  # x = buffer + residual: a fresh tensor
+        for model_offset, views in plan.pieces(x):  # x = buffer + residual: a fresh tensor
+            ops.philox_axpy_multi_(views, seeds, -own, state.distribution, model_offset)
         # A non-finite step leaves the residual as it was (no device wait: a masked copy).
         residual.copy_(torch.where(torch.isfinite(own).all(), x, residual))
     out = torch.zeros(n, dtype=torch.float32, device=buffer.device)
-    ops.philox_axpy_multi_([out], seeds, _rank_sum(decoded) / world, state.distribution)
+    alphas = _rank_sum(decoded) / world
+    for model_offset, views in plan.pieces(out):
+        ops.philox_axpy_multi_(views, seeds, alphas, state.distribution, model_offset)
     buffer.copy_(out)
     return completed_future(buffer)
