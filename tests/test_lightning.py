@@ -183,7 +183,27 @@ def _worker(rank, world, tmp):
     _fit("plain", 1, loaded,
          strategy_kwargs=dict(ddp_comm_state=state, ddp_comm_hook=pycomm.hooks.quantized_allreduce_hook))
     out["strategy_hook_iter"] = state.iter
+    out["double_hook_error"] = _register_on_a_hooked_ddp()
     return out
+
+
+def _register_on_a_hooked_ddp() -> str:
+    """The callback's error when the DDP model has a comm hook already (as DDPStrategy(ddp_comm_hook=...)
+    gives on CUDA); the trainer is a stand-in with only what on_fit_start reads."""
+    from types import SimpleNamespace
+
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    from pycomm.lightning import PycommCallback
+
+    ddp = DistributedDataParallel(torch.nn.Linear(4, 4))
+    ddp.register_comm_hook(None, allreduce_hook)
+    try:
+        PycommCallback("quant").on_fit_start(SimpleNamespace(strategy=SimpleNamespace(model=ddp)), None)
+    except RuntimeError as e:
+        return str(e)
+    return "no error"
 
 
 @pytest.fixture(scope="module")
@@ -293,6 +313,12 @@ def test_second_fit_on_the_same_trainer_continues_the_state(runs):
         assert twice["new_state_per_fit"] and twice["reentry_kept_state"] == [True, True]
         assert twice["iter"] == twice["global_step"] == SAVED_STEP
         assert twice["norms"][first] == pytest.approx(continuous["norms"][first], rel=1e-6), rank
+
+
+def test_a_ddp_model_with_a_comm_hook_already_is_refused_with_advice(runs):
+    assert runs[0]["double_hook_error"] == (
+        "PycommCallback('quant'): the DDP model already has a communication hook "
+        "(DDPStrategy(ddp_comm_hook=...)?); use either the callback or the strategy's hook, not both")
 
 
 def test_entry_for_rank_policy_on_another_world_size():
