@@ -15,11 +15,14 @@ on odd ones (A B, B A, A B, ...).
 What is timed: the demo's model (``pycomm.bench.config.MODELS["lm"]``, the CharTransformer of ``pycomm
 demo``) on the demo's batches (``pycomm.bench.data``, 16 sequences of 64 bytes per rank), trained as the
 demo trains it: forward, backward (with the hook), gradient clipping where the demo clips in the loop, and
-the optimizer step. Each rank waits at a barrier before every step; a step's time is the slowest rank's.
-The first ``--warmup`` steps are not timed (DDP rebuilds its buckets after step 0 and quant compresses
-from step 2). Per (tree, method), the table gives the median over all timed steps of all repeats, the
-range of the per-repeat medians (the noise), and each tree's ratio to the first tree's median and mean
-(the mean includes L-GreCo's solve steps, which the median skips).
+the optimizer step. Each rank waits at a barrier before every step; a step's wall time is the slowest
+rank's. Each rank also measures the step's process CPU time (all its threads, Gloo's included): on a
+shared machine it moves much less with other processes' load than the wall time does (while a rank is
+descheduled, its peer waits in a collective, which costs wall time but no CPU time). The first
+``--warmup`` steps are not timed (DDP rebuilds its buckets after step 0 and quant compresses from step
+2). Per (tree, method), the table gives the median wall time over all timed steps of all repeats, the
+range of the per-repeat medians (the noise), the median CPU time, and each tree's ratios to the first
+tree (wall median, wall mean, CPU median; the mean includes L-GreCo's solve steps, which the median skips).
 
 Methods use only ``pycomm.register(ddp, name, **options)`` with the demo's options
 (:mod:`pycomm.bench.methods`), fixed here so that every tree gets the same ones:
@@ -132,27 +135,30 @@ def _worker(rank: int, world: int, rendezvous: str, tree: str, method: str, step
             optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0, weight_decay=defaults.weight_decay)
 
         times: list[float] = []
+        cpu_times: list[float] = []
         loss_value = math.nan
         for step in range(total):
             inputs, targets = train_batch(corpus, spec.batch_size, spec.context, generator)
             dist.barrier()
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             loss = model.loss_from_logits(ddp(inputs), targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             if not clip_in_hook:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), GRAD_CLIP)
             optimizer.step()
-            elapsed = time.perf_counter() - start
+            elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu_start
             if step >= warmup:
                 times.append(elapsed)
+                cpu_times.append(cpu)
             loss_value = float(loss.detach())
         gathered: list[Any] = [None] * world
-        dist.all_gather_object(gathered, {"times": times, "loss": loss_value})
+        dist.all_gather_object(gathered, {"times": times, "cpu": cpu_times, "loss": loss_value})
         del state
         if rank == 0:
             result = {
                 "step_s": [max(g["times"][s] for g in gathered) for s in range(steps)],
+                "cpu_s": [sum(g["cpu"][s] for g in gathered) / world for s in range(steps)],
                 "final_loss": sum(g["loss"] for g in gathered) / world,
                 "pycomm_file": str(pycomm_dir),
                 "torch": torch.__version__,
@@ -224,8 +230,11 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "mean_step_s": statistics.fmean(pooled),
         "repeat_median_step_s": repeat_medians,
         "spread": (max(repeat_medians) - min(repeat_medians)) / statistics.median(repeat_medians),
+        "median_cpu_s": statistics.median([c for run in ok for c in run["cpu_s"]]),
+        "repeat_median_cpu_s": [statistics.median(run["cpu_s"]) for run in ok],
         "final_loss": [run["final_loss"] for run in ok],
         "step_s": [run["step_s"] for run in ok],
+        "cpu_s": [run["cpu_s"] for run in ok],
     }
 
 
@@ -247,8 +256,10 @@ def run_benchmark(trees: Mapping[str, str], methods: Sequence[str] = METHOD_NAME
     Returns:
         ``{"config": ..., "order": [...], "results": {tree: {method: summary}}, "ratios": {tree: {method: ...}}}``;
         a summary holds ``median_step_s``, ``mean_step_s``, ``repeat_median_step_s``, ``spread`` (range of the
-        repeat medians over their median), ``final_loss`` and the raw ``step_s`` per repeat, or
-        ``status: "failed"`` with the reason and the workers' last log lines.
+        repeat medians over their median), ``median_cpu_s``, ``repeat_median_cpu_s``, ``final_loss`` and the raw
+        ``step_s`` (wall time, slowest rank) and ``cpu_s`` (process CPU time, mean of the ranks) per repeat,
+        or ``status: "failed"`` with the reason and the workers' last log lines. A ratio holds ``median``,
+        ``mean`` (wall) and ``cpu`` (median CPU time).
     """
     if not trees:
         raise ValueError("need at least one tree")
@@ -270,7 +281,8 @@ def run_benchmark(trees: Mapping[str, str], methods: Sequence[str] = METHOD_NAME
                 runs[label][method].append(run)
                 order.append([repeat, method, label])
                 if log is not None:
-                    figure = (f"median {1e3 * statistics.median(run['step_s']):.2f} ms/step" if run["status"] == "ok"
+                    figure = (f"median {1e3 * statistics.median(run['step_s']):.2f} ms/step, "
+                              f"CPU {1e3 * statistics.median(run['cpu_s']):.2f} ms/step" if run["status"] == "ok"
                               else f"FAILED: {run['reason']}")
                     log(f"repeat {repeat + 1}/{repeats} {method:<19} {label:<10} {figure}")
     results = {label: {m: _summary(runs[label][m]) for m in methods} for label in labels}
@@ -282,7 +294,8 @@ def run_benchmark(trees: Mapping[str, str], methods: Sequence[str] = METHOD_NAME
             a, b = reference[m], results[label][m]
             if a["status"] == b["status"] == "ok":
                 ratios[label][m] = {"median": b["median_step_s"] / a["median_step_s"],
-                                    "mean": b["mean_step_s"] / a["mean_step_s"]}
+                                    "mean": b["mean_step_s"] / a["mean_step_s"],
+                                    "cpu": b["median_cpu_s"] / a["median_cpu_s"]}
     return {
         "config": {"trees": dict(trees), "methods": list(methods), "steps": steps, "repeats": repeats,
                    "warmup": warmup, "world_size": WORLD_SIZE, "backend": "gloo", "threads_per_rank": 1,
@@ -297,40 +310,34 @@ def run_benchmark(trees: Mapping[str, str], methods: Sequence[str] = METHOD_NAME
 
 
 def format_markdown(report: Mapping[str, Any]) -> str:
-    """The report as a markdown table: ms/step per tree (median, repeat range) and ratios to the first tree."""
+    """The report as a markdown table: wall and CPU ms/step per tree, and each tree's ratios to the first tree."""
     labels = list(report["config"]["trees"])
     methods = report["config"]["methods"]
     first = labels[0]
-    header = ["method"] + [f"{label} ms/step (repeats)" for label in labels]
+    header = (["method"] + [f"{label} ms/step (repeats)" for label in labels]
+              + [f"{label} CPU ms/step" for label in labels])
     for label in labels[1:]:
-        header += [f"{label}/{first} median", f"{label}/{first} mean"]
-    if "plain" in methods:
-        header += [f"{label} vs plain" for label in labels]
+        header += [f"{label}/{first}", f"{label}/{first} mean", f"{label}/{first} CPU"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for m in methods:
+        summaries = [report["results"][label][m] for label in labels]
         row = [m]
-        for label in labels:
-            s = report["results"][label][m]
-            if s["status"] != "ok":
-                row.append("failed")
-                continue
-            reps = s["repeat_median_step_s"]
-            row.append(f"{1e3 * s['median_step_s']:.2f} ({1e3 * min(reps):.2f}-{1e3 * max(reps):.2f})")
+        for s in summaries:
+            reps = s.get("repeat_median_step_s")
+            row.append(f"{1e3 * s['median_step_s']:.2f} ({1e3 * min(reps):.2f}-{1e3 * max(reps):.2f})"
+                       if s["status"] == "ok" else "failed")
+        row += [f"{1e3 * s['median_cpu_s']:.2f}" if s["status"] == "ok" else "failed" for s in summaries]
         for label in labels[1:]:
             r = report["ratios"][label].get(m)
-            row += [f"{r['median']:.3f}", f"{r['mean']:.3f}"] if r else ["-", "-"]
-        if "plain" in methods:
-            for label in labels:
-                s, p = report["results"][label][m], report["results"][label]["plain"]
-                row.append(f"{s['median_step_s'] / p['median_step_s']:.2f}x"
-                           if s["status"] == p["status"] == "ok" else "-")
+            row += [f"{r['median']:.3f}", f"{r['mean']:.3f}", f"{r['cpu']:.3f}"] if r else ["-", "-", "-"]
         lines.append("| " + " | ".join(row) + " |")
     cfg = report["config"]
     lines.append("")
     lines.append(f"W={cfg['world_size']} Gloo ranks on CPU, {cfg['threads_per_rank']} thread each; {cfg['steps']} "
                  f"timed steps after {cfg['warmup']} warm-up steps, {cfg['repeats']} repeats per (tree, method), "
-                 "interleaved; ms/step: median over all timed steps (slowest rank per step), in brackets the range "
-                 "of the per-repeat medians.")
+                 "interleaved. ms/step: wall time of the slowest rank, median over all timed steps, in brackets the "
+                 "range of the per-repeat medians; CPU ms/step: process CPU time per rank (mean of the ranks), "
+                 "median over the steps; ratios: of the medians, and of the mean wall times.")
     return "\n".join(lines)
 
 

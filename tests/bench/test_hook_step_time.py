@@ -29,6 +29,7 @@ def test_one_tree_one_method_report(hook_step_time, tmp_path):
     assert report["ratios"] == {}
     assert len(summary["step_s"]) == 1 and len(summary["step_s"][0]) == 2
     assert all(t > 0 for t in summary["step_s"][0])
+    assert len(summary["cpu_s"][0]) == 2 and all(t > 0 for t in summary["cpu_s"][0])
     assert summary["median_step_s"] > 0 and summary["mean_step_s"] > 0
     assert report["config"]["options"]["quant4"] == {"bits": 4}
     json.loads(json.dumps(report))  # the --out file is plain JSON
