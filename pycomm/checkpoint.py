@@ -31,7 +31,7 @@ from typing import Any, Optional, Sequence
 import torch
 import torch.distributed as dist
 
-__all__ = ["gather_state_dicts", "load_rank_state_dict", "to_cpu"]
+__all__ = ["gather_state_dicts", "load_rank_state_dict", "without_param_state", "to_cpu"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,17 +84,18 @@ def load_rank_state_dict(state: Any, state_dicts: Sequence[dict[str, Any]], stri
     if rank >= len(state_dicts):
         logger.warning("pycomm: rank %d has no hook state in the checkpoint; it takes rank 0's step and settings "
                        "and starts from zero residuals", rank)
-        state.load_state_dict(_without_param_state(state_dicts[0]), strict=strict)
+        state.load_state_dict(without_param_state(state_dicts[0]), strict=strict)
         return False
     state.load_state_dict(state_dicts[rank], strict=strict)
     return True
 
 
-def _without_param_state(state_dict: dict[str, Any]) -> dict[str, Any]:
-    """A state dict with its per-parameter tensors (and an inner state's) left out: the step and
-    settings every rank must share, without another rank's residuals."""
+def without_param_state(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """A hook state dict with its per-parameter tensors (and an inner state's) left out: the step and
+    settings every rank must share, without another rank's residuals (what a rank without its own
+    entry loads)."""
     out = {k: v for k, v in state_dict.items() if k != "params"}
     out["params"] = {}
     if isinstance(state_dict.get("inner"), dict):
-        out["inner"] = _without_param_state(state_dict["inner"])
+        out["inner"] = without_param_state(state_dict["inner"])
     return out

@@ -27,7 +27,6 @@ Example::
 
 from __future__ import annotations
 
-import warnings
 import weakref
 from typing import Any, Optional
 
@@ -51,39 +50,6 @@ import pycomm
 __all__ = ["PycommCallback"]
 
 
-def _to_cpu(obj: Any) -> Any:
-    """A copy of a state dict with every tensor on the CPU (containers rebuilt, other values kept)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().to("cpu", copy=True)
-    if isinstance(obj, dict):
-        return {k: _to_cpu(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_to_cpu(v) for v in obj]
-    if isinstance(obj, tuple):
-        items = [_to_cpu(v) for v in obj]
-        return type(obj)(*items) if hasattr(obj, "_fields") else tuple(items)
-    return obj
-
-
-def _rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _gather_state_dicts(state: Any) -> list[dict[str, Any]]:
-    """Every rank's ``state.state_dict()`` with CPU tensors, in global rank order, on every rank.
-
-    A collective over the default group: every rank must call it."""
-    local = _to_cpu(state.state_dict())
-    rank, world = _rank_and_world()
-    if world == 1:
-        return [local]
-    gathered: list[Any] = [None] * world
-    dist.all_gather_object(gathered, local)
-    return gathered
-
-
 class PycommCallback(Callback):
     """Compress a Lightning DDP run's gradients with a pycomm method; checkpoint its state per rank.
 
@@ -96,9 +62,9 @@ class PycommCallback(Callback):
     Checkpoints: whenever Lightning builds a checkpoint (on every rank; only rank 0 writes the file),
     the callback gathers every rank's ``state.state_dict()`` (a collective, so save on every rank, as
     Lightning requires anyway) and stores them in rank order with the method and the world size.
-    ``trainer.fit(model, ckpt_path=...)`` gives rank r entry r. On another world size the callback
-    warns; a rank beyond the saved ones starts from zero state, with a warning. A checkpoint of
-    another method raises ValueError.
+    ``trainer.fit(model, ckpt_path=...)`` gives rank r entry r (:func:`pycomm.checkpoint.load_rank_state_dict`:
+    on another world size a rank beyond the saved ones takes rank 0's step and settings and starts from
+    zero residuals, with a warning). A checkpoint of another method raises ValueError.
 
     Example::
 
@@ -166,7 +132,7 @@ class PycommCallback(Callback):
         """Every rank's hook state, gathered (a collective: Lightning calls it on every rank)."""
         if self._state is None:
             return {}
-        states = _gather_state_dicts(self._state)
+        states = pycomm.checkpoint.gather_state_dicts(self._state, self.process_group)
         return {"method": self.method, "world_size": len(states), "rank_state_dicts": states}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -183,21 +149,5 @@ class PycommCallback(Callback):
 
     def _restore(self, saved: dict[str, Any]) -> None:
         self._saved = None
-        rank, world = _rank_and_world()
-        entry = _entry_for_rank(saved, rank, world)
-        if entry is not None:
-            self._state.load_state_dict(entry)
+        pycomm.checkpoint.load_rank_state_dict(self._state, saved["rank_state_dicts"], group=self.process_group)
 
-
-def _entry_for_rank(saved: dict[str, Any], rank: int, world: int) -> Optional[dict[str, Any]]:
-    """Rank ``rank``'s hook state from the callback's checkpoint entry; None (with a warning) when the
-    checkpoint has none for it, so the rank starts from zero. Warns when the world size changed."""
-    states = saved["rank_state_dicts"]
-    if saved["world_size"] != world:
-        warnings.warn(f"rank {rank}: the checkpoint's pycomm state was saved by {saved['world_size']} ranks, "
-                      f"this run has {world}; rank r resumes saved rank r's state", stacklevel=3)
-    if rank < len(states):
-        return states[rank]
-    warnings.warn(f"rank {rank}: the checkpoint holds no pycomm state for this rank; its "
-                  f"{saved['method']!r} state starts from zero", stacklevel=3)
-    return None

@@ -321,19 +321,6 @@ def test_a_ddp_model_with_a_comm_hook_already_is_refused_with_advice(runs):
         "(DDPStrategy(ddp_comm_hook=...)?); use either the callback or the strategy's hook, not both")
 
 
-def test_entry_for_rank_policy_on_another_world_size():
-    from pycomm.lightning import _entry_for_rank
-
-    saved = {"method": "quant", "world_size": 2, "rank_state_dicts": [{"iter": 3}, {"iter": 4}]}
-    assert _entry_for_rank(saved, 1, 2) == {"iter": 4}
-    with pytest.warns(UserWarning, match="saved by 2 ranks, this run has 3"):
-        assert _entry_for_rank(saved, 1, 3) == {"iter": 4}
-    with pytest.warns(UserWarning) as caught:
-        assert _entry_for_rank(saved, 2, 3) is None
-    assert [str(w.message) for w in caught][1] == ("rank 2: the checkpoint holds no pycomm state for this rank; "
-                                                   "its 'quant' state starts from zero")
-
-
 def test_callback_errors_say_what_to_do():
     from pycomm.lightning import PycommCallback
 

@@ -63,7 +63,7 @@ class _DGCPlan(BucketPlan):
             o, n = self.where[name]
             for key, flat in (("u", self.compressor.u), ("v", self.compressor.v)):
                 if key in entry:
-                    flat[o:o + n].copy_(entry[key])
+                    flat[o:o + n].copy_(entry[key].reshape(-1))
 
 
 def _validated_density(key: str, value: Any) -> float:

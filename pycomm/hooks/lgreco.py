@@ -154,7 +154,7 @@ class LGreCoState(HookState):
         skipped: list[str] = []
         loaded = {name: {"accumulated": t} for name, t in self._accumulators.items()}
         kept = param_tensors_for_load(loaded, self._names, {"accumulated": True}, True, skipped)
-        self._accumulators = {name: fields["accumulated"] for name, fields in kept.items()}
+        self._accumulators = {name: fields["accumulated"].reshape(-1) for name, fields in kept.items()}
 
     # -- what the hook exposes ------------------------------------------------
     @property
@@ -299,7 +299,7 @@ class LGreCoState(HookState):
         self.last_solve = state_dict.get("last_solve")
         kept = param_tensors_for_load(state_dict.get("params", {}), self._names, {"accumulated": True}, strict,
                                       skipped)
-        self._accumulators = {name: fields["accumulated"] for name, fields in kept.items()}
+        self._accumulators = {name: fields["accumulated"].reshape(-1) for name, fields in kept.items()}
         log_skipped(self, skipped)
         agreement.settings_changed(self)
 

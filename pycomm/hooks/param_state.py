@@ -191,7 +191,7 @@ def _plain(value: Any) -> Any:
 
 def param_tensors_for_load(saved: Any, names: Optional[ParameterNames], fields: Mapping[str, bool], strict: bool,
                            skipped: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """The per-parameter tensors of a checkpoint that fit the bound model, flat and float32.
+    """The per-parameter tensors of a checkpoint that fit the bound model, as float32 (plans flatten them).
 
     ``fields`` maps each field name to whether the method expects it now (e.g. residuals only with
     error feedback). A name the model does not have, a tensor of another shape, or a field the
@@ -221,7 +221,7 @@ def param_tensors_for_load(saved: Any, names: Optional[ParameterNames], fields: 
                 report_mismatch(strict, f"the checkpoint's {field!r} of {name!r} has shape {tuple(t.shape)}, the "
                                         f"parameter has shape {tuple(names.params[name].shape)}", skipped)
                 continue
-            kept[field] = t.detach().reshape(-1).to(torch.float32)
+            kept[field] = t.detach().to(torch.float32)
         if kept:
             out[name] = kept
     return out

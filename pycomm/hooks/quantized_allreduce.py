@@ -98,9 +98,9 @@ class _QuantPlan(BucketPlan):
             if entry is None:
                 continue
             if "worker" in entry:
-                worker[o:o + n].copy_(entry["worker"])
+                worker[o:o + n].copy_(entry["worker"].reshape(-1))
             if "server" in entry:
-                server[o:o + n].copy_(entry["server"])
+                server[o:o + n].copy_(entry["server"].reshape(-1))
         positions = self.owned_positions()
         valid = positions >= 0
         owned = positions[valid]

@@ -176,7 +176,7 @@ class _ProjectionPlan(BucketPlan):
         for name, entry in taken.items():
             if "residual" in entry:
                 o, n = self.where[name]
-                self.residual[o:o + n].copy_(entry["residual"])
+                self.residual[o:o + n].copy_(entry["residual"].reshape(-1))
 
     def pieces(self, x: torch.Tensor) -> list[tuple[int, list[torch.Tensor]]]:
         """``x`` (laid out like the bucket) as runs of views that are consecutive in model order."""

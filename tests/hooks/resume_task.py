@@ -76,11 +76,12 @@ def state_norms(state: Any) -> dict[str, float]:
 
 def run(rank: int, world: int, method: Optional[str], options: dict[str, Any], bucket_cap_mb: float,
         sgd_momentum: float, checkpoint: Optional[bytes], resume_bucket_cap_mb: Optional[float],
-        redraw_step: bool = False) -> dict[str, Any]:
+        redraw_step: bool = False, drop_state: bool = False) -> dict[str, Any]:
     """Without ``checkpoint``: train to SAVE_AT, checkpoint, train on to TOTAL_STEPS (the uninterrupted
     run). With it: fresh model and state, load, train SAVE_AT..TOTAL_STEPS. ``redraw_step``: the
     uninterrupted run draws step SAVE_AT's random numbers from another seed (one step's
-    quantization noise redrawn: the yardstick of a resume that cannot be exact)."""
+    quantization noise redrawn: the yardstick of a resume that cannot be exact). ``drop_state``: the
+    resume loads the model and the optimizer but not the hook state (what issue 13's defect did)."""
     cap = bucket_cap_mb if checkpoint is None or resume_bucket_cap_mb is None else resume_bucket_cap_mb
     ddp, opt, state = build(method, options, cap, sgd_momentum)
     out: dict[str, Any] = {}
@@ -96,8 +97,12 @@ def run(rank: int, world: int, method: Optional[str], options: dict[str, Any], b
         ddp.module.load_state_dict(saved["model"])
         opt.load_state_dict(saved["opt"])
         if state is not None:
-            pycomm.checkpoint.load_rank_state_dict(state, saved["pycomm"])
+            everyone = saved["pycomm"]
+            if drop_state:
+                everyone = [pycomm.checkpoint.without_param_state(sd) for sd in everyone]
+            pycomm.checkpoint.load_rank_state_dict(state, everyone)
     seeded = getattr(state, "inner", state)
+    redraw_step = redraw_step and seeded is not None
     if redraw_step:
         seeded.seed += 1
     train(ddp, opt, rank, SAVE_AT, SAVE_AT + 1)
