@@ -96,6 +96,19 @@ def test_unpickling_drops_the_group_and_the_observer(make):
     assert restored.state_dict().keys() == state.state_dict().keys()
 
 
+@pytest.mark.parametrize("make", [QuantState, DGCState, ProjectionState,
+                                  lambda: LGreCoState(family="quant", start_iter=1, period=1, acc_steps=1)])
+def test_an_unbound_state_raises_at_its_first_hook_call(make):
+    from pycomm.hooks import dgc_hook, lgreco_hook, projection_hook, quantized_allreduce_hook
+
+    state = make()
+    hook = {QuantState: quantized_allreduce_hook, DGCState: dgc_hook, ProjectionState: projection_hook,
+            LGreCoState: lgreco_hook}[type(state)]
+    with pytest.raises(ValueError, match=r"was not bound to a model.*state\.bind\(ddp_model\)"):
+        hook(state, _Bucket(True))
+    assert state.iter == 0  # nothing ran
+
+
 def test_unpickling_drops_the_bound_names_and_bind_restores_them():
     model = _model()
     for state in [QuantState(), DGCState(), ProjectionState(),
