@@ -49,6 +49,8 @@ def train(rank: int, method: str, kwargs: dict, steps: int,
         captured: dict[str, Any] = {}
 
         class _Capture:  # takes the hook pycomm.register would install
+            module = model.module  # the names the state is bound to
+
             def register_comm_hook(self, hook_state: Any, hook: Callable) -> None:
                 captured["hook"] = hook
 

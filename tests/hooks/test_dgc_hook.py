@@ -8,6 +8,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from dist_utils import run_distributed
 from char_task import train
+from pycomm.hooks.param_state import CheckpointMismatch
+
+
+def _flat(state_dict, field):
+    """One per-parameter field of a state dict, concatenated in name order."""
+    return torch.cat([fields[field].reshape(-1) for _, fields in sorted(state_dict["params"].items())])
 
 
 def _equivalence_worker(rank, world, nesterov):
@@ -98,7 +104,7 @@ def _nan_and_checkpoint_worker(rank, world):
     for step in range(3):
         model.zero_grad()
         model(torch.randn(4, 256, generator=torch.Generator().manual_seed(step + rank))).sum().backward()
-    before = {k: v.clone() for k, v in state.state_dict()["buckets"][0].items() if torch.is_tensor(v)}
+    before = {k: _flat(state.state_dict(), k) for k in ("u", "v")}
     # An overflow on rank 1 only.
     model.zero_grad()
     x = torch.randn(4, 256)
@@ -106,11 +112,13 @@ def _nan_and_checkpoint_worker(rank, world):
         x[0, 0] = float("inf")
     model(x).sum().backward()
     grad_has_nonfinite = not bool(torch.isfinite(model.module.weight.grad).all())
-    after = state.state_dict()["buckets"][0]
+    after = {k: _flat(state.state_dict(), k) for k in ("u", "v")}
     buffer = io.BytesIO()
     torch.save(state.state_dict(), buffer)
-    restored = pycomm.hooks.DGCState()
-    restored.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
+    restored = pycomm.hooks.DGCState(density=0.01, min_numel=1024).bind(model)
+    restored.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    assert sorted(restored.state_dict()["params"]) == ["bias", "weight"]  # the dense bias keeps its momentum u
+    assert all(torch.equal(_flat(restored.state_dict(), k), after[k]) for k in ("u", "v"))
     return grad_has_nonfinite, before, after, restored.iter
 
 
@@ -154,7 +162,7 @@ def _per_layer_worker(rank, world, overrides_at, steps, nesterov):
     state = pycomm.register(model, "dgc", density=0.01, momentum=m, nesterov=nesterov, min_numel=1024,
                             warmup_steps=1, warmup_densities=warmup)
     seen = []
-    state.observer = lambda index, values, layers: seen.append((index, values.clone(), layers))
+    state.observer = lambda values, layers: seen.append((values.clone(), layers))
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.0)
     replica = _layer_net()  # computes every rank's local gradient at the current parameters
     counter = CollectiveByteCounter()
@@ -164,7 +172,7 @@ def _per_layer_worker(rank, world, overrides_at, steps, nesterov):
         overrides = {}
         if step >= 2:
             (plan,) = state._plans.values()
-            overrides = {(0, p): d for p, d in zip(plan.positions, overrides_at)}
+            overrides = {name: d for (name, _, _), d in zip(plan.layers, overrides_at)}
             if step == 2:
                 state.set_layer_params(overrides)
         seen.clear()
@@ -173,7 +181,7 @@ def _per_layer_worker(rank, world, overrides_at, steps, nesterov):
         with counter:
             model(_inputs(step, rank)).pow(2).mean().backward()
         (plan,) = state._plans.values()
-        params = plan.params
+        params = [state.parameter_names.params[name] for name in plan.names]
         numel = sum(p.numel() for p in params)
         # Reference: local gradients of every rank, and u and v per parameter (module order), flattened
         # in this step's bucket order.
@@ -192,8 +200,8 @@ def _per_layer_worker(rank, world, overrides_at, steps, nesterov):
         flat_v = [torch.cat([ref_v[r][i] for i in order]) for r in range(world)]
         stage = warmup[step] if step < len(warmup) else None
         ks = []
-        for (o, n), pos in zip(plan.compressed, plan.positions):
-            d = overrides.get((0, pos), state.density)
+        for name, o, n in plan.layers:
+            d = overrides.get(name, state.density)
             d = d if stage is None else max(stage, d)
             ks.append(pycomm.ops.topk_count(n, d))
         report["ks"].append(ks)
@@ -240,8 +248,8 @@ def _per_layer_worker(rank, world, overrides_at, steps, nesterov):
         sent = counter.bytes_by_collective
         gathered = sent.get("all_gather_single", 0) + sent.get("all_gather_into_tensor", 0)
         report["bytes_ok"] &= gathered == (world - 1) * (sum(ks) * (4 + 4) + 4)
-        (index, values, layers), = seen
-        report["observer_ok"] &= (index == 0 and values.dtype == torch.float32 and values.numel() == numel
+        (values, layers), = seen
+        report["observer_ok"] &= (values.dtype == torch.float32 and values.numel() == numel
                                   and layers == plan.layers and torch.equal(values, observed_v))
         opt.step()
     report["params"] = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
@@ -285,7 +293,7 @@ def _same_bytes_worker(rank, world, mode):
         if step == 2 and mode != "none":  # the bucket layout is stable from step 1
             (plan,) = state._plans.values()
             # "default": every layer at the default density (the 3-column path); "cleared": set then cleared.
-            state.set_layer_params({(0, p): 0.02 if mode == "default" else 0.5 for p in plan.positions})
+            state.set_layer_params({name: 0.02 if mode == "default" else 0.5 for name, _, _ in plan.layers})
             if mode == "cleared":
                 state.set_layer_params(None)
         opt.zero_grad()
@@ -310,38 +318,60 @@ def _layer_state_worker(rank, world):
     model = DDP(_layer_net())
     state = pycomm.register(model, "dgc", density=0.01, min_numel=1024)
     model(_inputs(0, rank)).pow(2).mean().backward()
-    (plan,) = state._plans.values()
     errors = {}
-    bias = next(i for i, q in enumerate(plan.params) if q is model.module[0].bias)
-    for name, bad in [("density 0", {(0, plan.positions[0]): 0.0}), ("density > 1", {(0, plan.positions[0]): 1.5}),
-                      ("bool", {(0, plan.positions[0]): True}), ("key", {(0,): 0.1}),
-                      ("negative key", {(-1, 0): 0.1}), ("dense layer", {(0, bias): 0.1})]:
+    for name, bad in [("density 0", {"0.weight": 0.0}), ("density > 1", {"0.weight": 1.5}),
+                      ("bool", {"0.weight": True}), ("key", {(0, 0): 0.1}),
+                      ("unknown name", {"5.weight": 0.1}), ("dense layer", {"0.bias": 0.1})]:
         try:
             state.set_layer_params(bad)
         except ValueError as e:
             errors[name] = str(e)
     assert state.layer_params == {}
-    state.set_layer_params({(0, plan.positions[0]): 0.5, (0, plan.positions[2]): 0.05})
+    state.set_layer_params({"0.weight": 0.5, "4.weight": 0.05})
     state.observer = lambda *args: None
     saved = state.state_dict()
-    restored = pycomm.hooks.DGCState()
+    restored = pycomm.hooks.DGCState(density=0.01, min_numel=1024).bind(model)
     restored.load_state_dict(saved)
-    old = {k: v for k, v in saved.items() if k != "layer_params"}  # a checkpoint from before per-layer densities
-    restored_old = pycomm.hooks.DGCState()
-    restored_old.load_state_dict(old)
+    # Checkpoints that do not fit: the error names the first mismatch; strict=False loads what fits.
+    mismatches = {}
+    other_model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 48))
+    for what, bad, fresh in [
+            ("old format", {"iter": 1, "buckets": {}}, pycomm.hooks.DGCState(density=0.01)),
+            ("density", saved, pycomm.hooks.DGCState(density=0.02)),
+            ("per-layer density of another model", saved, pycomm.hooks.DGCState(density=0.01)),
+            ("shape", {**saved, "layer_params": {}, "params": {"2.weight": {"u": torch.zeros(32, 48)}}},
+             pycomm.hooks.DGCState(density=0.01))]:
+        try:
+            fresh.bind(other_model).load_state_dict(bad)
+        except CheckpointMismatch as e:
+            mismatches[what] = str(e)
+    lenient = pycomm.hooks.DGCState(density=0.01).bind(other_model)
+    lenient.load_state_dict(saved, strict=False)
     unpickled = pickle.loads(pickle.dumps(state))  # the observer (a lambda) is dropped
     return {"errors": errors, "saved": saved["layer_params"], "restored": restored.layer_params,
-            "old": restored_old.layer_params, "unpickled_observer": unpickled.observer,
-            "unpickled": unpickled.layer_params, "positions": plan.positions}
+            "mismatches": mismatches, "lenient": lenient.state_dict(), "saved_params": saved["params"],
+            "unpickled_observer": unpickled.observer, "unpickled": unpickled.layer_params}
 
 
 def test_layer_params_validation_and_state_dict():
     (r,) = run_distributed(_layer_state_worker, 1)
-    assert set(r["errors"]) == {"density 0", "density > 1", "bool", "key", "negative key", "dense layer"}, r["errors"]
-    assert "not compressed" in r["errors"]["dense layer"]
-    p = r["positions"]
-    assert r["saved"] == r["restored"] == r["unpickled"] == {(0, p[0]): 0.5, (0, p[2]): 0.05}
-    assert r["old"] == {} and r["unpickled_observer"] is None
+    assert set(r["errors"]) == {"density 0", "density > 1", "bool", "key", "unknown name", "dense layer"}, r["errors"]
+    assert "not compressed" in r["errors"]["dense layer"] and "'5.weight'" in r["errors"]["unknown name"]
+    assert r["saved"] == r["restored"] == r["unpickled"] == {"0.weight": 0.5, "4.weight": 0.05}
+    assert r["unpickled_observer"] is None
+    m = r["mismatches"]
+    assert set(m) == {"old format", "density", "per-layer density of another model", "shape"}, m
+    assert "not a pycomm hook state dict" in m["old format"] and "density=0.01" in m["density"]
+    # The other model has no layer 4: the first mismatch is a name it does not have.
+    assert "parameter '4." in m["per-layer density of another model"] and "(32, 48)" in m["shape"]
+    assert "does not have" in m["per-layer density of another model"]
+    # strict=False: the layers both models have (0.* and 2.*) keep their u and v; layer 4's are skipped.
+    lenient = r["lenient"]
+    assert lenient["layer_params"] == {"0.weight": 0.5}
+    assert sorted(lenient["params"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    for name in sorted(lenient["params"]):
+        for field in ("u", "v"):
+            assert torch.equal(lenient["params"][name][field], r["saved_params"][name][field])
 
 
 # ---- the sync-free path (CUDA's), forced on CPU -----------------------------------------------------
@@ -375,9 +405,8 @@ def _sync_free_overflow_worker(rank, world, sync_free, nesterov):
         model(torch.randn(8, 64, generator=torch.Generator().manual_seed(step * 7 + rank))).pow(2).sum().backward()
         if handle is not None:
             handle.remove()
-        bucket = state.state_dict()["buckets"][0]
-        steps.append({"grads": [p.grad.clone() for p in net.parameters()],
-                      "u": bucket["u"].clone(), "v": bucket["v"].clone()})
+        sd = state.state_dict()
+        steps.append({"grads": [p.grad.clone() for p in net.parameters()], "u": _flat(sd, "u"), "v": _flat(sd, "v")})
     return steps
 
 

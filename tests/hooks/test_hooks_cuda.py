@@ -98,8 +98,14 @@ class IdenticalRanks:
         output.view(self.world, -1).copy_(input.reshape(1, -1).expand(self.world, -1))
         return _DoneWork(output) if async_op else None
 
+    def all_gather(self, tensor_list, tensor, group=None, async_op=False):  # the settings agreement check
+        for out in tensor_list:
+            out.copy_(tensor)
+        return _DoneWork(tensor) if async_op else None
+
     def install(self, monkeypatch) -> None:
-        for name in ("get_world_size", "get_rank", "all_reduce", "all_to_all_single", "all_gather_into_tensor"):
+        for name in ("get_world_size", "get_rank", "all_reduce", "all_to_all_single", "all_gather_into_tensor",
+                     "all_gather"):
             monkeypatch.setattr(dist, name, getattr(self, name))
         if hasattr(dist, "all_gather_single"):  # torch 2.13+: pycomm.distributed prefers it
             monkeypatch.setattr(dist, "all_gather_single", self.all_gather_into_tensor)
@@ -149,7 +155,9 @@ def _state(method: str):
 
 def _run_hook(method: str, device: str, sync_checked: bool) -> list[torch.Tensor]:
     state, hook = _state(method)
-    params = [torch.zeros(shape, device=device) for shape in LAYER_SHAPES]
+    # Parameters (requiring grad, as DDP's are) whose names the state's per-parameter state is keyed by.
+    params = [torch.zeros(shape, device=device, requires_grad=True) for shape in LAYER_SHAPES]
+    state.bind({f"layer{i}": p for i, p in enumerate(params)})
     numel = sum(p.numel() for p in params)
     outputs = []
     for step in range(STEPS):

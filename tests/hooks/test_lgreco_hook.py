@@ -106,21 +106,38 @@ def test_candidates_include_default():
     assert 0.01 in densities and min(densities) == pytest.approx(0.00125) and max(densities) == pytest.approx(0.08)
 
 
+_SOLVE_PARAMS = {"loud.weight": torch.zeros(64, 64), "quiet.weight": torch.zeros(994, 16),
+                 "other.weight": torch.zeros(30, 100)}
+
+
 def _solve_worker(rank, world):
     """Drive the state by hand: observe two buckets, solve, then check state_dict, pickling, NaN."""
-    state = LGreCoState(family="quant", default=4, start_iter=1, period=1, acc_steps=1, stochastic=False)
+    options = dict(family="quant", default=4, start_iter=1, period=1, acc_steps=1, stochastic=False)
+    state = LGreCoState(**options).bind(_SOLVE_PARAMS)
     g = torch.Generator().manual_seed(rank)
     values = torch.randn(20000, generator=g)
     values[:4096] *= 100.0  # a loud layer and a quiet one
-    state._observe(0, values, [(0, 0, 4096), (1, 4096, 15904)])
-    state._observe(1, torch.randn(3000, generator=g), [(2, 0, 3000)])
+    state._observe(values, [("loud.weight", 0, 4096), ("quiet.weight", 4096, 15904)])
+    state._observe(torch.randn(3000, generator=g), [("other.weight", 0, 3000)])
+    # A checkpoint inside the accumulation window keeps each layer's accumulated values by name.
+    mid = state.state_dict()
+    window = LGreCoState(**options).bind(_SOLVE_PARAMS)
+    window.load_state_dict(mid)
+    out = {"mid_shapes": {name: tuple(f["accumulated"].shape) for name, f in mid["params"].items()},
+           "window_kept": all(torch.equal(window._accumulators[name], state._accumulators[name])
+                              for name in state._accumulators) and window._accumulators.keys() == state._accumulators.keys()}
+    try:
+        LGreCoState(**options).bind({"loud.weight": torch.zeros(64, 64)}).load_state_dict(mid)
+    except ValueError as e:
+        out["other_model"] = str(e)
     state._solve(0)
-    out = {"choice": state.choice, "solve": state.last_solve}
-    clone = LGreCoState(family="quant", default=4, start_iter=1, period=1, acc_steps=1)
+    out.update(choice=state.choice, solve=state.last_solve)
+    clone = LGreCoState(**options).bind(_SOLVE_PARAMS)
     clone.load_state_dict(state.state_dict())
     out["restored"] = clone.choice
+    out["restored_solve"] = clone.last_solve
     out["pickled"] = pickle.loads(pickle.dumps(state)).choice
-    state._observe(0, torch.full((20000,), float("nan")), [(0, 0, 4096), (1, 4096, 15904)])
+    state._observe(torch.full((20000,), float("nan")), [("loud.weight", 0, 4096), ("quiet.weight", 4096, 15904)])
     before = state.choice
     state._solve(1)
     out["after_nan"] = state.choice == before
@@ -132,12 +149,16 @@ def test_solve_state_dict_and_nan(world):
     results = run_distributed(_solve_worker, world)
     first = results[0]
     assert all(r["choice"] == first["choice"] for r in results)
-    assert set(first["choice"]) == {(0, 0), (0, 1), (1, 2)}
+    assert set(first["choice"]) == {"loud.weight", "quiet.weight", "other.weight"}
     assert first["restored"] == first["choice"] == first["pickled"]
+    assert first["restored_solve"] == first["solve"]
+    assert first["mid_shapes"] == {"loud.weight": (64, 64), "quiet.weight": (994, 16), "other.weight": (30, 100)}
+    assert first["window_kept"]
+    assert "'other.weight'" in first["other_model"] or "'quiet.weight'" in first["other_model"]
     assert first["after_nan"]
     solve = first["solve"]
     assert solve["bytes"] <= solve["uniform_bytes"] and solve["error"] <= solve["budget"] * (1 + 1e-12)
     assert sum(solve["histogram"].values()) == 3
     # The loud small layer buys precision with the bytes the quiet large layer gives up.
-    assert first["choice"][(0, 0)] > 4 > first["choice"][(0, 1)]
+    assert first["choice"]["loud.weight"] > 4 > first["choice"]["quiet.weight"]
     assert solve["bytes"] < solve["uniform_bytes"]

@@ -9,6 +9,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from char_task import train
+from pycomm.hooks.param_state import CheckpointMismatch
 from dist_utils import run_distributed
 
 def _adamw(params, dense):
@@ -88,28 +89,58 @@ def _checkpoint_worker(rank, world):
     sd = state.state_dict()
     buffer = io.BytesIO()
     torch.save(sd, buffer)
-    restored = pycomm.hooks.QuantState()
-    restored.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
+    loaded = torch.load(io.BytesIO(buffer.getvalue()), weights_only=True)  # tensors, numbers, strings only
+    restored = pycomm.hooks.QuantState(bits=4, start_iter=0).bind(model)
+    restored.load_state_dict(loaded)
     clone = pickle.loads(pickle.dumps(state))
-    return sd, restored.state_dict(), clone.process_group, clone.iter
+    # A checkpoint that does not fit names its first mismatch when loading strictly.
+    errors = {}
+    for what, bad, fresh in [
+            ("bits", loaded, pycomm.hooks.QuantState(bits=2, start_iter=0)),
+            ("method", {**loaded, "method": "dgc"}, pycomm.hooks.QuantState(bits=4, start_iter=0)),
+            ("format", {**loaded, "format": 1}, pycomm.hooks.QuantState(bits=4, start_iter=0)),
+            ("name", {**loaded, "params": {"linear.weight": loaded["params"]["weight"]}},
+             pycomm.hooks.QuantState(bits=4, start_iter=0)),
+            ("shape", {**loaded, "params": {"weight": {k: t[:, :64] for k, t in loaded["params"]["weight"].items()}}},
+             pycomm.hooks.QuantState(bits=4, start_iter=0))]:
+        with pytest.raises(CheckpointMismatch) as info:
+            fresh.bind(model).load_state_dict(bad)
+        errors[what] = str(info.value)
+    # strict=False keeps this state's own settings and loads the residuals that fit.
+    lenient = pycomm.hooks.QuantState(bits=2, start_iter=0).bind(model)
+    lenient.load_state_dict({**loaded, "params": {**loaded["params"], "gone.weight": loaded["params"]["weight"]}},
+                            strict=False)
+    return sd, restored.state_dict(), clone.process_group, clone.iter, errors, lenient.bits, lenient.state_dict()
 
 
 def test_state_dict_keeps_each_ranks_residuals():
     results = run_distributed(_checkpoint_worker, 2)
-    (sd0, _, _, _), (sd1, _, _, _) = results
-    assert sd0["iter"] == 3
-    w0 = [v["worker"] for v in sd0["residuals"].values()]
-    w1 = [v["worker"] for v in sd1["residuals"].values()]
-    assert w0 and any(w.abs().sum() > 0 for w in w0)
-    assert not all(torch.equal(a, b) for a, b in zip(w0, w1)), "each rank keeps its own residuals"
-    for sd, restored, group, it in results:
-        assert restored["iter"] == sd["iter"] == it and group is None
+    sd0, sd1 = results[0][0], results[1][0]
+    assert sd0["step"] == 3 and sd0["format"] == 2 and sd0["method"] == "quant" and sd0["config"]["bits"] == 4
+    assert sorted(sd0["params"]) == ["weight"]  # the bias (dim 1) is not compressed: no residual
+    w0, w1 = sd0["params"]["weight"]["worker"], sd1["params"]["weight"]["worker"]
+    assert w0.shape == (64, 128) and sd0["params"]["weight"]["server"].shape == (64, 128)  # shaped like the parameter
+    assert w0.abs().sum() > 0 and sd0["params"]["weight"]["server"].abs().sum() > 0
+    assert not torch.equal(w0, w1), "each rank keeps its own residuals"
+    for sd, restored, group, it, errors, lenient_bits, lenient in results:
+        assert restored["step"] == sd["step"] == it and group is None
+        # Before the first step the loaded residuals are held as loaded: the same tensors come back.
+        for field in ("worker", "server"):
+            assert torch.equal(restored["params"]["weight"][field], sd["params"]["weight"][field])
+        assert "bits=4" in errors["bits"] and "bits=2" in errors["bits"]
+        assert "'dgc'" in errors["method"] and "format 1" in errors["format"]
+        assert "'linear.weight'" in errors["name"] and "(64, 64)" in errors["shape"]
+        assert lenient_bits == 2 and lenient["config"]["bits"] == 2 and lenient["step"] == sd["step"]
+        assert sorted(lenient["params"]) == ["weight"]
+        assert torch.equal(lenient["params"]["weight"]["worker"], sd["params"]["weight"]["worker"])
 
 
 def test_register_rejects_unknown_methods_and_options():
     import pycomm
 
     class FakeDDP:
+        module = torch.nn.Linear(4, 2)
+
         def register_comm_hook(self, state, hook):
             self.hook = hook
 
@@ -122,21 +153,23 @@ def test_register_rejects_unknown_methods_and_options():
     model = FakeDDP()
     state = pycomm.register(model, "quant", bits=3)
     assert state.bits == 3 and model.hook is pycomm.hooks.quantized_allreduce_hook
+    assert list(state.parameter_names.params) == ["weight", "bias"]  # register binds the state to the names
 
 
 # ---- per-layer bit widths (set_layer_params) and the observer ----
 
 def _alternate_bits(state, hook):
-    """Give the compressed layers of every bucket alternating 3 and 6 bits, from the first
-    compressed step on (bucket indices and positions are stable after DDP's rebuild)."""
+    """Give the compressed layers of every bucket alternating 3 and 6 bits (by parameter name), from
+    the first compressed step on (after DDP's rebuild, so each bucket holds its final layers)."""
     def wrapped(s, bucket):
-        key = (bucket.index(), 0)
-        if s.iter >= s.start_iter - 1 and not any(k[0] == bucket.index() for k in s.layer_params):
+        names = s.parameter_names.names_of(bucket.parameters())
+        if s.iter >= s.start_iter - 1 and names[0] not in s.layer_params:
             params = dict(s.layer_params)
-            compressed = [i for i, p in enumerate(bucket.parameters()) if p.dim() > 1 and p.numel() >= s.min_numel]
-            for j, position in enumerate(compressed):
-                params[(bucket.index(), position)] = 3 if j % 2 == 0 else 6
-            params.setdefault(key, 6)  # every bucket gets an entry, even without compressed layers
+            compressed = [name for name, p in zip(names, bucket.parameters())
+                          if p.dim() > 1 and p.numel() >= s.min_numel]
+            for j, name in enumerate(compressed):
+                params[name] = 3 if j % 2 == 0 else 6
+            params.setdefault(names[0], 6)  # every bucket gets an entry, even without compressed layers
             s.set_layer_params(params)
         return hook(s, bucket)
     return wrapped
@@ -157,8 +190,8 @@ def _mixed_train_worker(rank, world, steps):
             payload = ops.mixed_payload_bytes(plan.table, state.bucket_size)
             rows = plan.table.tolist()
             # Every layer's buckets carry that layer's bits; the rest is padding (empty rows).
-            for position, offset, length in plan.layers:
-                bits = state.layer_params[(next(i for i, p in state._plans.items() if p is plan), position)]
+            for name, offset, length in plan.layers:
+                bits = state.layer_params[name]
                 mine = [r for r in rows if offset <= r[0] < offset + length and r[1] > 0]
                 assert len(mine) == -(-length // state.bucket_size) and all(r[2] == bits for r in mine)
             padding = sum(ops.record_bytes(r[2], state.bucket_size) for r in rows if r[1] == 0)
@@ -196,19 +229,21 @@ def _observer_worker(rank, world):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 32))
     model = DDP(net)
-    state = QuantState(bits=4, start_iter=1, min_numel=1024, stochastic=True)
+    state = QuantState(bits=4, start_iter=1, min_numel=1024, stochastic=True).bind(model)
     seen = []
     bucket_params = {}
+    current = {}
 
-    def observer(index, values, layers):
+    def observer(values, layers):
+        index = current["index"]
         plan = state._plans[index]
         seen.append((index, values.clone(), layers, plan.worker_residual.clone()))
 
     def hook(s, bucket):
+        current["index"] = bucket.index()
         bucket_params[bucket.index()] = [p for p in bucket.parameters()]
         if s.iter >= 1 and not s.layer_params:
-            big = {tuple(p.shape): i for i, p in enumerate(bucket.parameters())}
-            s.set_layer_params({(bucket.index(), big[(64, 64)]): 8, (bucket.index(), big[(32, 64)]): 2})
+            s.set_layer_params({"0.weight": 8, "1.weight": 2})  # (64, 64) and (32, 64)
         return quantized_allreduce_hook(s, bucket)
 
     model.register_comm_hook(state, hook)
@@ -231,21 +266,28 @@ def _observer_worker(rank, world):
             dist.all_reduce(g)
             g.div_(world)
         got = {tuple(p.shape): p.grad.clone() for p in model.parameters()}
-        out.append({"seen": [(i, v, layers, r, [tuple(p.shape) for p in bucket_params[i]]) for i, v, layers, r in seen],
+        out.append({"seen": [(i, v, layers, r, [tuple(p.shape) for p in bucket_params[i]],
+                              state.parameter_names.names_of(bucket_params[i])) for i, v, layers, r in seen],
                     "residual_before": residual_before, "local": local_grads, "exact": exact, "got": got,
                     "bytes": dict(counter.bytes_by_collective),
                     "plans": {i: (p.bits, None if p.table is None else p.table.clone()) for i, p in state._plans.items()}})
     sd = state.state_dict()
-    restored = QuantState()
+    restored = QuantState(bits=4, start_iter=1, min_numel=1024, stochastic=True).bind(model)
     buffer = io.BytesIO()
     torch.save(sd, buffer)
-    restored.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=False))
-    old_style = {k: v for k, v in sd.items() if k != "layer_params"}
-    legacy = QuantState()
-    legacy.load_state_dict(old_style)
+    restored.load_state_dict(torch.load(io.BytesIO(buffer.getvalue()), weights_only=True))
+    # Per-layer bits of a layer the model does not have: an error naming it when strict, skipped otherwise.
+    unknown = {**sd, "layer_params": {**sd["layer_params"], "2.weight": 4}}
+    try:
+        QuantState(bits=4, start_iter=1, min_numel=1024, stochastic=True).bind(model).load_state_dict(unknown)
+        strict_error = ""
+    except ValueError as e:
+        strict_error = str(e)
+    lenient = QuantState(bits=4, start_iter=1, min_numel=1024, stochastic=True).bind(model)
+    lenient.load_state_dict(unknown, strict=False)
     clone = pickle.loads(pickle.dumps(state))
-    return out, sd, restored.layer_params, restored.state_dict(), legacy.layer_params, clone.observer, \
-        clone.layer_params
+    return out, sd, restored.layer_params, restored.state_dict(), (strict_error, lenient.layer_params), \
+        clone.observer, clone.layer_params
 
 
 def test_layer_params_in_one_bucket_observer_and_state_dict():
@@ -257,18 +299,19 @@ def test_layer_params_in_one_bucket_observer_and_state_dict():
         grads = [r[0][step]["got"] for r in results]
         for k in grads[0]:
             assert torch.equal(grads[0][k], grads[1][k]), "ranks differ"
-    for out, sd, restored_params, restored_sd, legacy_params, clone_observer, clone_params in results:
+    for out, sd, restored_params, restored_sd, (strict_error, lenient_params), clone_observer, clone_params in results:
         assert [s["seen"] for s in out[:1]] == [[]]  # step 0: plain all-reduce, no observer
         for step in range(1, 4):
             rec = out[step]
             assert len(rec["seen"]) == 1
-            index, values, layers, residual, shapes = rec["seen"][0]
+            index, values, layers, residual, shapes, names = rec["seen"][0]
             # values == buffer + worker residual, exactly: rebuild the buffer from the local grads.
             buffer = torch.cat([rec["local"][s].reshape(-1) for s in shapes])
             assert torch.equal(values, buffer + rec["residual_before"].get(index, torch.zeros_like(buffer))) \
                 if step > 1 else torch.equal(values, buffer)
-            assert sorted((shapes[p], n) for p, _, n in layers) == [((32, 64), 2048), ((64, 64), 4096)]
-            offsets = [sum(torch.Size(s).numel() for s in shapes[:p]) for p, _, _ in layers]
+            assert sorted((name, shapes[names.index(name)], n) for name, _, n in layers) == [
+                ("0.weight", (64, 64), 4096), ("1.weight", (32, 64), 2048)]
+            offsets = [sum(torch.Size(s).numel() for s in shapes[:names.index(name)]) for name, _, _ in layers]
             assert offsets == [o for _, o, _ in layers]
             # One mixed table for the bucket: 8-bit and 2-bit layers inside it.
             bits, table = rec["plans"][index]
@@ -289,27 +332,28 @@ def test_layer_params_in_one_bucket_observer_and_state_dict():
         # Dense layers are exact.
         for shape in [(64,), (32,)]:
             assert torch.allclose(out[3]["got"][shape], out[3]["exact"][shape], atol=1e-6)
-        assert sorted(sd["layer_params"].values()) == [2, 8]
+        assert sd["layer_params"] == {"0.weight": 8, "1.weight": 2}
         assert restored_params == sd["layer_params"] and restored_sd["layer_params"] == sd["layer_params"]
-        assert legacy_params == {}
+        assert "'2.weight'" in strict_error and lenient_params == sd["layer_params"]
         assert clone_observer is None and clone_params == sd["layer_params"]
 
 
 def test_set_layer_params_validates():
     from pycomm.hooks import QuantState
 
-    state = QuantState(bits=4)
-    state.set_layer_params({(0, 1): 2, (3, 0): 8})
-    assert state.layer_params == {(0, 1): 2, (3, 0): 8}
+    state = QuantState(bits=4).bind(torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8)))
+    state.set_layer_params({"0.weight": 2, "1.weight": 8})
+    assert state.layer_params == {"0.weight": 2, "1.weight": 8}
     view = state.layer_params
-    view[(9, 9)] = 1
-    assert (9, 9) not in state.layer_params  # a copy
+    view["0.bias"] = 1
+    assert "0.bias" not in state.layer_params  # a copy
     state.set_layer_params(None)
     assert state.layer_params == {}
-    for bad in [{(0, 1): 0}, {(0, 1): 9}, {(0, 1): 2.5}, {(0, 1): True}, {(0,): 2}, {(0, -1): 2}, {"a": 2}, [1]]:
+    for bad in [{"0.weight": 0}, {"0.weight": 9}, {"0.weight": 2.5}, {"0.weight": True}, {(0, 1): 2},
+                {"2.weight": 2}, [1]]:
         with pytest.raises(ValueError):
             state.set_layer_params(bad)
-    assert state.observer is None
+    assert state.observer is None and state.layer_params == {}
 
 
 def _dense_write_back_worker(rank, world):
@@ -346,7 +390,7 @@ def _dense_write_back_worker(rank, world):
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Linear(64, 8))  # 4096-weight compressed, rest dense
     model = DDP(net)
-    model.register_comm_hook(QuantState(bits=2, start_iter=1, min_numel=1024), hook)
+    model.register_comm_hook(QuantState(bits=2, start_iter=1, min_numel=1024).bind(model), hook)
     for step in range(4):
         x = torch.randn(16, 64, generator=torch.Generator().manual_seed(step * 10 + rank))
         handle = None

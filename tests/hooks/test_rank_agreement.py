@@ -54,7 +54,8 @@ def _run_case(rank, world, setting_all, setting_last, steps=4):
 
 def _disagreement_worker(rank, world):
     results = {name: _run_case(rank, world, a, b) for name, a, b, _ in CASES}
-    # A checkpoint with other settings, loaded on one rank only.
+    # A checkpoint with other per-layer bits, loaded on one rank only. (Constructor settings such as
+    # bits stay the state's own: a checkpoint with other bits raises CheckpointMismatch when loaded.)
     import pycomm
 
     model = DDP(_net())
@@ -63,7 +64,7 @@ def _disagreement_worker(rank, world):
         _step(model, step, rank)
     saved = state.state_dict()
     if rank == world - 1:
-        saved = {**saved, "bits": 2}
+        saved = {**saved, "layer_params": {"0.weight": 2}}
     state.load_state_dict(saved)
     try:
         _step(model, 3, rank)
@@ -83,7 +84,7 @@ def test_disagreeing_ranks_raise_the_same_clear_error(world):
     for rank_result in results:
         assert rank_result["group_alive"]
     expected = {name: field for name, _, _, field in CASES}
-    expected["load_state_dict"] = "bits"
+    expected["load_state_dict"] = "layer_params"
     for name, field in expected.items():
         errors = [r[name] for r in results]
         first = errors[0]
@@ -103,7 +104,7 @@ def test_disagreeing_ranks_raise_the_same_clear_error(world):
     assert f"rank {world - 1}: 'dgc')" in results[0]["method"]["message"]
     assert "value_dtype (" in results[0]["value_dtype"]["message"] and "torch.float16" in \
         results[0]["value_dtype"]["message"]
-    assert results[0]["load_state_dict"]["message"].count("; ") == 0  # bits only
+    assert results[0]["load_state_dict"]["message"].count("; ") == 0  # layer_params only
     assert all(results[0][name]["type"] == "RankDisagreementError" for name in expected)
 
 
@@ -143,7 +144,7 @@ def _agreeing_worker(rank, world):
                 buffer = io.BytesIO()
                 torch.save(state.state_dict(), buffer)
                 buffer.seek(0)
-                state.load_state_dict(torch.load(buffer, weights_only=False))
+                state.load_state_dict(torch.load(buffer, weights_only=True))
                 _step(model, 9, rank)
                 _step(model, 10, rank)
                 counts.append(len(calls))

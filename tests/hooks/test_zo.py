@@ -115,12 +115,11 @@ def _projection_worker(rank, world):
     x = torch.randn(32, 64, generator=torch.Generator().manual_seed(rank))
     model(x).pow(2).sum().backward()  # the first step also agrees on the settings (pycomm.hooks.agreement)
     model.zero_grad()
-    state.residuals.clear()
     with counter:
         model(x).pow(2).sum().backward()
     grads = torch.cat([p.grad.reshape(-1) for p in model.parameters()])
     sd = state.state_dict()
-    return grads, dict(counter.calls), counter.bytes_sent, sd["residuals"]
+    return grads, dict(counter.calls), counter.bytes_sent, sd["params"]
 
 
 def test_projection_hook_sends_k_bytes_and_ranks_agree():
@@ -129,23 +128,27 @@ def test_projection_hook_sends_k_bytes_and_ranks_agree():
     assert torch.equal(g0, g1)
     assert sent == 4 * 1  # K bytes to the one peer, one bucket
     assert torch.isfinite(g0).all() and g0.abs().sum() > 0
-    assert res0 and not torch.equal(next(iter(res0.values())), next(iter(res1.values())))
+    assert sorted(res0) == ["bias", "weight"] and res0["weight"]["residual"].shape == (8, 64)  # per parameter
+    assert res0["weight"]["residual"].abs().sum() > 0
+    assert not torch.equal(res0["weight"]["residual"], res1["weight"]["residual"]), "each rank keeps its own"
 
 
 def _projection_overflow_worker(rank, world):
     from pycomm.hooks.spsa_projection import ProjectionState, projection_hook
 
-    state = ProjectionState(num_directions=4, error_feedback=True)
+    weight = torch.zeros(50, 100, requires_grad=True)  # DDP buckets only parameters that require grad
+    state = ProjectionState(num_directions=4, error_feedback=True).bind({"w": weight})
     g = torch.randn(5000, generator=torch.Generator().manual_seed(rank))
-    projection_hook(state, _Bucket(g.clone(), index=0)).value()  # a finite step first: a non-zero residual
-    before = state.residuals[0].clone()
+    projection_hook(state, _Bucket(g.clone(), [weight])).value()  # a finite step first: a non-zero residual
+    before = state.state_dict()["params"]["w"]["residual"]
+    assert before.abs().sum() > 0
     g = torch.randn(5000, generator=torch.Generator().manual_seed(10 + rank))
     if rank == 1:
         g[17] = float("inf")
-    out = projection_hook(state, _Bucket(g.clone(), index=0)).value()
+    out = projection_hook(state, _Bucket(g.clone(), [weight])).value()
     exact = g.clone()
     torch.distributed.all_reduce(exact)
-    return out, exact.div_(world), torch.equal(state.residuals[0], before)
+    return out, exact.div_(world), torch.equal(state.state_dict()["params"]["w"]["residual"], before)
 
 
 @pytest.mark.parametrize("world", [2, 4])
@@ -160,11 +163,14 @@ def test_projection_overflow_goes_uncompressed(world):
 class _Bucket:
     """What projection_hook reads of a DDP GradBucket."""
 
-    def __init__(self, buffer, index=0, last=True):
-        self._buffer, self._index, self._last = buffer, index, last
+    def __init__(self, buffer, parameters, index=0, last=True):
+        self._buffer, self._parameters, self._index, self._last = buffer, parameters, index, last
 
     def buffer(self):
         return self._buffer
+
+    def parameters(self):
+        return list(self._parameters)
 
     def index(self):
         return self._index
@@ -183,14 +189,23 @@ def test_projection_hook_equals_per_direction_reference(tmp_path):
 
     dist.init_process_group("gloo", store=dist.FileStore(str(tmp_path / "store"), 1), rank=0, world_size=1)
     try:
-        n, k = 10_007, 40
-        state = ProjectionState(num_directions=k, seed=5, error_feedback=True)
-        residual = torch.zeros(n)
+        k = 40
+        # Two parameters that DDP's bucket holds in reverse model order (as after its rebuild):
+        # the directions are drawn over the model-order concatenation [a, b], keyed (seed, step, j).
+        a_param, b_param = torch.zeros(61, 100, requires_grad=True), torch.zeros(3907, requires_grad=True)
+        n_a, n_b = a_param.numel(), b_param.numel()
+        n = n_a + n_b
+
+        def model_order(t):  # bucket layout [b, a] -> model layout [a, b]
+            return torch.cat([t[n_b:], t[:n_b]])
+
+        state = ProjectionState(num_directions=k, seed=5, error_feedback=True).bind({"a": a_param, "b": b_param})
+        residual = torch.zeros(n)  # model order
         for step in range(3):
-            g = torch.randn(n, generator=torch.Generator().manual_seed(step))
-            out = projection_hook(state, _Bucket(g.clone(), index=2)).value()
-            x = g + residual
-            seeds = [mix_seed(5, step, 2, j) for j in range(k)]
+            g = torch.randn(n, generator=torch.Generator().manual_seed(step))  # bucket order
+            out = projection_hook(state, _Bucket(g.clone(), [b_param, a_param], index=2)).value()
+            x = model_order(g) + residual
+            seeds = [mix_seed(5, step, j) for j in range(k)]
             a = torch.tensor([ops.philox_dot([x], s) / n for s in seeds], dtype=torch.float64)
             a_hat = state.codec.decode(state.codec.encode_reference(a))
             assert (a_hat != 0).sum() > k // 2
@@ -199,8 +214,11 @@ def test_projection_hook_equals_per_direction_reference(tmp_path):
                 if c != 0.0:
                     ops.philox_axpy_(residual, s, -c)
                     ops.philox_axpy_(ref, s, c)
-            assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
-            assert torch.equal(state.residuals[2].view(torch.int32), residual.view(torch.int32))
+            assert torch.equal(model_order(out).view(torch.int32), ref.view(torch.int32))
+            saved = state.state_dict()["params"]
+            assert saved["a"]["residual"].shape == (61, 100)
+            got = torch.cat([saved["a"]["residual"].reshape(-1), saved["b"]["residual"]])
+            assert torch.equal(got.view(torch.int32), residual.view(torch.int32))
     finally:
         dist.destroy_process_group()
 
@@ -218,12 +236,31 @@ def test_projection_rank_sum_order(world):
     assert torch.allclose(_rank_sum(rows), rows.sum(0), rtol=1e-12, atol=0)
 
 
-def test_projection_state_rejects_another_methods_checkpoint():
+def test_projection_state_rejects_checkpoints_that_do_not_fit():
     from pycomm.hooks import ProjectionState, QuantState
-    quant = QuantState(bits=4).state_dict()
-    quant["residuals"] = {0: {"worker": torch.zeros(3), "server": None}}  # a quant checkpoint with a bucket
-    with pytest.raises(ValueError, match="not a ProjectionState checkpoint"):
-        ProjectionState(num_directions=4).load_state_dict(quant)
-    state = ProjectionState(num_directions=4)
-    state.load_state_dict({"iter": 5, "seed": 3, "residuals": {0: torch.zeros(4)}})
-    assert state.iter == 5 and state.seed == 3
+    from pycomm.hooks.param_state import CheckpointMismatch
+
+    params = {"w": torch.zeros(4, 8)}
+    quant = QuantState(bits=4).bind(params).state_dict()
+    with pytest.raises(CheckpointMismatch, match="method 'quant'"):
+        ProjectionState(num_directions=4).bind(params).load_state_dict(quant)
+    with pytest.raises(CheckpointMismatch, match="not a pycomm hook state dict"):  # the old format
+        ProjectionState(num_directions=4).load_state_dict({"iter": 5, "seed": 3, "residuals": {0: torch.zeros(4)}})
+    saved = ProjectionState(num_directions=4, error_feedback=True, seed=3).bind(params).state_dict()
+    saved["step"] = 5
+    saved["params"] = {"w": {"residual": torch.ones(4, 8)}}
+    with pytest.raises(CheckpointMismatch, match="num_directions=4"):
+        ProjectionState(num_directions=8, error_feedback=True, seed=3).bind(params).load_state_dict(saved)
+    with pytest.raises(CheckpointMismatch, match="'residual'"):  # no error feedback here: nothing keeps it
+        ProjectionState(num_directions=4, seed=3).bind(params).load_state_dict(
+            {**saved, "config": {**saved["config"], "error_feedback": False}})
+    with pytest.raises(CheckpointMismatch, match=r"shape \(4, 8\).*\(8, 4\)"):
+        ProjectionState(num_directions=4, error_feedback=True, seed=3).bind({"w": torch.zeros(8, 4)}).load_state_dict(saved)
+    state = ProjectionState(num_directions=4, error_feedback=True, seed=3).bind(params)
+    state.load_state_dict(saved)
+    assert state.iter == 5 and torch.equal(state.state_dict()["params"]["w"]["residual"], torch.ones(4, 8))
+    # strict=False keeps this state's own settings and takes the step and what fits.
+    lenient = ProjectionState(num_directions=8, error_feedback=True, seed=3).bind(params)
+    lenient.load_state_dict(saved, strict=False)
+    assert lenient.num_directions == 8 and lenient.iter == 5
+    assert torch.equal(lenient.state_dict()["params"]["w"]["residual"], torch.ones(4, 8))

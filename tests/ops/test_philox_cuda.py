@@ -162,11 +162,14 @@ def test_multi_direction_ops_do_not_sync():
 class _Bucket:
     """What projection_hook reads of a DDP GradBucket."""
 
-    def __init__(self, buffer: torch.Tensor, index: int = 0, last: bool = True) -> None:
-        self._buffer, self._index, self._last = buffer, index, last
+    def __init__(self, buffer: torch.Tensor, parameters: list, index: int = 0, last: bool = True) -> None:
+        self._buffer, self._parameters, self._index, self._last = buffer, parameters, index, last
 
     def buffer(self) -> torch.Tensor:
         return self._buffer
+
+    def parameters(self) -> list:
+        return list(self._parameters)
 
     def index(self) -> int:
         return self._index
@@ -185,20 +188,31 @@ def test_projection_hook_no_host_sync_and_same_bits_as_cpu(tmp_path):
     try:
         gloo = dist.new_group(backend="gloo")
         grads = [torch.randn(300_001, generator=torch.Generator().manual_seed(s)) for s in range(4)]
-        gpu_state = ProjectionState(num_directions=40, seed=3)
-        cpu_state = ProjectionState(process_group=gloo, num_directions=40, seed=3)
-        projection_hook(gpu_state, _Bucket(grads[0].cuda()))  # first call: the codec's tables reach the GPU
+
+        def model_params(device):  # two parameters; the bucket holds them in reverse model order
+            return {"a": torch.zeros(100_000, device=device, requires_grad=True),
+                    "b": torch.zeros(200_001, device=device, requires_grad=True)}
+
+        gpu_params, cpu_params = model_params("cuda"), model_params("cpu")
+        gpu_state = ProjectionState(num_directions=40, seed=3, error_feedback=True).bind(gpu_params)
+        cpu_state = ProjectionState(process_group=gloo, num_directions=40, seed=3, error_feedback=True).bind(cpu_params)
+        gpu_bucket = [gpu_params["b"], gpu_params["a"]]
+        cpu_bucket = [cpu_params["b"], cpu_params["a"]]
+        projection_hook(gpu_state, _Bucket(grads[0].cuda(), gpu_bucket))  # first call: plan, codec tables to the GPU
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")
         try:
-            gpu_out = [projection_hook(gpu_state, _Bucket(g.cuda())).value() for g in grads[1:]]
+            gpu_out = [projection_hook(gpu_state, _Bucket(g.cuda(), gpu_bucket)).value() for g in grads[1:]]
         finally:
             torch.cuda.set_sync_debug_mode(0)
-        projection_hook(cpu_state, _Bucket(grads[0].clone()))
-        cpu_out = [projection_hook(cpu_state, _Bucket(g.clone())).value() for g in grads[1:]]
+        projection_hook(cpu_state, _Bucket(grads[0].clone(), cpu_bucket))
+        cpu_out = [projection_hook(cpu_state, _Bucket(g.clone(), cpu_bucket)).value() for g in grads[1:]]
         for c, g in zip(cpu_out, gpu_out):
             assert_identical(c, g, "hook output")
             assert c.abs().sum() > 0
-        assert_identical(cpu_state.residuals[0], gpu_state.residuals[0], "residual")
+        cpu_saved, gpu_saved = cpu_state.state_dict()["params"], gpu_state.state_dict()["params"]
+        for name in ("a", "b"):
+            assert cpu_saved[name]["residual"].abs().sum() > 0
+            assert_identical(cpu_saved[name]["residual"], gpu_saved[name]["residual"].cpu(), f"residual of {name}")
     finally:
         dist.destroy_process_group()
