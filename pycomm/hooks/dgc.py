@@ -2,7 +2,6 @@
 
 # No `from __future__ import annotations`: DDP inspects the hook's real annotations.
 
-import itertools
 import logging
 import math
 import numbers
@@ -15,9 +14,9 @@ import torch.distributed as dist
 from pycomm import ops
 from pycomm.hooks import agreement
 from pycomm.hooks.hook_state import (BucketPlan, HookState, Layer, advance_step, allreduce_dense, average_,
-                                     bucket_seed, bucket_signature, completed_future, compressible, log_skipped,
-                                     put_dense, split_layers, take_dense, validated_layer_params)
-from pycomm.hooks.param_state import ParamStore, param_tensors_for_load, report_mismatch
+                                     bucket_seed, completed_future, compressible, log_skipped, parameter_slices,
+                                     put_dense, same_layout_plan, split_layers, take_dense, validated_layer_params)
+from pycomm.hooks.param_state import ParamStore, export_slices, load_slices, report_mismatch
 from pycomm.compressors import DGC
 from pycomm.hooks.index_errors import IndexErrors as _IndexErrors
 from pycomm.distributed import all_gather_into_tensor
@@ -28,8 +27,6 @@ logger = logging.getLogger(__name__)
 
 # Lin et al.: sparsity 75%, 93.75%, 98.4375%, 99.6%, then the target (99.9%).
 PAPER_WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.004)
-
-_FIELDS = {"u": True, "v": True}  # what each parameter keeps (u of a dense layer is its momentum)
 
 
 @dataclass
@@ -53,17 +50,11 @@ class _DGCPlan(BucketPlan):
 
     def export(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         """u and v of ``names`` as standalone tensors."""
-        u, v = self.compressor.u, self.compressor.v
-        return {name: {"u": u[o:o + n].clone(), "v": v[o:o + n].clone()}
-                for name in names if name in self.where for o, n in [self.where[name]]}
+        return export_slices(self.where, {"u": self.compressor.u, "v": self.compressor.v}, names)
 
     def load(self, taken: dict[str, dict[str, torch.Tensor]]) -> None:
         """Put u and v of parameters that were elsewhere (another layout, a checkpoint) in place."""
-        for name, entry in taken.items():
-            o, n = self.where[name]
-            for key, flat in (("u", self.compressor.u), ("v", self.compressor.v)):
-                if key in entry:
-                    flat[o:o + n].copy_(entry[key].reshape(-1))
+        load_slices(self.where, {"u": self.compressor.u, "v": self.compressor.v}, taken)
 
 
 def _validated_density(key: str, value: Any) -> float:
@@ -228,8 +219,10 @@ class DGCState(HookState):
 
     def _check_bound(self) -> None:
         self._layer_params = self._validated_layer_params(self._layer_params)
-        skipped: list[str] = []
-        self._store.loose = param_tensors_for_load(self._store.loose, self._names, _FIELDS, True, skipped)
+        super()._check_bound()
+
+    def _fields(self) -> dict[str, bool]:
+        return {"u": True, "v": True}  # u of a dense layer is its momentum
 
     def _layer_counts(self, plan: _DGCPlan, step: int) -> Optional[tuple[int, ...]]:
         """Elements kept per compressed layer at ``step``, or None when no layer of the bucket has its own
@@ -265,12 +258,8 @@ class DGCState(HookState):
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: the configuration, the step, the per-layer densities, and u and v of
         every parameter by name (``params[name]["u"]``, ``["v"]``, shaped like the parameter)."""
-        params = self._store.everything()
-        if self._names is not None:
-            params = {name: {k: t.reshape(self._names.params[name].shape) for k, t in fields.items()}
-                      for name, fields in params.items() if name in self._names.params}
         return {**self._header(), "value_dtype": str(self.value_dtype).replace("torch.", ""),
-                "layer_params": self.layer_params, "params": params}
+                "layer_params": self.layer_params, "params": self._params_state()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Restore :meth:`state_dict` before the first step; the first hook call puts each
@@ -290,10 +279,7 @@ class DGCState(HookState):
         if not strict and self._names is not None:
             layer_params = {k: v for k, v in layer_params.items()
                             if k in self._names.params and compressible(self._names.params[k], self.min_numel)}
-        self._plans.clear()
-        self._store.clear()
-        self._store.loose = param_tensors_for_load(state_dict.get("params", {}), self._names, _FIELDS, strict,
-                                                   skipped)
+        self._load_params(state_dict, strict, skipped)
         log_skipped(self, skipped)
         self.set_layer_params(layer_params)
 
@@ -302,16 +288,13 @@ class DGCState(HookState):
 
     # -- planning ----------------------------------------------------------------
     def _plan(self, bucket: dist.GradBucket) -> _DGCPlan:
-        buffer = bucket.buffer()
-        params = bucket.parameters()
-        signature = bucket_signature(buffer, params)
-        plan = self._plans.get(bucket.index())
-        if plan is not None and plan.signature == signature:
+        plan, signature = same_layout_plan(self, bucket)
+        if plan is not None:
             return plan
+        buffer, params = bucket.buffer(), bucket.parameters()
         names = self._require_names().names_of(params)
         layers, dense = split_layers(params, names, self.min_numel)
-        where = dict(zip(names, zip(itertools.accumulate((p.numel() for p in params[:-1]), initial=0),
-                                    (p.numel() for p in params))))
+        where = parameter_slices(names, params)
         compressed = [(o, n) for _, o, n in layers]
         compressor = DGC(self.density, self.momentum, self.nesterov, self.clip_norm, self.momentum_masking,
                          self.exact, self.sample_ratio, self.seed)

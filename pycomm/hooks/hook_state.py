@@ -3,6 +3,7 @@ common part of ``state_dict``), the step counter, the split of a bucket into com
 layers, the layer-key check, the dense side channel and completed futures. Each hook file keeps
 only its method."""
 
+import itertools
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -13,8 +14,8 @@ import torch.distributed as dist
 
 from pycomm.distributed import mix_seed
 from pycomm.distributed import completed_future  # the one completed future, shared with the collectives
-from pycomm.hooks.param_state import (STATE_FORMAT, CheckpointMismatch, ParameterNames, ParamsLike,
-                                      check_header)
+from pycomm.hooks.param_state import (STATE_FORMAT, CheckpointMismatch, ParameterNames, ParamsLike, ParamStore,
+                                      check_header, param_tensors_for_load)
 
 logger = logging.getLogger(__name__)
 
@@ -94,7 +95,33 @@ class HookState:
         return self
 
     def _check_bound(self) -> None:
-        """Check what was set before :meth:`bind` (loaded state, per-layer settings) against the names."""
+        """Check what was loaded before :meth:`bind` against the names (subclasses add their settings)."""
+        self._store.loose = param_tensors_for_load(self._store.loose, self._names, self._fields(), True, [])
+
+    # -- per-parameter state ---------------------------------------------------------------
+    _store: ParamStore
+    _plans: dict
+
+    def _fields(self) -> dict[str, bool]:
+        """The per-parameter tensors the method keeps now, by field name (e.g. ``{"u": True, "v": True}``)."""
+        return {}
+
+    def _params_state(self) -> dict[str, dict[str, torch.Tensor]]:
+        """Every parameter's state by name, each tensor shaped like its parameter (for ``state_dict``)."""
+        params = self._store.everything()
+        if self._names is None:
+            return params
+        shapes = self._names.params
+        return {name: {k: t.reshape(shapes[name].shape) for k, t in fields.items()}
+                for name, fields in params.items() if name in shapes}
+
+    def _load_params(self, state_dict: Mapping[str, Any], strict: bool, skipped: list[str]) -> None:
+        """Drop the plans and the current per-parameter state and keep the checkpoint's, checked, until
+        the hook's next call puts each parameter's part into its bucket."""
+        self._plans.clear()
+        self._store.clear()
+        self._store.loose = param_tensors_for_load(state_dict.get("params", {}), self._names, self._fields(), strict,
+                                                   skipped)
 
     @property
     def parameter_names(self) -> Optional[ParameterNames]:
@@ -157,6 +184,20 @@ def bucket_signature(buffer: torch.Tensor, params: list[torch.Tensor]) -> tuple:
     """The layout a plan is built for: (numel, dtype, the parameters' identities). Identities, not
     shapes: two buckets whose equal-shaped parameters swapped places have different state."""
     return (buffer.numel(), buffer.dtype, tuple(id(p) for p in params))
+
+
+def same_layout_plan(state: HookState, bucket: dist.GradBucket) -> tuple[Any, tuple]:
+    """The state's plan for ``bucket`` if it was built for the bucket's current layout (else None), and
+    that layout's :func:`bucket_signature`."""
+    signature = bucket_signature(bucket.buffer(), bucket.parameters())
+    plan = state._plans.get(bucket.index())
+    return (plan if plan is not None and plan.signature == signature else None), signature
+
+
+def parameter_slices(names: list[str], params: list[torch.Tensor]) -> dict[str, tuple[int, int]]:
+    """Each parameter's ``(offset, length)`` in its bucket's buffer, by name."""
+    offsets = itertools.accumulate((p.numel() for p in params[:-1]), initial=0)
+    return {name: (offset, p.numel()) for name, p, offset in zip(names, params, offsets)}
 
 
 def split_layers(params: Iterable[torch.Tensor], names: list[str], min_numel: int) -> tuple[list[Layer], list[Dense]]:

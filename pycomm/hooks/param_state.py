@@ -21,7 +21,8 @@ from typing import Any, Optional, Protocol, Union
 
 import torch
 
-__all__ = ["ParameterNames", "ParamStore", "PlanState", "named_parameters_of", "CheckpointMismatch",
+__all__ = ["ParameterNames", "ParamStore", "PlanState", "named_parameters_of", "export_slices", "load_slices",
+           "CheckpointMismatch",
            "STATE_FORMAT", "check_header", "report_mismatch", "param_tensors_for_load"]
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,25 @@ class ParamStore:
     def clear(self) -> None:
         self.home.clear()
         self.loose.clear()
+
+
+def export_slices(where: Mapping[str, tuple[int, int]], flats: Mapping[str, torch.Tensor],
+                  names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
+    """``{name: {field: copy of flats[field][offset:offset + length]}}`` for the ``names`` in ``where``
+    (a plan's ``export`` when its state is one flat tensor per field, laid out like the bucket)."""
+    return {name: {key: flat[o:o + n].clone() for key, flat in flats.items()}
+            for name in names if name in where for o, n in [where[name]]}
+
+
+def load_slices(where: Mapping[str, tuple[int, int]], flats: Mapping[str, torch.Tensor],
+                taken: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
+    """Copy each taken parameter's fields into its slice of ``flats`` (the inverse of :func:`export_slices`)."""
+    for name, entry in taken.items():
+        if name in where:
+            o, n = where[name]
+            for key, flat in flats.items():
+                if key in entry:
+                    flat[o:o + n].copy_(entry[key].reshape(-1))
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from pycomm.hooks import agreement
 from pycomm.hooks.hook_state import (BucketPlan, Dense, HookState, Layer, advance_step, allreduce_dense,
                                      average_async, bucket_seed, bucket_signature, log_skipped, split_layers, take_dense,
                                      validated_layer_params)
-from pycomm.hooks.param_state import ParamStore, param_tensors_for_load
+from pycomm.hooks.param_state import ParamStore
 from pycomm.distributed import chunk_layout, quantized_all_reduce
 
 __all__ = ["QuantState", "quantized_allreduce_hook"]
@@ -217,12 +217,7 @@ class QuantState(HookState):
 
     def _check_bound(self) -> None:
         self._layer_params = validated_layer_params(self._layer_params, "bits", _validated_bits, self._names)
-        self._check_loose(strict=True)
-
-    def _check_loose(self, strict: bool) -> None:
-        skipped: list[str] = []
-        self._store.loose = param_tensors_for_load(self._store.loose, self._names, self._fields(), strict, skipped)
-        log_skipped(self, skipped)
+        super()._check_bound()
 
     def _fields(self) -> dict[str, bool]:
         return {"worker": self.error_feedback, "server": self.error_feedback}
@@ -233,14 +228,10 @@ class QuantState(HookState):
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: the configuration, the step, the per-layer bits and each parameter's
         residuals by name (``params[name]["worker"]`` and ``["server"]``, shaped like the parameter)."""
-        params = self._store.everything()
-        if self._names is not None:
-            params = {name: {k: t.reshape(self._names.params[name].shape) for k, t in fields.items()}
-                      for name, fields in params.items() if name in self._names.params}
         padding = [{"names": [name for name, _, _ in plan.layers], "layer_bits": list(plan.layer_bits),
                     "world_size": plan.world, "residual": plan.padding_residual().clone()}
                    for plan in self._plans.values() if plan.server_residual is not None]
-        return {**self._header(), "layer_params": dict(self._layer_params), "params": params,
+        return {**self._header(), "layer_params": dict(self._layer_params), "params": self._params_state(),
                 "padding": padding or list(self._loaded_padding)}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
@@ -261,10 +252,7 @@ class QuantState(HookState):
             layer_params = {k: v for k, v in layer_params.items() if k in self._names.params}
         self._layer_params = validated_layer_params(layer_params, "bits", _validated_bits, self._names)
         self._params_version += 1
-        self._plans.clear()
-        self._store.clear()
-        self._store.loose = param_tensors_for_load(state_dict.get("params", {}), self._names, self._fields(), strict,
-                                                   skipped)
+        self._load_params(state_dict, strict, skipped)
         self._loaded_padding = [entry for entry in state_dict.get("padding", []) if self.error_feedback]
         log_skipped(self, skipped)
         agreement.settings_changed(self)

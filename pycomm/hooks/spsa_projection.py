@@ -2,7 +2,6 @@
 
 # No `from __future__ import annotations`: DDP inspects the hook's real annotations.
 
-import itertools
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -13,9 +12,9 @@ import torch.distributed as dist
 from pycomm import ops
 from pycomm.ops.philox import philox_distribution_code
 from pycomm.hooks import agreement
-from pycomm.hooks.hook_state import (BucketPlan, HookState, advance_step, average_, bucket_signature,
-                                     completed_future, log_skipped)
-from pycomm.hooks.param_state import ParamStore, param_tensors_for_load
+from pycomm.hooks.hook_state import (BucketPlan, HookState, advance_step, average_, completed_future, log_skipped,
+                                     parameter_slices, same_layout_plan)
+from pycomm.hooks.param_state import ParamStore, export_slices, load_slices
 from pycomm.codec import NONFINITE_CODE, LogByteCodec
 from pycomm.distributed import all_gather_into_tensor, mix_seed
 
@@ -97,18 +96,10 @@ class ProjectionState(HookState):
     def _fields(self) -> dict[str, bool]:
         return {"residual": self.error_feedback}
 
-    def _check_bound(self) -> None:
-        skipped: list[str] = []
-        self._store.loose = param_tensors_for_load(self._store.loose, self._names, self._fields(), True, skipped)
-
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: the configuration, the step and, with error feedback, each
         parameter's residual by name (``params[name]["residual"]``). Checkpoint it per rank."""
-        params = self._store.everything()
-        if self._names is not None:
-            params = {name: {k: t.reshape(self._names.params[name].shape) for k, t in fields.items()}
-                      for name, fields in params.items() if name in self._names.params}
-        return {**self._header(), "params": params}
+        return {**self._header(), "params": self._params_state()}
 
     def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Restore :meth:`state_dict` before the first step. ``strict`` (default): a checkpoint of
@@ -117,20 +108,15 @@ class ProjectionState(HookState):
         mismatch; ``strict=False`` loads what fits and logs the rest."""
         skipped: list[str] = []
         self._read_header(state_dict, strict, skipped)
-        self._plans.clear()
-        self._store.clear()
-        self._store.loose = param_tensors_for_load(state_dict.get("params", {}), self._names, self._fields(), strict,
-                                                   skipped)
+        self._load_params(state_dict, strict, skipped)
         log_skipped(self, skipped)
         agreement.settings_changed(self)
 
     def _plan(self, bucket: dist.GradBucket) -> "_ProjectionPlan":
-        buffer = bucket.buffer()
-        params = bucket.parameters()
-        signature = bucket_signature(buffer, params)
-        plan = self._plans.get(bucket.index())
-        if plan is not None and plan.signature == signature:
+        plan, signature = same_layout_plan(self, bucket)
+        if plan is not None:
             return plan
+        buffer, params = bucket.buffer(), bucket.parameters()
         names_map = self._require_names()
         names = names_map.names_of(params)
         pieces = []  # (model offset, buffer offset, length), in model order
@@ -149,9 +135,8 @@ class ProjectionState(HookState):
         residual = None
         if self.error_feedback:
             residual = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
-        where = {name: (o, p.numel()) for name, p, o in
-                 zip(names, params, itertools.accumulate((p.numel() for p in params[:-1]), initial=0))}
-        plan = _ProjectionPlan(signature, names, [], [], runs=runs, residual=residual, where=where)
+        plan = _ProjectionPlan(signature, names, [], [], runs=runs, residual=residual,
+                               where=parameter_slices(names, params))
         if residual is not None:
             plan.load(self._store.take(names))
             self._store.claim(names, plan)
@@ -166,17 +151,11 @@ class _ProjectionPlan(BucketPlan):
     where: dict = field(default_factory=dict)  # parameter name -> (offset, length) in the buffer
 
     def export(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-        if self.residual is None:
-            return {}
-        return {name: {"residual": self.residual[o:o + n].clone()}
-                for name in names if name in self.where for o, n in [self.where[name]]}
+        return {} if self.residual is None else export_slices(self.where, {"residual": self.residual}, names)
 
     def load(self, taken: dict[str, dict[str, torch.Tensor]]) -> None:
         assert self.residual is not None
-        for name, entry in taken.items():
-            if "residual" in entry:
-                o, n = self.where[name]
-                self.residual[o:o + n].copy_(entry["residual"].reshape(-1))
+        load_slices(self.where, {"residual": self.residual}, taken)
 
     def pieces(self, x: torch.Tensor) -> list[tuple[int, list[torch.Tensor]]]:
         """``x`` (laid out like the bucket) as runs of views that are consecutive in model order."""

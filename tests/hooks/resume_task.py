@@ -100,7 +100,7 @@ def run(rank: int, world: int, method: Optional[str], options: dict[str, Any], b
             everyone = saved["pycomm"]
             if drop_state:
                 everyone = [pycomm.checkpoint.without_param_state(sd) for sd in everyone]
-            pycomm.checkpoint.load_rank_state_dict(state, everyone)
+            out["loaded_own"] = pycomm.checkpoint.load_rank_state_dict(state, everyone)
     seeded = getattr(state, "inner", state)
     redraw_step = redraw_step and seeded is not None
     if redraw_step:
@@ -112,5 +112,6 @@ def run(rank: int, world: int, method: Optional[str], options: dict[str, Any], b
     train(ddp, opt, rank, SAVE_AT + 1, TOTAL_STEPS)
     out["params"] = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
     out["norms_end"] = state_norms(state)
+    out["step"] = None if state is None else state.iter
     dist.barrier()
     return out

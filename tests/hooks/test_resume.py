@@ -47,6 +47,7 @@ def _ranks_identical(results: list[dict]) -> bool:
 
 EXACT_CASES = ([(name, 2, 25.0, None) for name in EXACT]        # one bucket
                + [(name, 4, 0.05, None) for name in ("plain-ddp", "dgc")]  # many small buckets
+               + [(name, 4, 25.0, None) for name in ("lgreco-topk", "spsa-projection-ef")]
                + [(name, 2, 25.0, 0.05) for name in ("dgc", "lgreco-topk")])  # another bucket_cap_mb at resume
 
 
@@ -72,7 +73,8 @@ def test_resume_is_exact(name, world, cap, resume_cap):
         assert value > 0 and resumed[0]["norms_after_first"][key] == pytest.approx(value, rel=1e-5)
 
 
-@pytest.mark.parametrize("name, world, cap", [(name, 2, 25.0) for name in sorted(QUANTIZED)] + [("quant2", 4, 0.05)])
+@pytest.mark.parametrize("name, world, cap", [(name, 2, 25.0) for name in sorted(QUANTIZED)]
+                         + [("quant2", 4, 0.05), ("lgreco-quant", 4, 25.0)])
 def test_quantized_resume(name, world, cap):
     """Quantization cannot resume bit for bit: at the first resumed step DDP has not rebuilt its buckets
     yet, so each rank owns (reduces, and does not quantize in the first phase) other elements than in
@@ -94,3 +96,18 @@ def test_quantized_resume(name, world, cap):
     if method == "quant":  # the owed gradient carried over (a fresh state would hold one step's residual)
         owed_full, owed_resumed = full[0]["norms_after_first"]["owed"], resumed[0]["norms_after_first"]["owed"]
         assert 0.5 * owed_full < owed_resumed < 2.0 * owed_full
+
+
+@pytest.mark.parametrize("saved_world, resumed_world", [(2, 3), (3, 2)])
+def test_resume_on_another_world_size(saved_world, resumed_world):
+    """Rank r loads saved rank r's state; a new rank takes rank 0's step and settings with zero residuals
+    (a warning says so); the state of ranks that are gone is dropped. Every rank then agrees on the
+    step, so the ranks keep compressing in lockstep and end identical."""
+    method, options, momentum = QUANTIZED["quant4"]
+    saved = run_distributed(resume_task.run, saved_world, method, options, 25.0, momentum, None, None)
+    resumed = run_distributed(resume_task.run, resumed_world, method, options, 25.0, momentum,
+                              saved[0]["checkpoint"], None)
+    assert _ranks_identical(resumed)
+    assert [r["step"] for r in resumed] == [resume_task.TOTAL_STEPS] * resumed_world
+    assert all(r["norms_after_first"]["owed"] > 0 for r in resumed)
+    assert [r["loaded_own"] for r in resumed] == [rank < saved_world for rank in range(resumed_world)]
