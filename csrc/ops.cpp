@@ -41,10 +41,23 @@ TORCH_LIBRARY(pycomm, m) {
   // uninitialised byte is sent. chunk_row_begin >= 0 (mixed only): x is a reduced
   // chunk as dequantize_sum returns it, bucket k = elements [k*B, (k+1)*B)
   // with the bits of table row chunk_row_begin + k.
+  //
+  // Stochastic rounding draws element j of payload bucket k (table row k; in
+  // chunk mode the chunk's bucket k) from Philox index k * bucket_size + j
+  // under `seed`. row_streams: an optional int64 1-D tensor on x's device with
+  // one entry per payload bucket; bucket k then draws from index
+  // row_streams[k] + j instead, so a caller can tie a bucket's draws to the
+  // parameter it holds (e.g. its element offset in a per-parameter stream)
+  // rather than to its place in the payload. Entries should be non-negative
+  // multiples of 8 with row_streams[k] + bucket_size <= 2^63 - 1: the CPU op
+  // checks this; the CUDA op checks only dtype, device and shape (reading the
+  // values would wait), and there any value is memory-safe (it is only an RNG
+  // counter) and valid values give the CPU's bytes. Round to nearest ignores
+  // the values.
   m.def(
       "quantize(Tensor x, Tensor(a!)? residual, Tensor? bucket_table, int num_buckets, int bits, "
       "int bucket_size, bool stochastic, int seed, int skip_begin, int skip_end, Tensor? host_table=None, "
-      "int chunk_row_begin=-1) -> Tensor");
+      "int chunk_row_begin=-1, Tensor? row_streams=None) -> Tensor");
   // Decodes payload [num_buckets, record_bytes] into out (flat, any float dtype).
   m.def(
       "dequantize_into(Tensor payload, Tensor(a!) out, Tensor? bucket_table, int bits, int bucket_size, "

@@ -200,6 +200,35 @@ inline int64_t check_quantize_args(const at::Tensor& x, const c10::optional<at::
   return num_buckets;
 }
 
+// quantize's optional row_streams: int64, 1-D, contiguous, one entry per
+// payload bucket, on x's device. Returns its data (nullptr when absent).
+// check_values (CPU): every entry is >= 0, a multiple of 8 (so each element
+// draws exactly Philox index row_streams[k] + j) and leaves room for the
+// bucket's B draws below 2^63. CUDA passes false: reading the values would
+// wait for the stream, and any value there is only an RNG counter.
+inline const int64_t* check_row_streams(const c10::optional<at::Tensor>& row_streams, const at::Tensor& x,
+                                        int64_t num_buckets, int64_t bucket_size, bool check_values) {
+  if (!row_streams.has_value()) return nullptr;
+  const at::Tensor& s = *row_streams;
+  check_same_device(x, s, "row_streams");
+  TORCH_CHECK(s.scalar_type() == at::kLong && s.dim() == 1 && s.is_contiguous(),
+              "pycomm: row_streams must be a contiguous 1-D int64 tensor (one Philox stream start per payload "
+              "bucket), got ", s.scalar_type(), " of shape ", s.sizes());
+  TORCH_CHECK(s.size(0) == num_buckets, "pycomm: row_streams has ", s.size(0), " entries but the payload has ",
+              num_buckets, " buckets; pass exactly one entry per payload bucket");
+  const int64_t* v = s.data_ptr<int64_t>();
+  if (check_values) {
+    const int64_t limit = std::numeric_limits<int64_t>::max() - bucket_size;
+    for (int64_t k = 0; k < num_buckets; ++k) {
+      TORCH_CHECK(v[k] >= 0 && v[k] % quant::kGroup == 0, "pycomm: row_streams[", k, "] = ", v[k],
+                  "; entries must be non-negative multiples of 8 (bucket k draws Philox indices row_streams[k] + j)");
+      TORCH_CHECK(v[k] <= limit, "pycomm: row_streams[", k, "] = ", v[k], " overflows int64 with bucket_size ",
+                  bucket_size, "; entries must be at most 2^63 - 1 - bucket_size = ", limit);
+    }
+  }
+  return v;
+}
+
 // Full validation of dequantize_into(payload, out, bucket_table, bits, bucket_size).
 inline void check_dequantize_into_args(const at::Tensor& payload, const at::Tensor& out,
                                        const c10::optional<at::Tensor>& bucket_table, int64_t bits,

@@ -33,10 +33,10 @@ def philox4x32_10(counter: np.ndarray, key0: int, key1: int) -> np.ndarray:
     return c.astype(np.uint32)
 
 
-def uniforms(seed: int, count: int, stream: int = STREAM_STOCHASTIC_ROUNDING) -> np.ndarray:
-    """float32 uniforms of stream indices 0..count-1 (count a multiple of 4)."""
+def uniforms(seed: int, count: int, stream: int = STREAM_STOCHASTIC_ROUNDING, first: int = 0) -> np.ndarray:
+    """float32 uniforms of stream indices first..first+count-1 (first and count multiples of 4)."""
     seed &= (1 << 64) - 1
-    blocks = np.arange(count // 4, dtype=np.uint64)
+    blocks = np.arange(first // 4, (first + count) // 4, dtype=np.uint64)
     counter = np.stack([blocks & MASK32, blocks >> np.uint64(32), np.full_like(blocks, stream),
                         np.zeros_like(blocks)], axis=1).astype(np.uint32)
     words = philox4x32_10(counter, seed & 0xFFFFFFFF, seed >> 32).reshape(-1)
@@ -44,10 +44,12 @@ def uniforms(seed: int, count: int, stream: int = STREAM_STOCHASTIC_ROUNDING) ->
 
 
 def quantize_reference(x: torch.Tensor, bits: int, bucket_size: int, stochastic: bool, seed: int,
-                       first_bucket: int = 0) -> np.ndarray:
+                       first_bucket: int = 0, stream_start: int | None = None) -> np.ndarray:
     """The payload bytes, uint8 [num_buckets, 8 + bucket_size * bits / 8] (identity layout), for
     buckets that sit at positions first_bucket, first_bucket + 1, ... of the payload (this picks
-    their stochastic-rounding stream)."""
+    their stochastic-rounding stream: bucket i draws Philox indices (first_bucket + i) * bucket_size + j).
+    stream_start (a multiple of 8): bucket i draws stream_start + i * bucket_size + j instead, as the
+    op's row_streams gives."""
     v = x.reshape(-1).float().numpy()
     n = v.size
     nb = -(-n // bucket_size)
@@ -89,7 +91,8 @@ def quantize_reference(x: torch.Tensor, bits: int, bucket_size: int, stochastic:
             wide = is_wide(unit)
         inv = np.where(unit > 0, np.float32(1.0) / np.where(unit > 0, unit, 1), np.float32(0)).astype(np.float32)
         inv = np.where(wide, np.float32(1.0) / (unit * half), inv).astype(np.float32)
-    r = (uniforms(seed, (first_bucket + nb) * bucket_size)[first_bucket * bucket_size:].reshape(nb, bucket_size)
+    start = first_bucket * bucket_size if stream_start is None else stream_start
+    r = (uniforms(seed, nb * bucket_size, first=start).reshape(nb, bucket_size)
          if stochastic
          else np.full((nb, bucket_size), 0.5, dtype=np.float32))
     with np.errstate(over="ignore", invalid="ignore"):

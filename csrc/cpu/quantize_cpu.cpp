@@ -154,7 +154,7 @@ inline void encode_levels(const float* v, const float* r, int n, const quant::Bu
 
 template <typename T, int kBits, bool kResidual>
 void quantize_bucket(const T* x, float* residual, int64_t offset, int64_t length, uint8_t* record,
-                     int64_t bucket_size, bool stochastic, uint64_t seed, int64_t bucket) {
+                     int64_t bucket_size, bool stochastic, uint64_t seed, uint64_t stream_base) {
   const int64_t record_size = quant::record_bytes(kBits, bucket_size);
   if (length == 0) {
     std::memset(record, 0, record_size);
@@ -198,7 +198,7 @@ void quantize_bucket(const T* x, float* residual, int64_t offset, int64_t length
   for (int64_t tile = 0; tile < length; tile += kTile) {
     const int m = static_cast<int>(std::min<int64_t>(kTile, length - tile));
     float r[kTile];
-    if (stochastic) quant::rounding_offsets_groups<kTileGroups>(true, seed, bucket, bucket_size, tile / kGroup, r);
+    if (stochastic) quant::rounding_offsets_groups<kTileGroups>(true, seed, stream_base, tile / kGroup, r);
     // Separate loops (values, levels, residuals) vectorize; one fused loop with
     // a store to the residual and a narrowing store does not.
     float v[kTile];
@@ -232,16 +232,18 @@ void quantize_bucket(const T* x, float* residual, int64_t offset, int64_t length
 
 // Bucket k of x, read through the layout, into its record, with error feedback
 // when residual is not null. A skipped bucket is encoded as an empty one: an
-// all-zero record.
+// all-zero record. row_streams: nullptr, or where each bucket's draws start.
 template <typename T, int kBits>
 void quantize_layout_bucket(const T* x, float* residual, const BucketLayout& layout, int64_t k, bool skipped,
-                            uint8_t* record, int64_t bucket_size, bool stochastic, uint64_t seed) {
+                            uint8_t* record, int64_t bucket_size, bool stochastic, uint64_t seed,
+                            const int64_t* row_streams) {
   int64_t offset = 0, length = 0;
   if (!skipped) layout.range(k, offset, length);
+  const uint64_t base = quant::row_stream_base(row_streams, k, bucket_size);
   if (residual != nullptr)
-    quantize_bucket<T, kBits, true>(x, residual, offset, length, record, bucket_size, stochastic, seed, k);
+    quantize_bucket<T, kBits, true>(x, residual, offset, length, record, bucket_size, stochastic, seed, base);
   else
-    quantize_bucket<T, kBits, false>(x, nullptr, offset, length, record, bucket_size, stochastic, seed, k);
+    quantize_bucket<T, kBits, false>(x, nullptr, offset, length, record, bucket_size, stochastic, seed, base);
 }
 
 // Unpacks `groups` groups into one byte per level, so that decoding runs as a
@@ -307,9 +309,10 @@ void accumulate_bucket(const uint8_t* record, float* acc, int64_t bucket_size) {
 at::Tensor quantize_mixed_cpu(const at::Tensor& x_in, c10::optional<at::Tensor> residual, const at::Tensor& table,
                               int64_t num_buckets, int64_t bits, int64_t bucket_size, bool stochastic, int64_t seed,
                               int64_t skip_begin, int64_t skip_end, const c10::optional<at::Tensor>& host_table,
-                              int64_t chunk_row_begin) {
+                              int64_t chunk_row_begin, const c10::optional<at::Tensor>& row_streams) {
   const MixedQuantizeArgs a = check_quantize_mixed_args(x_in, residual, table, num_buckets, bits, bucket_size,
                                                         host_table, chunk_row_begin);
+  const int64_t* streams = check_row_streams(row_streams, x_in, a.num_buckets, bucket_size, true);
   const at::Tensor x = x_in.contiguous();
   at::Tensor payload = at::empty({a.payload_bytes}, x.options().dtype(at::kByte));
   BucketLayout layout = make_layout(table, x.numel(), bucket_size, a.first_row);
@@ -327,7 +330,8 @@ at::Tensor quantize_mixed_cpu(const at::Tensor& x_in, c10::optional<at::Tensor> 
         if (!records.record(k, bucket_bits, at)) continue;
         quant::dispatch_bits(bucket_bits, [&](auto bits_c) {
           quantize_layout_bucket<scalar_t, decltype(bits_c)::value>(xp, res, layout, k, k >= skip_begin && k < skip_end,
-                                                                    out + at, bucket_size, stochastic, useed);
+                                                                    out + at, bucket_size, stochastic, useed,
+                                                                    streams);
         });
       }
     });
@@ -338,12 +342,14 @@ at::Tensor quantize_mixed_cpu(const at::Tensor& x_in, c10::optional<at::Tensor> 
 at::Tensor quantize_cpu(const at::Tensor& x_in, c10::optional<at::Tensor> residual,
                         const c10::optional<at::Tensor>& bucket_table, int64_t num_buckets, int64_t bits,
                         int64_t bucket_size, bool stochastic, int64_t seed, int64_t skip_begin, int64_t skip_end,
-                        const c10::optional<at::Tensor>& host_table, int64_t chunk_row_begin) {
+                        const c10::optional<at::Tensor>& host_table, int64_t chunk_row_begin,
+                        const c10::optional<at::Tensor>& row_streams) {
   if (is_mixed_table(bucket_table))
     return quantize_mixed_cpu(x_in, residual, *bucket_table, num_buckets, bits, bucket_size, stochastic, seed,
-                              skip_begin, skip_end, host_table, chunk_row_begin);
+                              skip_begin, skip_end, host_table, chunk_row_begin, row_streams);
   check_no_host_table(host_table, chunk_row_begin);
   num_buckets = check_quantize_args(x_in, residual, bucket_table, num_buckets, bits, bucket_size);
+  const int64_t* streams = check_row_streams(row_streams, x_in, num_buckets, bucket_size, true);
   const at::Tensor x = x_in.contiguous();
   const int64_t numel = x.numel();
   const int64_t record_size = quant::record_bytes(static_cast<int>(bits), bucket_size);
@@ -360,7 +366,7 @@ at::Tensor quantize_cpu(const at::Tensor& x_in, c10::optional<at::Tensor> residu
       at::parallel_for(0, num_buckets, bucket_grain(bucket_size), [&](int64_t begin, int64_t end) {
         for (int64_t k = begin; k < end; ++k) {
           quantize_layout_bucket<scalar_t, kBits>(xp, res, layout, k, k >= skip_begin && k < skip_end,
-                                                  out + k * record_size, bucket_size, stochastic, useed);
+                                                  out + k * record_size, bucket_size, stochastic, useed, streams);
         }
       });
     });

@@ -12,6 +12,11 @@
 // payload's length (bucket_layout.h), so a differing device table yields wrong
 // values but no access outside the tensors, and quantize zero-fills its
 // payload, so no uninitialised byte is ever sent.
+//
+// row_streams (stochastic rounding's per-bucket Philox start): dtype, device
+// and shape are checked, the values are not (that would wait for the stream).
+// The kernels use a value only as an RNG counter, so any value is memory-safe;
+// the values the CPU op accepts give the CPU op's bytes.
 #include <torch/library.h>
 #include <ATen/ATen.h>
 #include <ATen/cuda/CUDAContext.h>
@@ -32,9 +37,10 @@ void check_cuda(const at::Tensor& t, const char* what) {
 at::Tensor quantize_mixed_cuda(const at::Tensor& x_in, c10::optional<at::Tensor> residual, const at::Tensor& table,
                                int64_t num_buckets, int64_t bits, int64_t bucket_size, bool stochastic, int64_t seed,
                                int64_t skip_begin, int64_t skip_end, const c10::optional<at::Tensor>& host_table,
-                               int64_t chunk_row_begin) {
+                               int64_t chunk_row_begin, const c10::optional<at::Tensor>& row_streams) {
   const MixedQuantizeArgs a = check_quantize_mixed_args(x_in, residual, table, num_buckets, bits, bucket_size,
                                                         host_table, chunk_row_begin);
+  const int64_t* streams = check_row_streams(row_streams, x_in, a.num_buckets, bucket_size, false);
   check_cuda(x_in, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -46,8 +52,8 @@ at::Tensor quantize_mixed_cuda(const at::Tensor& x_in, c10::optional<at::Tensor>
   if (a.num_buckets == 0) return payload;
   launch_quantize_mixed(x.data_ptr(), to_dtype(x, "x"), residual.has_value() ? residual->data_ptr<float>() : nullptr,
                         table.data_ptr<int64_t>(), a.chunk, a.first_row, x.numel(), a.num_buckets, bucket_size,
-                        stochastic, static_cast<uint64_t>(seed), skip_begin, skip_end, payload.data_ptr<uint8_t>(),
-                        a.payload_bytes, at::cuda::getCurrentCUDAStream());
+                        stochastic, static_cast<uint64_t>(seed), streams, skip_begin, skip_end,
+                        payload.data_ptr<uint8_t>(), a.payload_bytes, at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return payload;
 }
@@ -55,12 +61,14 @@ at::Tensor quantize_mixed_cuda(const at::Tensor& x_in, c10::optional<at::Tensor>
 at::Tensor quantize_cuda(const at::Tensor& x_in, c10::optional<at::Tensor> residual,
                          const c10::optional<at::Tensor>& bucket_table, int64_t num_buckets, int64_t bits,
                          int64_t bucket_size, bool stochastic, int64_t seed, int64_t skip_begin, int64_t skip_end,
-                         const c10::optional<at::Tensor>& host_table, int64_t chunk_row_begin) {
+                         const c10::optional<at::Tensor>& host_table, int64_t chunk_row_begin,
+                         const c10::optional<at::Tensor>& row_streams) {
   if (is_mixed_table(bucket_table))
     return quantize_mixed_cuda(x_in, residual, *bucket_table, num_buckets, bits, bucket_size, stochastic, seed,
-                               skip_begin, skip_end, host_table, chunk_row_begin);
+                               skip_begin, skip_end, host_table, chunk_row_begin, row_streams);
   check_no_host_table(host_table, chunk_row_begin);
   num_buckets = check_quantize_args(x_in, residual, bucket_table, num_buckets, bits, bucket_size);
+  const int64_t* streams = check_row_streams(row_streams, x_in, num_buckets, bucket_size, false);
   check_cuda(x_in, "x");
   const c10::cuda::CUDAGuard guard(x_in.device());
   const at::Tensor x = x_in.contiguous();
@@ -70,8 +78,8 @@ at::Tensor quantize_cuda(const at::Tensor& x_in, c10::optional<at::Tensor> resid
   if (num_buckets == 0) return payload;
   launch_quantize(x.data_ptr(), to_dtype(x, "x"), residual.has_value() ? residual->data_ptr<float>() : nullptr,
                   bucket_table.has_value() ? bucket_table->data_ptr<int64_t>() : nullptr, numel, num_buckets,
-                  static_cast<int>(bits), bucket_size, stochastic, static_cast<uint64_t>(seed), skip_begin, skip_end,
-                  payload.data_ptr<uint8_t>(), at::cuda::getCurrentCUDAStream());
+                  static_cast<int>(bits), bucket_size, stochastic, static_cast<uint64_t>(seed), streams, skip_begin,
+                  skip_end, payload.data_ptr<uint8_t>(), at::cuda::getCurrentCUDAStream());
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   return payload;
 }

@@ -194,12 +194,14 @@ struct QuantizeParams {
   int64_t skip_begin;    // buckets in [skip_begin, skip_end) become zero records
   int64_t skip_end;
   uint64_t seed;
+  const int64_t* row_streams;  // nullptr, or [num_buckets]: where bucket k's draws start (quant::row_stream_base)
   int stochastic;
   int threads_per_bucket;  // 32, 64, 128 or 256
 };
 
 struct BucketJob {
   int64_t bucket;
+  uint64_t stream_base;  // Philox index of the bucket's first draw (stochastic rounding only)
   int64_t offset;
   int64_t length;
   int64_t used_groups;  // groups holding elements: ceil(length / 8)
@@ -213,6 +215,10 @@ struct BucketJob {
 PYCOMM_HD BucketJob make_job(const QuantizeParams& p, int64_t k) {
   BucketJob job;
   job.bucket = k;
+  // Read once per bucket and only when used; row_streams has num_buckets
+  // entries (the op checks its length), so k < num_buckets stays in bounds.
+  job.stream_base = p.stochastic != 0 && k < p.num_buckets
+                        ? quant::row_stream_base(p.row_streams, k, p.layout.bucket_size) : 0;
   job.groups = p.layout.bucket_size / kGroup;
   job.bits = quant::kMinBits;
   job.valid = true;
@@ -328,7 +334,7 @@ PYCOMM_HD void quantize_group(const QuantizeParams& p, const BucketJob& job, con
   }
   const int n = group_count(job, g);
   float r[kGroup], decoded[kGroup];
-  quant::rounding_offsets(p.stochastic != 0, p.seed, job.bucket, p.layout.bucket_size, g, r);
+  quant::rounding_offsets(p.stochastic != 0, p.seed, job.stream_base, g, r);
   const uint64_t word = quant::encode_group<kBits>(v, n, scale, r, decoded);
   store_group_word<kBits>(dst, word);
   if (p.residual != nullptr) {

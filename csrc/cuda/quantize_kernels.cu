@@ -200,8 +200,8 @@ MixedRecords uniform_records(int64_t bucket_size) { return mixed_records(nullptr
 // record_size: bytes of every record (uniform widths), 0 with mixed records.
 qdev::QuantizeParams quantize_params(const void* x, float* residual, const BucketLayout& layout,
                                      const MixedRecords& mixed, int64_t num_buckets, int64_t record_size,
-                                     bool stochastic, uint64_t seed, int64_t skip_begin, int64_t skip_end,
-                                     uint8_t* payload) {
+                                     bool stochastic, uint64_t seed, const int64_t* row_streams,
+                                     int64_t skip_begin, int64_t skip_end, uint8_t* payload) {
   qdev::QuantizeParams p;
   p.x = x;
   p.residual = residual;
@@ -213,6 +213,7 @@ qdev::QuantizeParams quantize_params(const void* x, float* residual, const Bucke
   p.skip_begin = skip_begin;
   p.skip_end = skip_end;
   p.seed = seed;
+  p.row_streams = row_streams;
   p.stochastic = stochastic ? 1 : 0;
   p.threads_per_bucket = threads_per_bucket(layout.bucket_size);
   return p;
@@ -254,12 +255,13 @@ int64_t init_read_numel(const void* init, int64_t init_numel) { return init != n
 
 void launch_quantize(const void* x, DType dtype, float* residual, const int64_t* table, int64_t numel,
                      int64_t num_buckets, int bits, int64_t bucket_size, bool stochastic, uint64_t seed,
-                     int64_t skip_begin, int64_t skip_end, uint8_t* payload, cudaStream_t stream) {
+                     const int64_t* row_streams, int64_t skip_begin, int64_t skip_end, uint8_t* payload,
+                     cudaStream_t stream) {
   if (num_buckets <= 0) return;
   const qdev::QuantizeParams p =
       quantize_params(x, residual, bucket_layout(table, 2, numel, bucket_size, 0, false), uniform_records(bucket_size),
-                      num_buckets, quant::record_bytes(bits, bucket_size), stochastic, seed, skip_begin, skip_end,
-                      payload);
+                      num_buckets, quant::record_bytes(bits, bucket_size), stochastic, seed, row_streams, skip_begin,
+                      skip_end, payload);
   quant::dispatch_bits(bits, [&](auto bits_c) {
     launch_quantize_kernel<decltype(bits_c)::value>(p, dtype, stream);
   });
@@ -267,13 +269,14 @@ void launch_quantize(const void* x, DType dtype, float* residual, const int64_t*
 
 void launch_quantize_mixed(const void* x, DType dtype, float* residual, const int64_t* mixed_table,
                            bool chunk_layout, int64_t first_row, int64_t numel, int64_t num_buckets,
-                           int64_t bucket_size, bool stochastic, uint64_t seed, int64_t skip_begin, int64_t skip_end,
-                           uint8_t* payload, int64_t payload_bytes, cudaStream_t stream) {
+                           int64_t bucket_size, bool stochastic, uint64_t seed, const int64_t* row_streams,
+                           int64_t skip_begin, int64_t skip_end, uint8_t* payload, int64_t payload_bytes,
+                           cudaStream_t stream) {
   if (num_buckets <= 0) return;
   const qdev::QuantizeParams p =
       quantize_params(x, residual, bucket_layout(mixed_table, 4, numel, bucket_size, first_row, chunk_layout),
                       mixed_records(mixed_table, first_row, payload_bytes, bucket_size), num_buckets, 0, stochastic,
-                      seed, skip_begin, skip_end, payload);
+                      seed, row_streams, skip_begin, skip_end, payload);
   launch_quantize_kernel<0>(p, dtype, stream);
 }
 

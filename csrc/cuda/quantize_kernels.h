@@ -20,9 +20,12 @@ namespace pycomm {
 // residual: nullptr or float32 [numel], updated in place (error feedback).
 // table: nullptr (bucket k covers [k*B, (k+1)*B)) or int64 [num_buckets][2] rows of (offset, length).
 // Buckets in [skip_begin, skip_end) are written as zero records.
+// row_streams: nullptr (bucket k draws its stochastic rounding from Philox index k*B + j) or
+// int64 [num_buckets] on the device (from row_streams[k] + j; any value is memory-safe).
 void launch_quantize(const void* x, DType dtype, float* residual, const int64_t* table, int64_t numel,
                      int64_t num_buckets, int bits, int64_t bucket_size, bool stochastic, uint64_t seed,
-                     int64_t skip_begin, int64_t skip_end, uint8_t* payload, cudaStream_t stream);
+                     const int64_t* row_streams, int64_t skip_begin, int64_t skip_end, uint8_t* payload,
+                     cudaStream_t stream);
 
 // Decodes payload [num_buckets][record_bytes] into out (out_numel elements of `dtype`), through the
 // optional table (int64 [num_buckets][2]); elements no bucket covers are left untouched.
@@ -42,10 +45,12 @@ void launch_dequantize_sum(const uint8_t* payloads, int64_t sources, int64_t num
 // quantize: bucket k is row first_row + k; it reads its elements through the
 // row (chunk_layout false, first_row 0) or from [k*B, k*B + the row's length)
 // of x (chunk_layout true: a reduced chunk); payload holds payload_bytes bytes.
+// row_streams: as for launch_quantize, one entry per bucket k (not per table row).
 void launch_quantize_mixed(const void* x, DType dtype, float* residual, const int64_t* mixed_table,
                            bool chunk_layout, int64_t first_row, int64_t numel, int64_t num_buckets,
-                           int64_t bucket_size, bool stochastic, uint64_t seed, int64_t skip_begin, int64_t skip_end,
-                           uint8_t* payload, int64_t payload_bytes, cudaStream_t stream);
+                           int64_t bucket_size, bool stochastic, uint64_t seed, const int64_t* row_streams,
+                           int64_t skip_begin, int64_t skip_end, uint8_t* payload, int64_t payload_bytes,
+                           cudaStream_t stream);
 
 // Decodes the records of all num_buckets rows (payload_bytes bytes) into out through the rows.
 void launch_dequantize_into_mixed(const uint8_t* payload, int64_t payload_bytes, const int64_t* mixed_table,

@@ -82,21 +82,26 @@ class QuantizedTensor:
 def quantize_records(x: torch.Tensor, *, bits: int, bucket_size: int, stochastic: bool, seed: int,
                       residual: Optional[torch.Tensor] = None, bucket_table: Optional[torch.Tensor] = None,
                       num_buckets: int = -1, skip_begin: int = 0, skip_end: int = 0,
-                      host_table: Optional[torch.Tensor] = None, chunk_row_begin: int = -1) -> torch.Tensor:
+                      host_table: Optional[torch.Tensor] = None, chunk_row_begin: int = -1,
+                      row_streams: Optional[torch.Tensor] = None) -> torch.Tensor:
     """``torch.ops.pycomm.quantize`` by keyword: the payload of bucket records of flat ``x``.
 
     For the collectives, which need the op's internal modes (see the schema in ``csrc/ops.cpp``):
     ``num_buckets`` (-1: from the table or ``x``), the buckets ``[skip_begin, skip_end)`` written as
     zero records, a mixed (4-column) ``bucket_table`` with ``bits=0`` and its ``host_table``, and
-    ``chunk_row_begin`` for a reduced chunk. No checks beyond the op's own.
+    ``chunk_row_begin`` for a reduced chunk. ``row_streams``: int64 ``[num_buckets]`` on ``x``'s device;
+    stochastic rounding then draws element ``j`` of payload bucket ``k`` from Philox index
+    ``row_streams[k] + j`` instead of ``k * bucket_size + j`` (entries: non-negative multiples of 8),
+    so a bucket's draws can follow its parameter instead of its place in the payload. No checks beyond
+    the op's own.
     """
     return torch.ops.pycomm.quantize(x, residual, bucket_table, num_buckets, bits, bucket_size, stochastic, seed,
-                                     skip_begin, skip_end, host_table, chunk_row_begin)
+                                     skip_begin, skip_end, host_table, chunk_row_begin, row_streams)
 
 
 @torch.library.register_fake("pycomm::quantize")
 def _quantize_fake(x, residual, bucket_table, num_buckets, bits, bucket_size, stochastic, seed, skip_begin,
-                   skip_end, host_table=None, chunk_row_begin=-1):
+                   skip_end, host_table=None, chunk_row_begin=-1, row_streams=None):
     if bucket_table is not None and bucket_table.shape[1] == 4:
         # The payload's length depends on the table's contents.
         return x.new_empty((torch.library.get_ctx().new_dynamic_size(),), dtype=torch.uint8)

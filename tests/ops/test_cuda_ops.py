@@ -82,14 +82,24 @@ def segments_for(n: int, bucket_size: int, seed: int):
     return segs
 
 
-def quantize_both(x, residual, table, num_buckets, bits, bucket_size, stochastic, seed, skip=(0, 0)):
+def quantize_both(x, residual, table, num_buckets, bits, bucket_size, stochastic, seed, skip=(0, 0),
+                  row_streams=None):
     """Runs quantize on CPU and CUDA; returns (payload_cpu, payload_gpu, residual_cpu, residual_gpu)."""
     res_c = residual.clone() if residual is not None else None
     res_g = residual.cuda() if residual is not None else None
-    p_c = Q.quantize(x, res_c, table, num_buckets, bits, bucket_size, stochastic, seed, *skip)
+    p_c = Q.quantize(x, res_c, table, num_buckets, bits, bucket_size, stochastic, seed, *skip, None, -1, row_streams)
     p_g = Q.quantize(x.cuda(), res_g, table.cuda() if table is not None else None, num_buckets, bits,
-                     bucket_size, stochastic, seed, *skip)
+                     bucket_size, stochastic, seed, *skip, None, -1,
+                     row_streams.cuda() if row_streams is not None else None)
     return p_c, p_g, res_c, res_g
+
+
+def random_row_streams(num_buckets: int, seed: int) -> torch.Tensor:
+    """Valid row_streams (multiples of 8, room for a bucket below 2^63), small and huge, in any order."""
+    g = torch.Generator().manual_seed(seed)
+    streams = torch.randint(0, 2**59, (num_buckets,), generator=g, dtype=torch.int64) * 8
+    streams[::3] = torch.randint(0, 1000, (streams[::3].numel(),), generator=g, dtype=torch.int64) * 8
+    return streams
 
 
 def check_decoders(p_c, p_g, n, table, bits, bucket_size, what):
@@ -145,6 +155,13 @@ def test_quantize_matches_cpu(bits, dtype, stochastic, use_residual, use_table):
                 assert_identical(r_c, r_g, f"{what} residual")
             if decoded is None:
                 decoded = (p_c, p_g, what)
+            # Per-bucket Philox starts (row_streams): the same bytes and residuals as the CPU too.
+            streams = random_row_streams(total, seed=n + bits)
+            p_c, p_g, r_c, r_g = quantize_both(x, residual, table, num_buckets, bits, B, stochastic, seed, skip,
+                                               row_streams=streams)
+            assert_identical(p_c, p_g, f"{what} row_streams payload")
+            if use_residual:
+                assert_identical(r_c, r_g, f"{what} row_streams residual")
         check_decoders(decoded[0], decoded[1], n, table, bits, B, decoded[2])
 
 
@@ -306,6 +323,10 @@ def test_validation_matches_cpu():
         lambda d: Q.quantize(x.to(d), None, table.to(d), 5, 4, 512, False, 0, 0, 0),
         lambda d: Q.quantize(x.to(d), None, None, 1, 4, 512, False, 0, 0, 0),
         lambda d: Q.quantize(x.to(d), torch.zeros(10, device=d), None, -1, 4, 512, False, 0, 0, 0),
+        lambda d: Q.quantize(x.to(d), None, None, -1, 4, 512, True, 0, 0, 0, None, -1,
+                             torch.zeros(2, dtype=torch.int32, device=d)),
+        lambda d: Q.quantize(x.to(d), None, None, -1, 4, 512, True, 0, 0, 0, None, -1,
+                             torch.zeros(3, dtype=torch.int64, device=d)),
         lambda d: Q.dequantize_into(p.to(d), torch.empty(1000, device=d), None, 3, 512),
         lambda d: Q.dequantize_into(p.to(d), torch.empty(1100, device=d), None, 4, 512),
         lambda d: Q.dequantize_into(p.to(d), torch.empty(1000, device=d), table.to(d), 4, 512),
@@ -318,6 +339,22 @@ def test_validation_matches_cpu():
     assert "residual" in _error(lambda: Q.quantize(x.cuda(), torch.zeros(1000), None, -1, 4, 512, False, 0, 0, 0))
     assert "bucket_table" in _error(lambda: Q.quantize(x.cuda(), None, table, -1, 4, 512, False, 0, 0, 0))
     assert "out" in _error(lambda: Q.dequantize_into(p.cuda(), torch.empty(1000), None, 4, 512))
+    assert "row_streams" in _error(lambda: Q.quantize(x.cuda(), None, None, -1, 4, 512, True, 0, 0, 0, None, -1,
+                                                      torch.zeros(2, dtype=torch.int64)))
+
+
+def test_any_row_streams_value_is_memory_safe():
+    # CUDA does not read row_streams on the host (that would wait); values the CPU op rejects are
+    # only RNG counters there: the kernel runs, the bytes are deterministic and decode within the bucket.
+    x = torch.randn(1000, device="cuda")
+    hostile = torch.tensor([-1, 2**63 - 1], dtype=torch.int64, device="cuda")
+    a = Q.quantize(x, None, None, -1, 4, 512, True, 9, 0, 0, None, -1, hostile)
+    b = Q.quantize(x, None, None, -1, 4, 512, True, 9, 0, 0, None, -1, hostile)
+    torch.cuda.synchronize()
+    assert torch.equal(a, b)
+    out = torch.empty(1000, device="cuda")
+    Q.dequantize_into(a, out, None, 4, 512)
+    assert (out - x).abs().max().item() <= (x.max() - x.min()).item() / 15 * 1.001
 
 
 # ---- mixed bit widths (4-column bucket tables) ------------------------------------
@@ -342,6 +379,13 @@ def test_mixed_tables_match_cpu(dtype, stochastic, bucket_size):
             what = f"mixed {dtype} B={bucket_size} W={world}"
             assert_identical(p_c, p_g, f"{what} payload")
             assert_identical(r_c, r_g, f"{what} residual")
+            streams = random_row_streams(host.shape[0], seed=world)
+            rs_c, rs_g = r_c.clone(), r_g.clone()
+            q_c = Q.quantize(x, rs_c, host, -1, 0, bucket_size, stochastic, 11, 1, 3, None, -1, streams)
+            q_g = Q.quantize(x.cuda(), rs_g, table, -1, 0, bucket_size, stochastic, 11, 1, 3, *extra, -1,
+                             streams.cuda())
+            assert_identical(q_c, q_g, f"{what} row_streams payload")
+            assert_identical(rs_c, rs_g, f"{what} row_streams residual")
             for out_dtype in DTYPES:
                 o_c = torch.full((n,), 7.0, dtype=out_dtype)
                 o_g = o_c.cuda()
@@ -364,6 +408,13 @@ def test_mixed_tables_match_cpu(dtype, stochastic, bucket_size):
                                                 None, c * per)
                 assert_identical(q_c, q_g, f"{what} chunk re-quantize {c}")
                 assert_identical(server_c, server_g, f"{what} server residual {c}")
+                streams = random_row_streams(per, seed=c)
+                q_c = Q.quantize(s_c, server_c, host, per, 0, bucket_size, stochastic, 3, 0, 0, host, c * per,
+                                 streams)
+                q_g = Q.quantize(s_g, server_g, table, per, 0, bucket_size, stochastic, 3, 0, 0,
+                                 host if use_host else None, c * per, streams.cuda())
+                assert_identical(q_c, q_g, f"{what} chunk re-quantize {c} row_streams")
+                assert_identical(server_c, server_g, f"{what} server residual {c} row_streams")
 
 
 def test_mixed_validation_matches_cpu():

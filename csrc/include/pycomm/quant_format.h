@@ -191,26 +191,40 @@ PYCOMM_HD uint32_t level_in_group(uint64_t word, int j, int bits) {
   return static_cast<uint32_t>(word >> (j * bits)) & max_level(bits);
 }
 
+// Where payload bucket k's stochastic-rounding draws start in the Philox
+// stream: row_streams[k] when the caller gives one entry per bucket (the
+// quantize op's `row_streams`, which ties a bucket's draws to the parameter
+// it holds rather than to its place in the payload), else k * B (its position
+// in the payload). Entries are meant to be multiples of 8 (the CPU op checks;
+// on CUDA any value is only an RNG counter and stays memory-safe). Unsigned,
+// so that no entry, however hostile, makes the arithmetic undefined.
+PYCOMM_HD uint64_t row_stream_base(const int64_t* row_streams, int64_t bucket, int64_t bucket_size) {
+  return row_streams != nullptr ? static_cast<uint64_t>(row_streams[bucket])
+                                : static_cast<uint64_t>(bucket) * static_cast<uint64_t>(bucket_size);
+}
+
 // The rounding offsets r of kGroups consecutive groups of 8 elements, from
-// group `first_group` of payload bucket `bucket`. Stochastic rounding draws
-// element j of bucket k from the Philox stochastic-rounding stream at index
-// k * B + j (its position in the payload), so a group of 8 is exactly two
-// Philox blocks. Round to nearest uses r = 1/2.
+// group `first_group` of a bucket whose draws start at `stream_base`
+// (row_stream_base). Stochastic rounding draws element j of the bucket from
+// the Philox stochastic-rounding stream at index stream_base + j, so with
+// stream_base a multiple of 8 a group of 8 is exactly two Philox blocks.
+// (Any other base is read as first_block = (stream_base + first_group * 8) >> 2,
+// in wrapping uint64 arithmetic: the same on every device.) Round to nearest
+// uses r = 1/2.
 template <int kGroups>
-PYCOMM_HD void rounding_offsets_groups(bool stochastic, uint64_t seed, int64_t bucket, int64_t bucket_size,
-                                       int64_t first_group, float (&r)[kGroups * kGroup]) {
+PYCOMM_HD void rounding_offsets_groups(bool stochastic, uint64_t seed, uint64_t stream_base, int64_t first_group,
+                                       float (&r)[kGroups * kGroup]) {
   if (!stochastic) {
     for (int j = 0; j < kGroups * kGroup; ++j) r[j] = 0.5f;
     return;
   }
-  const uint64_t first_block = (static_cast<uint64_t>(bucket) * static_cast<uint64_t>(bucket_size) +
-                                static_cast<uint64_t>(first_group) * kGroup) >> 2;
+  const uint64_t first_block = (stream_base + static_cast<uint64_t>(first_group) * kGroup) >> 2;
   philox::unit_floats<2 * kGroups>(seed, philox::kStreamStochasticRounding, first_block, r);
 }
 
-PYCOMM_HD void rounding_offsets(bool stochastic, uint64_t seed, int64_t bucket, int64_t bucket_size,
-                                int64_t group, float (&r)[kGroup]) {
-  rounding_offsets_groups<1>(stochastic, seed, bucket, bucket_size, group, r);
+PYCOMM_HD void rounding_offsets(bool stochastic, uint64_t seed, uint64_t stream_base, int64_t group,
+                                float (&r)[kGroup]) {
+  rounding_offsets_groups<1>(stochastic, seed, stream_base, group, r);
 }
 
 // Encodes up to 8 values (n <= 8; the rest of the group is level 0) into one
