@@ -124,6 +124,7 @@ def quantized_all_reduce(
     server_residual: Optional[torch.Tensor] = None,
     bucket_table: Optional[torch.Tensor] = None,
     host_bucket_table: Optional[torch.Tensor] = None,
+    row_streams: Optional[torch.Tensor] = None,
 ) -> Optional[torch.futures.Future]:
     """All-reduce ``tensor`` in place, sending it quantized to ``bits`` bits.
 
@@ -154,6 +155,14 @@ def quantized_all_reduce(
             table it is validated but not compared with the device copy (that would wait): keep
             them equal. A differing device table gives wrong values, but the kernels never read or
             write outside the tensors and the payloads are zero-filled, so no stale memory is sent.
+        row_streams: optional int64 tensor on ``tensor``'s device with one entry per bucket (the
+            table's rows, padded to a multiple of W): element j of bucket k draws its stochastic
+            rounding from Philox index ``row_streams[k] + j`` in both phases (see
+            :func:`pycomm.ops.quantization.quantize_records`), instead of from the bucket's position.
+            The hooks pass (parameter, offset in the parameter), so that a layer's rounding does
+            not depend on its neighbours. The re-quantization of a reduced chunk is then seeded
+            without the rank (each element is re-quantized by one rank only), so its draws do not
+            depend on which rank owns the chunk either.
 
     Volume per rank: the all-to-all sends ``(W-1)/W`` of the payload (``num_buckets`` records; of
     a mixed table, :func:`pycomm.ops.mixed_payload_bytes`) and the all-gather the same again.
@@ -199,9 +208,13 @@ def quantized_all_reduce(
 
     # Phase 1: quantize the peers' chunks (ours is written as zero records and
     # kept in full precision), exchange, and reduce our chunk.
+    if row_streams is not None and (row_streams.dim() != 1 or row_streams.numel() != total):
+        raise ValueError(f"row_streams must be 1-D with one entry per bucket ({total}), got shape "
+                         f"{tuple(row_streams.shape)}")
     send = quantize_records(flat, bits=bits, bucket_size=bucket_size, stochastic=stochastic,
                              seed=mix_seed(seed, rank, 1), residual=worker_residual, bucket_table=bucket_table,
-                             num_buckets=total, skip_begin=first, skip_end=first + per_chunk, host_table=host)
+                             num_buckets=total, skip_begin=first, skip_end=first + per_chunk, host_table=host,
+                             row_streams=row_streams)
     recv = torch.empty_like(send)
     dist.all_to_all_single(recv, send, group=group)
     reduced = dequantize_sum_records(recv.view(world, per_chunk, -1) if not mixed else recv.view(world, -1),
@@ -211,13 +224,15 @@ def quantized_all_reduce(
         reduced.div_(world)
 
     # Phase 2: re-quantize the reduced chunk once and gather every chunk.
+    own_streams = None if row_streams is None else row_streams[first:first + per_chunk]
+    seed2 = mix_seed(seed, rank, 2) if row_streams is None else mix_seed(seed, 2)
     if mixed:
-        own = quantize_records(reduced, bits=0, bucket_size=bucket_size, stochastic=stochastic,
-                                seed=mix_seed(seed, rank, 2), residual=server_residual, bucket_table=bucket_table,
-                                num_buckets=per_chunk, host_table=host, chunk_row_begin=first)
+        own = quantize_records(reduced, bits=0, bucket_size=bucket_size, stochastic=stochastic, seed=seed2,
+                                residual=server_residual, bucket_table=bucket_table, num_buckets=per_chunk,
+                                host_table=host, chunk_row_begin=first, row_streams=own_streams)
     else:
-        own = quantize_records(reduced, bits=bits, bucket_size=bucket_size, stochastic=stochastic,
-                                seed=mix_seed(seed, rank, 2), residual=server_residual, num_buckets=per_chunk)
+        own = quantize_records(reduced, bits=bits, bucket_size=bucket_size, stochastic=stochastic, seed=seed2,
+                                residual=server_residual, num_buckets=per_chunk, row_streams=own_streams)
     gathered = torch.empty_like(send)
 
     def decode(_: object = None) -> torch.Tensor:

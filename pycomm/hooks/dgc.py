@@ -14,12 +14,12 @@ import torch.distributed as dist
 from pycomm import ops
 from pycomm.hooks import agreement
 from pycomm.hooks.hook_state import (BucketPlan, HookState, Layer, advance_step, allreduce_dense, average_,
-                                     bucket_seed, completed_future, compressible, log_skipped, parameter_slices,
+                                     completed_future, compressible, log_skipped, parameter_slices,
                                      put_dense, same_layout_plan, split_layers, take_dense, validated_layer_params)
 from pycomm.hooks.param_state import ParamStore, export_slices, load_slices, report_mismatch
 from pycomm.compressors import DGC
 from pycomm.hooks.index_errors import IndexErrors as _IndexErrors
-from pycomm.distributed import all_gather_into_tensor
+from pycomm.distributed import all_gather_into_tensor, mix_seed
 
 __all__ = ["DGCState", "dgc_hook", "PAPER_WARMUP_DENSITIES"]
 
@@ -347,7 +347,7 @@ def _sparse_step(state: DGCState, plan: _DGCPlan, buffer: torch.Tensor, density:
         comp.compensate(buffer, plan.segments, clip_norm=clip)
         if state.observer is not None:
             state.observer(comp.v, list(plan.layers))
-        values, indices = comp.select(density, segments, seed=bucket_seed(state, step, plan.names),
+        values, indices = comp.select(density, segments, seed=mix_seed(state.seed, step),
                                       host_segments=host_segments)
     payload = _pack(values, indices, int(local_bad), state.value_dtype)
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=buffer.device)
@@ -384,7 +384,7 @@ def _sparse_step_sync_free(state: DGCState, plan: _DGCPlan, buffer: torch.Tensor
     comp.compensate(buffer, plan.segments, clip_norm=clip)
     if state.observer is not None:  # a non-finite step shows the observer the velocity it leaves: the old one
         state.observer(torch.where(finite, comp.v, old_v), list(plan.layers))
-    values, indices = comp.select(density, segments, seed=bucket_seed(state, step, plan.names),
+    values, indices = comp.select(density, segments, seed=mix_seed(state.seed, step),
                                   host_segments=host_segments)
     payload = _pack(values, indices, (~finite).to(torch.int32), state.value_dtype)
     gathered = torch.empty(world * payload.numel(), dtype=torch.uint8, device=buffer.device)

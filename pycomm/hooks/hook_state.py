@@ -12,7 +12,6 @@ from typing import Any, Callable, Iterable, Optional, TypeVar
 import torch
 import torch.distributed as dist
 
-from pycomm.distributed import mix_seed
 from pycomm.distributed import completed_future  # the one completed future, shared with the collectives
 from pycomm.hooks.param_state import (STATE_FORMAT, CheckpointMismatch, ParameterNames, ParamsLike, ParamStore,
                                       check_header, param_tensors_for_load)
@@ -156,13 +155,6 @@ class HookState:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise CheckpointMismatch(f"the checkpoint's step must be an int >= 0, got {step!r}")
         self.iter = step
-
-
-def bucket_seed(state: HookState, step: int, names: list[str]) -> int:
-    """The seed of a bucket's random draws at ``step``: ``state.seed``, the step and the bucket's
-    first parameter in model order, not DDP's bucket index (which a rebuild or a resume changes)."""
-    offsets = state._require_names().model_offsets
-    return mix_seed(state.seed, step, min((offsets.get(n, 0) for n in names), default=0))
 
 
 def log_skipped(state: HookState, skipped: list[str]) -> None:

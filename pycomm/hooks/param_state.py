@@ -64,6 +64,7 @@ class ParameterNames:
             raise ValueError("bind() found no parameters in the model")
         self._by_id: dict[int, str] = {}
         self.params: dict[str, torch.Tensor] = {}  # also keeps the tensors alive, so ids stay unique
+        self.indices: dict[str, int] = {}  # position in named_parameters() order (shared ones once)
         self.model_offsets: dict[str, int] = {}
         offset = 0
         for name, p in pairs:
@@ -72,6 +73,7 @@ class ParameterNames:
             if id(p) in self._by_id:  # a shared parameter: DDP holds it once, under its first name
                 continue
             self._by_id[id(p)] = name
+            self.indices[name] = len(self.params)
             self.params[name] = p
             if p.requires_grad:
                 self.model_offsets[name] = offset

@@ -14,10 +14,10 @@ from pycomm import ops
 from pycomm.ops.validation import check_bits_bucket
 from pycomm.hooks import agreement
 from pycomm.hooks.hook_state import (BucketPlan, Dense, HookState, Layer, advance_step, allreduce_dense,
-                                     average_async, bucket_seed, bucket_signature, log_skipped, split_layers, take_dense,
+                                     average_async, bucket_signature, log_skipped, split_layers, take_dense,
                                      validated_layer_params)
-from pycomm.hooks.param_state import ParamStore
-from pycomm.distributed import chunk_layout, quantized_all_reduce
+from pycomm.hooks.param_state import ParameterNames, ParamStore
+from pycomm.distributed import chunk_layout, mix_seed, quantized_all_reduce
 
 __all__ = ["QuantState", "quantized_allreduce_hook"]
 
@@ -40,6 +40,7 @@ class _QuantPlan(BucketPlan):
     rank: int = 0
     bucket_size: int = 0
     own_positions: Optional[torch.Tensor] = None  # buffer position of each server-residual element (-1: none)
+    row_streams: Optional[torch.Tensor] = None  # Philox index of each table row's first element (see _row_streams)
 
     def owned_positions(self) -> torch.Tensor:
         """For each element of the server residual, the bucket element it belongs to (-1 for the
@@ -111,6 +112,19 @@ class _QuantPlan(BucketPlan):
         worker.add_(not_owned_server, alpha=self.world)
 
 
+def _row_streams(table: torch.Tensor, layers: list[Layer], names: ParameterNames) -> torch.Tensor:
+    """Where each table row draws its stochastic rounding: Philox index ``(parameter index << 40) +
+    offset of the row's first element inside its parameter``. A layer's draws then depend on the layer
+    alone, not on where DDP puts it in a bucket or which layers share the bucket. (2^40 elements per
+    parameter, 2^23 parameters.) Empty padding rows get 0 (they draw nothing)."""
+    offsets = torch.tensor([o for _, o, _ in layers], dtype=torch.int64)
+    bases = torch.tensor([names.indices[name] << 40 for name, _, _ in layers], dtype=torch.int64)
+    row_offsets = table[:, 0].to("cpu", torch.int64).contiguous()
+    layer = (torch.searchsorted(offsets, row_offsets, right=True) - 1).clamp_(min=0)
+    streams = bases[layer] + row_offsets - offsets[layer]
+    return torch.where(table[:, 1].to("cpu") > 0, streams, 0)
+
+
 def _validated_bits(key: str, value: object) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 8:
         raise ValueError(f"bits of layer {key!r} must be an integer in [1, 8], got {value!r}")
@@ -134,8 +148,9 @@ class QuantState(HookState):
             also skips DDP's first iteration, after which DDP rebuilds its buckets.
         min_numel: layers with fewer elements, and every layer with ``dim <= 1`` (biases, norms),
             are all-reduced uncompressed.
-        seed: base seed of stochastic rounding (mixed with the step, the bucket's first parameter
-            in model order and the rank).
+        seed: base seed of stochastic rounding, mixed with the step and the rank; each element draws
+            at (its parameter, its offset in the parameter), so a layer's rounding does not depend
+            on the bucket it is in.
 
     The state needs the model's parameter names (:meth:`bind`; ``pycomm.register`` does it): the
     residuals belong to parameters. A DDP bucket's plan holds them in flat working buffers while
@@ -319,7 +334,12 @@ class QuantState(HookState):
                 _, per_chunk = chunk_layout(buffer.numel(), self.bucket_size, world, table)
                 worker = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
                 server = torch.zeros(per_chunk * self.bucket_size, dtype=torch.float32, device=buffer.device)
-        return _QuantPlan(signature, names, layers, dense, table=table, worker_residual=worker,
+        row_streams = None
+        if layers and self.stochastic:
+            rows = host_table if host_table is not None else ops.bucket_table(segments, self.bucket_size,
+                                                                              pad_to_multiple=world)
+            row_streams = _row_streams(rows, layers, self._require_names()).to(buffer.device)
+        return _QuantPlan(signature, names, layers, dense, table=table, worker_residual=worker, row_streams=row_streams,
                           server_residual=server, layer_bits=layer_bits, bits=bits, host_table=host_table,
                           params_version=self._params_version, world=world, rank=rank,
                           bucket_size=self.bucket_size)
@@ -355,9 +375,9 @@ def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torc
     small = take_dense(buffer, plan.dense)
     fut = quantized_all_reduce(
         buffer, bits=plan.bits if plan.bits else state.bits, bucket_size=state.bucket_size, op=dist.ReduceOp.AVG,
-        group=group, async_op=True, stochastic=state.stochastic, seed=bucket_seed(state, step, plan.names),
+        group=group, async_op=True, stochastic=state.stochastic, seed=mix_seed(state.seed, step),
         worker_residual=plan.worker_residual, server_residual=plan.server_residual, bucket_table=plan.table,
-        host_bucket_table=plan.host_table)
+        host_bucket_table=plan.host_table, row_streams=plan.row_streams)
     if small is None:
         return fut
     # The small layers travel uncompressed, after the quantized part, and are copied back here,
