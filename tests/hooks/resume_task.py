@@ -92,6 +92,7 @@ def run(rank: int, world: int, method: Optional[str], options: dict[str, Any], b
         torch.save({"model": ddp.module.state_dict(), "opt": opt.state_dict(), "pycomm": everyone}, buffer)
         out["checkpoint"] = buffer.getvalue()
         out["saved_norms"] = state_norms(state)
+        out["saved_choice"] = getattr(state, "choice", None)
     else:
         saved = torch.load(io.BytesIO(checkpoint), weights_only=True)  # plain data only
         ddp.module.load_state_dict(saved["model"])
@@ -113,5 +114,6 @@ def run(rank: int, world: int, method: Optional[str], options: dict[str, Any], b
     out["params"] = {n: p.detach().clone() for n, p in ddp.module.named_parameters()}
     out["norms_end"] = state_norms(state)
     out["step"] = None if state is None else state.iter
+    out["choice"] = getattr(state, "choice", None)  # L-GreCo's per-layer settings, by name
     dist.barrier()
     return out

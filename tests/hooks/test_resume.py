@@ -22,6 +22,7 @@ EXACT = {  # methods whose arithmetic does not depend on the bucket layout (plai
     "spsa-projection-ef": ("spsa-projection", {"num_directions": 8, "error_feedback": True}, 0.9),
 }
 QUANTIZED = {  # the owner of a reduce-scatter chunk depends on the layout: see test_quantized_resume
+    "quant8": ("quant", {"bits": 8}, 0.9),
     "quant4": ("quant", {"bits": 4}, 0.9),
     "quant2": ("quant", {"bits": 2}, 0.9),
     "lgreco-quant": ("lgreco", {"family": "quant", "default": 4, "start_iter": 4, "period": 20, "acc_steps": 3,
@@ -68,6 +69,8 @@ def test_resume_is_exact(name, world, cap, resume_cap):
         assert _max_diff(full, resumed) <= 1e-6
         for key, value in full[0]["norms_end"].items():
             assert resumed[0]["norms_end"][key] == pytest.approx(value, rel=1e-5)
+    if EXACT[name][0] == "lgreco":  # solved before the checkpoint, and the choice resumed by name
+        assert full[0]["saved_choice"] and resumed[0]["choice"] == full[0]["choice"] == full[0]["saved_choice"]
     # The loaded state was used: its norms after the first resumed step are the uninterrupted run's.
     for key, value in full[0]["norms_after_first"].items():
         assert value > 0 and resumed[0]["norms_after_first"][key] == pytest.approx(value, rel=1e-5)
@@ -93,6 +96,8 @@ def test_quantized_resume(name, world, cap):
     assert 0.0 < one_step_noise
     assert resume_error <= 2.0 * one_step_noise, (resume_error, one_step_noise)
     assert resume_error < _max_diff(full, dropped), "the loaded residuals made no difference"
+    if method == "lgreco":
+        assert full[0]["saved_choice"] and resumed[0]["choice"] == full[0]["choice"]
     if method == "quant":  # the owed gradient carried over (a fresh state would hold one step's residual)
         owed_full, owed_resumed = full[0]["norms_after_first"]["owed"], resumed[0]["norms_after_first"]["owed"]
         assert 0.5 * owed_full < owed_resumed < 2.0 * owed_full
