@@ -10,6 +10,10 @@ Commands:
     The end-to-end benchmark: any model, methods, worker count and link
     (see :mod:`pycomm.bench.e2e`); also ``python -m pycomm.bench e2e``.
 
+``pycomm bench tta``
+    Time to accuracy: steps and seconds to a target loss per method and link
+    bandwidth (see :mod:`pycomm.bench.tta`).
+
 Each command is a sub-parser added by an ``_add_<command>`` function that sets
 ``func`` to its handler; ``bench`` is a group with a nested sub-parser.
 """
@@ -26,6 +30,7 @@ from pycomm.bench.demo import DEMO_BANDWIDTH, DEMO_METHODS, DEMO_STEPS
 from pycomm.bench.e2e import run_e2e
 from pycomm.bench.methods import DEFAULT_METHODS, METHODS
 from pycomm.bench.netns import parse_delay, parse_rate
+from pycomm.bench.tta import DEFAULT_BANDWIDTHS, DEFAULT_FRACTION, DEFAULT_TIMING_STEPS, run_tta
 
 __all__ = ["build_parser", "main"]
 
@@ -146,6 +151,102 @@ def _add_bench(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") 
                      help="lm: the demo's transformer; large: a ~26M-parameter MLP where communication dominates")
     _add_run_options(e2e, methods=DEFAULT_METHODS, steps=BenchConfig.steps, bandwidth=None)
     e2e.set_defaults(func=lambda args: _run(args, args.model, "pycomm bench e2e"))
+    _add_tta(group)
+
+
+def _rate_list(text: str) -> list[str]:
+    rates = [rate.strip() for rate in text.split(",") if rate.strip()]
+    if not rates:
+        raise argparse.ArgumentTypeError("expected a comma-separated list of rates, e.g. 100mbit,1gbit")
+    return [_rate(rate) for rate in rates]
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 < value <= 1.0:
+        raise argparse.ArgumentTypeError(f"expected a fraction in (0, 1], got {text}")
+    return value
+
+
+#: Steps per method of ``pycomm bench tta`` when not given: enough for a target at 90% of the run to mean something.
+TTA_STEPS: int = 200
+
+
+def _run_tta(args: argparse.Namespace) -> int:
+    config = BenchConfig(workers=args.workers, steps=args.steps, model=args.model, batch_size=args.batch_size,
+                         seed=args.seed, delay=args.delay, stall_timeout_s=args.stall_timeout,
+                         start_timeout_s=args.start_timeout, backend=args.backend, gloo_threads=args.gloo_threads)
+    plot = args.plot
+    if plot is None and args.out:
+        plot = (args.out[:-5] if args.out.endswith(".json") else args.out) + "_loss_vs_time.png"
+    try:
+        config.resolved_backend
+        run_tta(args.methods, config, bandwidths=args.bandwidths, target_loss=args.target_loss,
+                fraction=args.fraction, window=args.window, estimate=args.estimate,
+                shared_link=not args.per_worker_links, timing_steps=args.timing_steps, json_path=args.out,
+                markdown_path=args.markdown, plot_path=plot)
+    except ValueError as e:
+        print(f"pycomm bench tta: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _add_tta(group: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
+    tta = group.add_parser(
+        "tta",
+        help="time to accuracy: which method reaches a target loss first on each link bandwidth",
+        description="Train each method's whole curve once, unshaped (a synchronous method's loss after step s does "
+        "not depend on the link's speed), then time a few steps per method on a link shaped to each bandwidth "
+        "where allowed (root on Linux), or with --estimate (or where shaping is not allowed) estimate the "
+        "shaped s/step as the unshaped s/step plus the link time of the counted bytes. Reports steps to target, "
+        "time to target = steps to target x s/step per bandwidth, final loss and bytes per worker per step.",
+    )
+    tta.add_argument("--model", choices=sorted(MODELS), default="lm",
+                     help="lm: the demo's transformer; large: a ~26M-parameter MLP where communication dominates")
+    tta.add_argument("--workers", type=_positive_int, default=4, help="DDP worker processes (default: 4)")
+    tta.add_argument("--steps", type=_positive_int, default=TTA_STEPS,
+                     help=f"steps of each method's curve (default: {TTA_STEPS})")
+    tta.add_argument("--methods", type=_method_list, default=list(DEFAULT_METHODS),
+                     help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}; known: "
+                     f"{','.join(METHODS)}); allreduce is added when --target-loss is not given")
+    tta.add_argument("--batch-size", type=_positive_int, default=None,
+                     help="sequences per worker per step (default: the model's)")
+    tta.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
+    tta.add_argument("--bandwidths", type=_rate_list, default=list(DEFAULT_BANDWIDTHS),
+                     help=f"comma-separated link rates, tc syntax (default: {','.join(DEFAULT_BANDWIDTHS)})")
+    tta.add_argument("--estimate", action="store_true",
+                     help="do not shape: estimate each bandwidth's s/step as unshaped s/step + link time of the "
+                     "counted bytes (labelled as an estimate in the JSON and the table)")
+    tta.add_argument("--per-worker-links", action="store_true",
+                     help="estimates assume a link of that rate per worker (default: one link shared by all "
+                     "workers, as the shaped runs have it)")
+    tta.add_argument("--timing-steps", type=_positive_int, default=DEFAULT_TIMING_STEPS,
+                     help=f"steps per method of each shaped timing run (default: {DEFAULT_TIMING_STEPS})")
+    tta.add_argument("--delay", type=_delay, default=None,
+                     help="per-packet delay on the shaped links (tc syntax: 1ms; needs the kernel's netem)")
+    tta.add_argument("--target-loss", type=float, default=None,
+                     help="the target training loss (default: the allreduce baseline's smoothed loss at "
+                     "--fraction of its run)")
+    tta.add_argument("--fraction", type=_fraction, default=DEFAULT_FRACTION,
+                     help=f"where in the baseline's run the default target is taken (default: {DEFAULT_FRACTION})")
+    tta.add_argument("--window", type=_positive_int, default=None,
+                     help="losses are smoothed by a trailing mean of this many steps (default: 10%% of --steps, "
+                     "1 to 20)")
+    tta.add_argument("--stall-timeout", type=float, default=BenchConfig.stall_timeout_s,
+                     help=f"kill a method whose steps stop for this many seconds (default: "
+                     f"{BenchConfig.stall_timeout_s:g})")
+    tta.add_argument("--start-timeout", type=float, default=BenchConfig.start_timeout_s,
+                     help=f"longest wait for a method's first step (default: {BenchConfig.start_timeout_s:g})")
+    tta.add_argument("--gloo-threads", type=_positive_int, default=None,
+                     help="worker threads per Gloo process group (default: PyTorch's, 2)")
+    tta.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
+                     help="gloo (CPU) or nccl (one GPU per worker); auto: nccl when there is a GPU per worker")
+    tta.add_argument("--out", metavar="PATH", default=None, help="write the report as JSON to PATH")
+    tta.add_argument("--markdown", metavar="PATH", default=None, help="write the table as Markdown to PATH")
+    tta.add_argument("--plot", metavar="PATH", default=None,
+                     help="write a PNG of loss against estimated wall-clock time per bandwidth (needs matplotlib; "
+                     "default: next to --out)")
+    tta.set_defaults(func=_run_tta)
 
 
 def build_parser() -> argparse.ArgumentParser:
