@@ -5,6 +5,7 @@ An application, not part of the library: nothing outside ``pycomm.bench`` import
 
 * :mod:`~pycomm.bench.cli`: the ``pycomm`` command line (also ``python -m pycomm``);
 * :mod:`~pycomm.bench.e2e`: :func:`~pycomm.bench.e2e.run_e2e`, one benchmark run;
+* :mod:`~pycomm.bench.tta`: time to accuracy (``pycomm bench tta``): steps and seconds to a target loss per link;
 * :mod:`~pycomm.bench.demo`: the demo's defaults and :func:`~pycomm.bench.demo.run_demo`;
 * :mod:`~pycomm.bench.config`: the models by name and :class:`~pycomm.bench.config.BenchConfig`;
 * :mod:`~pycomm.bench.methods`: the method table (:data:`~pycomm.bench.methods.METHODS`);

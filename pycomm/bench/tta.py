@@ -198,7 +198,8 @@ def _header(config: Mapping[str, Any]) -> str:
     target_text = (f"target loss {config['target_loss']:.4f} ({config['target_source']})")
     lines = [
         f"**Time to accuracy**: model {bench['model']}, {bench['workers']} workers, {bench['steps']} steps, "
-        f"{target_text}; losses smoothed over a trailing window of {config['window']} steps. "
+        f"{target_text}; losses smoothed over a trailing window of {config['window']} "
+        f"step{'' if config['window'] == 1 else 's'}. "
         f"Composition: {COMPOSITION}.",
     ]
     for bandwidth, how in config["step_time_source"].items():

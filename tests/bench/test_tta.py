@@ -119,6 +119,17 @@ def test_record_and_table_say_never_and_failed():
     assert "| powersgd4 | failed: worker crashed: gloo \\| EnforceNotMet |" in table
 
 
+def test_plot_when_matplotlib_is_installed(tmp_path):
+    pytest.importorskip("matplotlib")
+    from pycomm.bench.tta import write_tta_plot
+
+    times = {"100mbit": 0.4, "1gbit": 0.1}
+    report = {"config": {"target_loss": 3.0, "window": 2, "bandwidths": ["100mbit", "1gbit"]},
+              "results": [method_record("allreduce", [5.0, 3.0, 2.0], 3.0, 2, times, 2.0, 1000.0)]}
+    path = tmp_path / "tta.png"
+    assert write_tta_plot(report, str(path)) == str(path) and path.stat().st_size > 0
+
+
 def test_cli_options():
     parser = build_parser()
     args = parser.parse_args(["bench", "tta", "--methods", "allreduce,quant4", "--bandwidths", "100mbit, 1gbit",
