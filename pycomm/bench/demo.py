@@ -21,8 +21,8 @@ __all__ = ["DEMO_METHODS", "DEMO_STEPS", "DEMO_BANDWIDTH", "DemoConfig", "run_de
 
 #: Methods of ``pycomm demo`` when none are named: the built-in fp32 and fp16 hooks, pycomm's methods, the SGD
 #: pair for DGC and zeroth-order SPSA (lgreco rows report "unavailable" until that method is registered).
-#: PyTorch's powerSGD_hook and quantization_perchannel_hook are left to ``pycomm bench e2e``: on Gloo at 4
-#: ranks they hang or crash here, and waiting out the hang detector would cost the demo a minute per row.
+#: PyTorch's powerSGD_hook and quantization_perchannel_hook are left to ``pycomm bench e2e``: the first keeps
+#: the demo short (it runs on Gloo with one DDP bucket only, docs/benchmarks.md), the second crashes on Gloo.
 DEMO_METHODS: tuple[str, ...] = (
     "allreduce", "fp16", "quant8", "quant4", "quant2", "allreduce-sgd", "dgc", "lgreco-quant", "lgreco-topk",
     "spsa-projection", "spsa",

@@ -99,7 +99,10 @@ def _failure_reason(log_text: str, returncode: Optional[int]) -> str:
 
 
 def unavailable_reason(spec: MethodSpec) -> Optional[str]:
-    """Why ``spec`` cannot run in this build (pycomm not importable, its method not registered), or None."""
+    """Why ``spec`` cannot run in this build (its own check, pycomm not importable, its method not registered),
+    or None."""
+    if spec.unavailable is not None and (reason := spec.unavailable()) is not None:
+        return reason
     if not spec.needs_pycomm:
         return None
     try:

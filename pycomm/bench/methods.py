@@ -8,13 +8,15 @@ from types import MappingProxyType
 from typing import Any, Callable, Iterable, Mapping, Optional, Union
 
 import torch
+import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook, quantization_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pycomm.bench.config import SPSA_EPS, BenchConfig
 
 __all__ = ["OPTIMIZERS", "MethodSpec", "torch_hook", "powersgd_method", "pycomm_method", "spsa_method",
-           "PROJECTION_DIRECTIONS", "DGC_WARMUP_FRACTION", "METHODS", "DEFAULT_METHODS"]
+           "bf16_hook_unavailable_reason", "single_bucket_cap_mb", "POWERSGD_NOTE", "PROJECTION_DIRECTIONS",
+           "DGC_WARMUP_FRACTION", "METHODS", "DEFAULT_METHODS"]
 
 
 #: Optimizer names a :class:`MethodSpec` may choose (weight decay ``BenchConfig.weight_decay``, applied locally):
@@ -47,6 +49,12 @@ class MethodSpec:
         clip_in_hook: the hook clips the gradients itself (DGC's local
             clipping), so the loop does not clip after the backward pass.
         eps: perturbation scale of the ``"spsa"`` optimizer (unused by the others).
+        single_bucket: DDP is built with one gradient bucket (``bucket_cap_mb`` at least the
+            model's gradient size, see :meth:`ddp_bucket_cap_mb`), whatever the run's
+            ``bucket_cap_mb``. PowerSGD needs it on Gloo (see :data:`POWERSGD_NOTE`).
+        unavailable: a picklable ``unavailable() -> reason or None``, asked before the run: a
+            reason reports the method as unavailable instead of running it.
+        note: a line the report prints under the table (the configuration a reader must know).
     """
 
     attach: Optional[Callable[[DDP, "BenchConfig"], Any]]
@@ -57,6 +65,9 @@ class MethodSpec:
     lr: Optional[float] = None
     clip_in_hook: bool = False
     eps: float = 1e-3
+    single_bucket: bool = False
+    unavailable: Optional[Callable[[], Optional[str]]] = None
+    note: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in OPTIMIZERS:
@@ -80,6 +91,13 @@ class MethodSpec:
     def lr_at(self, cfg: "BenchConfig", step: int) -> float:
         """The learning rate of ``step``: ``cfg``'s schedule shape scaled to :meth:`base_lr`."""
         return self.base_lr(cfg) * cfg.lr_scale(step)
+
+    def ddp_bucket_cap_mb(self, cfg: "BenchConfig", model: torch.nn.Module) -> Optional[float]:
+        """The ``bucket_cap_mb`` to build DDP with: ``cfg.bucket_cap_mb``, or for a :attr:`single_bucket`
+        method a cap that holds all of ``model``'s gradients in one bucket."""
+        if not self.single_bucket:
+            return cfg.bucket_cap_mb
+        return max(cfg.bucket_cap_mb or 0.0, single_bucket_cap_mb(model))
 
     def make_optimizer(self, params: Union[torch.nn.Module, Iterable[torch.nn.Parameter]], cfg: "BenchConfig") -> Any:
         """The optimizer this method trains with (see :data:`OPTIMIZERS`).
@@ -105,12 +123,57 @@ def _attach_torch_hook(hook: Callable[..., Any], ddp: DDP, cfg: "BenchConfig") -
     return None
 
 
+def single_bucket_cap_mb(model: torch.nn.Module) -> float:
+    """A DDP ``bucket_cap_mb`` (MiB) that puts all of ``model``'s gradients in one bucket (one MiB to spare)."""
+    grad_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    return float(grad_bytes // 2**20 + 1)
+
+
+#: How the PowerSGD anchors are configured, and why (the report prints it under the table).
+POWERSGD_NOTE: str = (
+    "powersgd*: torch powerSGD_hook unchanged (start_powerSGD_iter=2, error feedback and warm start on), with "
+    "all gradients in ONE DDP bucket (bucket_cap_mb >= model size). With several buckets it hangs or mixes "
+    "buckets on Gloo: the hook issues the P and Q all-reduces from future callbacks, which run on Gloo's "
+    "worker threads in a different order on each rank and block them in wait() (docs/benchmarks.md)")
+
+
+def _one_bucket_powersgd_hook(state, bucket):  # type: ignore[no-untyped-def]
+    """torch's ``powerSGD_hook``, refusing to run on more than one bucket instead of hanging in Gloo.
+
+    Unannotated on purpose: DDP compares a hook's annotations with the classes themselves, and this module's
+    ``from __future__ import annotations`` would turn them into strings that it rejects.
+    """
+    if bucket.index() != 0 or not bucket.is_last():
+        raise RuntimeError(
+            f"the PowerSGD anchor needs all gradients in one DDP bucket, got bucket {bucket.index()} of several: "
+            "torch's powerSGD_hook issues collectives from future callbacks, which Gloo orders differently on "
+            "each rank (hang or mixed buckets); build DDP with MethodSpec.ddp_bucket_cap_mb")
+    return powerSGD_hook.powerSGD_hook(state, bucket)
+
+
 def _attach_powersgd(rank: int, ddp: DDP, cfg: "BenchConfig") -> Any:
     # compression from iteration 2 (the earliest PyTorch allows with error feedback), not its default 1000
     state = powerSGD_hook.PowerSGDState(process_group=None, matrix_approximation_rank=rank, start_powerSGD_iter=2,
                                         random_seed=cfg.seed)
-    ddp.register_comm_hook(state, powerSGD_hook.powerSGD_hook)
+    ddp.register_comm_hook(state, _one_bucket_powersgd_hook)
     return state
+
+
+def bf16_hook_unavailable_reason() -> Optional[str]:
+    """Why DDP refuses ``bf16_compress_hook`` in this torch build, or None where it accepts it.
+
+    The condition is DDP's own (``DistributedDataParallel._check_comm_hook``): a CUDA (or ROCm) build with
+    NCCL >= 2.10, or XPU with XCCL. It does not depend on the backend: Gloo all-reduces bf16 tensors, but a
+    CPU-only torch cannot register the hook at all.
+    """
+    gpu_build = torch.version.cuda is not None or torch.version.hip is not None
+    nccl = dist.is_available() and dist.is_nccl_available() and torch.cuda.nccl.version() >= (2, 10)
+    xccl = dist.is_available() and dist.is_xccl_available() and torch.xpu.is_available()
+    if (gpu_build and nccl) or xccl:
+        return None
+    return (f"torch {torch.__version__} DDP refuses bf16_compress_hook (TypeError: BF16 all reduce communication "
+            "hook required CUDA 11+ and NCCL 2.10+ or XPU and XCCL); it checks the build, not the backend: Gloo "
+            "itself all-reduces bf16")
 
 
 def _attach_pycomm(name: str, kwargs: Mapping[str, Any],
@@ -138,9 +201,11 @@ def torch_hook(hook: Callable[..., Any], description: Optional[str] = None, *, o
 
 
 def powersgd_method(rank: int) -> MethodSpec:
-    """PyTorch's ``powerSGD_hook`` at ``matrix_approximation_rank=rank``, compressing from iteration 2."""
+    """PyTorch's ``powerSGD_hook`` at ``matrix_approximation_rank=rank``, compressing from iteration 2, with all
+    gradients in one DDP bucket (the configuration in which it runs on Gloo, see :data:`POWERSGD_NOTE`)."""
     return MethodSpec(attach=functools.partial(_attach_powersgd, rank),
-                      description=f"torch powerSGD_hook(rank={rank}, start_powerSGD_iter=2)")
+                      description=f"torch powerSGD_hook(rank={rank}, start_powerSGD_iter=2), one DDP bucket",
+                      single_bucket=True, note=POWERSGD_NOTE)
 
 
 def pycomm_method(name: str, *, config_options: Optional[Callable[["BenchConfig"], Mapping[str, Any]]] = None,
@@ -214,7 +279,10 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
         "allreduce": torch_hook(default_hooks.allreduce_hook,
                                 "fp32 ring all-reduce (torch allreduce_hook), DDP default"),
         "fp16": torch_hook(default_hooks.fp16_compress_hook, "fp16 all-reduce (torch fp16_compress_hook)"),
+        "bf16": replace(torch_hook(default_hooks.bf16_compress_hook, "bf16 all-reduce (torch bf16_compress_hook)"),
+                        unavailable=bf16_hook_unavailable_reason),
         "powersgd1": powersgd_method(1),
+        "powersgd2": powersgd_method(2),
         "powersgd4": powersgd_method(4),
         "torch-quant": torch_hook(quantization_hooks.quantization_perchannel_hook,
                                   "torch quantization_perchannel_hook (uint8, all-gather)"),
@@ -247,6 +315,6 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
 
 #: Methods of ``pycomm bench e2e`` when none are named (the issue's comparison).
 DEFAULT_METHODS: tuple[str, ...] = (
-    "allreduce", "fp16", "powersgd1", "powersgd4", "torch-quant", "quant8", "quant4", "quant2", "dgc",
+    "allreduce", "fp16", "bf16", "powersgd1", "powersgd2", "powersgd4", "torch-quant", "quant8", "quant4", "quant2", "dgc",
     "lgreco-quant", "lgreco-topk", "spsa-projection",
 )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterable, Mapping, Optional, Sequence
 
 __all__ = ["format_table", "write_plots"]
 
@@ -87,7 +87,18 @@ def format_table(results: Sequence[Mapping[str, Any]], network: Optional[Mapping
     if len(used) > 1:
         lines.append("\nOptimizers: " + "; ".join(_OPTIMIZER_NOTES.get(o, o) for o in used)
                      + ". Peak lr as shown, on the same warm-up/cosine schedule.")
+    notes = _method_notes(r["method"] for r in results)
+    if notes:
+        lines.append("\n" + "\n".join(f"Note: {note}." for note in notes))
     return "\n".join(lines)
+
+
+def _method_notes(names: Iterable[str]) -> list[str]:
+    """The :attr:`MethodSpec.note` of each named method of the table, once each, in order."""
+    from pycomm.bench.methods import METHODS
+
+    notes = (METHODS[name].note for name in names if name in METHODS)
+    return list(dict.fromkeys(note for note in notes if note))
 
 
 def network_line(network: Mapping[str, Any]) -> str:

@@ -68,7 +68,7 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
         optimizer = spec.make_optimizer(model, cfg)
         optimizer.sync(src=0)  # same weights everywhere (they already are: same seed), outside the counter
     else:
-        ddp = DDP(model, bucket_cap_mb=cfg.bucket_cap_mb)
+        ddp = DDP(model, bucket_cap_mb=spec.ddp_bucket_cap_mb(cfg, model))
         state = spec.attach(ddp, cfg)
         optimizer = spec.make_optimizer(model.parameters(), cfg)
     clip = cfg.grad_clip if cfg.grad_clip > 0 and not spec.clip_in_hook else 0.0

@@ -28,7 +28,7 @@ from pycomm.traffic import CollectiveByteCounter
 
 REQUIRED_KEYS = {"method", "step_time_s", "bytes_per_worker_per_step", "wire_bytes_per_worker_per_step",
                  "compression_ratio", "final_loss", "shaped"}
-ISSUE_METHODS = ("allreduce,fp16,powersgd1,powersgd4,torch-quant,quant8,quant4,quant2,dgc,lgreco-quant,lgreco-topk,"
+ISSUE_METHODS = ("allreduce,fp16,bf16,powersgd1,powersgd2,powersgd4,torch-quant,quant8,quant4,quant2,dgc,lgreco-quant,lgreco-topk,"
                  "spsa-projection")
 ROOT_REASON = netns.shaping_unavailable_reason()
 needs_root = pytest.mark.skipif(ROOT_REASON is not None, reason=f"shaping not allowed here: {ROOT_REASON}")
