@@ -20,7 +20,7 @@ from pycomm.bench.cli import build_parser, main as cli_main
 from pycomm.bench.config import MODELS, BenchConfig
 from pycomm.bench.e2e import run_e2e
 from pycomm.bench.launcher import _failure_reason
-from pycomm.bench.methods import DEFAULT_METHODS, METHODS
+from pycomm.bench.methods import DEFAULT_METHODS, DGC_WARMUP_FRACTION, METHODS, dgc_warmup_stage_steps
 from pycomm.bench.models import ByteMLP
 from pycomm.bench.report import format_table
 from pycomm.bench.worker import fp32_allreduce_bytes
@@ -28,8 +28,8 @@ from pycomm.traffic import CollectiveByteCounter
 
 REQUIRED_KEYS = {"method", "step_time_s", "bytes_per_worker_per_step", "wire_bytes_per_worker_per_step",
                  "compression_ratio", "final_loss", "shaped"}
-ISSUE_METHODS = ("allreduce,fp16,bf16,powersgd1,powersgd2,powersgd4,torch-quant,quant8,quant4,quant2,dgc,lgreco-quant,lgreco-topk,"
-                 "spsa-projection")
+ISSUE_METHODS = ("allreduce,fp16,bf16,powersgd1,powersgd2,powersgd4,torch-quant,quant8,quant4,quant2,dgc,topk-ef-adamw,"
+                 "lgreco-quant,lgreco-topk,spsa-projection")
 ROOT_REASON = netns.shaping_unavailable_reason()
 needs_root = pytest.mark.skipif(ROOT_REASON is not None, reason=f"shaping not allowed here: {ROOT_REASON}")
 
@@ -77,6 +77,61 @@ def test_cli_names_and_schema_defaults():
         BenchConfig(model="huge")
     assert netns.parse_rate("100mbit") == 1e8 and netns.parse_rate("1gbit") == 1e9
     assert netns.parse_delay("1ms") == pytest.approx(1e-3) and netns.parse_delay("0") == 0
+
+
+def _hook_options(name, cfg):
+    """The keyword arguments ``name``'s row passes to ``pycomm.register`` under ``cfg`` (fixed and run-dependent)."""
+    _, kwargs, config_options = METHODS[name].attach.args  # functools.partial(_attach_pycomm, name, kwargs, fn)
+    return {**kwargs, **(config_options(cfg) if config_options else {})}
+
+
+@pytest.mark.parametrize("steps", [30, 44, 45, 134, 135, 200, 600, 900, 1000, 9000])
+def test_dgc_warmup_follows_the_run_length(steps):
+    """The stated rule: the paper's 4 warm-up stages span 4/90 of the run (steps / 90 per stage, half up),
+    none below 45 steps; every DGC-hook row gets it, and the hook's densities follow the paper's schedule."""
+    from pycomm.hooks.dgc import PAPER_WARMUP_DENSITIES, DGCState
+
+    assert DGC_WARMUP_FRACTION == pytest.approx(4 / 90)
+    stage = dgc_warmup_stage_steps(steps)
+    assert stage == (2 * steps + 90) // 180 and (stage == 0) == (steps < 45)  # steps / 90, rounded half up
+    cfg = BenchConfig(steps=steps)
+    for name in ("dgc", "topk-ef-adamw", "lgreco-topk"):
+        assert _hook_options(name, cfg)["warmup_steps"] == stage
+    options = _hook_options("dgc", cfg)
+    state = DGCState(**{k: options[k] for k in ("density", "momentum", "warmup_steps")})
+    densities = [state.density_at(step) for step in range(steps)]
+    warmup = sum(d > options["density"] for d in densities)  # steps before the target density
+    assert warmup == 4 * stage and abs(warmup - steps * 4 / 90) <= 2  # 4/90 of the run, rounded per stage
+    assert sorted(set(densities), reverse=True) == ([*PAPER_WARMUP_DENSITIES] if stage else []) + [0.001]
+    assert densities[: 4 * stage] == [d for d in PAPER_WARMUP_DENSITIES for _ in range(stage)]
+    with pytest.raises(ValueError):
+        dgc_warmup_stage_steps(-1)
+
+
+def test_topk_ef_adamw_row_is_dgc_without_momentum_under_adamw():
+    """The AdamW row: the DGC hook with momentum 0 (top-k + error feedback), at DGC's density, with AdamW at the
+    fp32 AdamW baseline's learning rate, clipped after the backward pass like that baseline."""
+    cfg = BenchConfig(steps=200)
+    row, dgc, baseline = METHODS["topk-ef-adamw"], METHODS["dgc"], METHODS["allreduce"]
+    options = _hook_options("topk-ef-adamw", cfg)
+    assert row.pycomm_name == "dgc" and options["momentum"] == 0.0
+    assert options["density"] == _hook_options("dgc", cfg)["density"] and "clip_norm" not in options
+    assert (row.optimizer, dgc.optimizer) == ("adamw", "sgd") and not row.clip_in_hook
+    assert row.base_lr(cfg) == baseline.base_lr(cfg) == cfg.lr
+    opt = row.make_optimizer([torch.nn.Parameter(torch.zeros(3))], cfg)
+    assert isinstance(opt, torch.optim.AdamW) and opt.defaults["betas"] == (0.9, 0.95)
+
+
+def test_tiny_topk_ef_adamw_run(tmp_path):
+    """2 workers, a few steps: top-k with error feedback under AdamW trains, sends ~0.1% and keeps replicas equal."""
+    out = tmp_path / "topk.json"
+    assert bench_main(["--workers", "2", "--steps", "8", "--methods", "topk-ef-adamw", "--json", str(out)]) == 0
+    (r,) = json.loads(out.read_text())["results"]
+    assert r["method"] == "topk-ef-adamw" and r["status"] == "ok" and r["optimizer"] == "adamw"
+    assert r["replicas_in_sync"] and all(math.isfinite(x) for x in r["loss_curve"])
+    assert r["final_loss"] < r["initial_loss"]
+    # k values + k indices of each large layer, small layers dense: far below the fp32 all-reduce
+    assert 0 < r["bytes_per_worker_per_step"] < r["fp32_allreduce_bytes_per_step"] / 50
 
 
 def test_failure_reason_names_the_worker_exception():
