@@ -85,6 +85,16 @@ def _add_run_options(parser: argparse.ArgumentParser, *, methods: Sequence[str],
                         help="per-packet delay on the shaped link (tc syntax: 1ms; needs the kernel's netem)")
     parser.add_argument("--no-shape", action="store_true",
                         help="do not shape even where allowed: run unshaped and only estimate the link time")
+    _add_process_options(parser)
+    parser.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON to PATH")
+    parser.add_argument("--markdown", metavar="PATH", default=None, help="write the table as Markdown to PATH")
+    parser.add_argument("--plot", metavar="PREFIX", default=None,
+                        help="write PREFIX_loss_vs_time.png and PREFIX_loss_vs_bytes.png (needs matplotlib; "
+                        "default: next to --json)")
+
+
+def _add_process_options(parser: argparse.ArgumentParser) -> None:
+    """The options of the worker processes, shared by ``e2e`` and ``tta``."""
     parser.add_argument("--stall-timeout", type=float, default=BenchConfig.stall_timeout_s,
                         help="kill a method whose steps stop for this many seconds (or 3x its mean step time) "
                         f"and report it failed (default: {BenchConfig.stall_timeout_s:g})")
@@ -94,11 +104,6 @@ def _add_run_options(parser: argparse.ArgumentParser, *, methods: Sequence[str],
                         help="worker threads per Gloo process group (default: PyTorch's, 2)")
     parser.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
                         help="gloo (CPU) or nccl (one GPU per worker); auto: nccl when there is a GPU per worker")
-    parser.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON to PATH")
-    parser.add_argument("--markdown", metavar="PATH", default=None, help="write the table as Markdown to PATH")
-    parser.add_argument("--plot", metavar="PREFIX", default=None,
-                        help="write PREFIX_loss_vs_time.png and PREFIX_loss_vs_bytes.png (needs matplotlib; "
-                        "default: next to --json)")
 
 
 def _config(args: argparse.Namespace, model: str) -> BenchConfig:
@@ -232,15 +237,7 @@ def _add_tta(group: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
     tta.add_argument("--window", type=_positive_int, default=None,
                      help="losses are smoothed by a trailing mean of this many steps (default: 10%% of --steps, "
                      "1 to 20)")
-    tta.add_argument("--stall-timeout", type=float, default=BenchConfig.stall_timeout_s,
-                     help=f"kill a method whose steps stop for this many seconds (default: "
-                     f"{BenchConfig.stall_timeout_s:g})")
-    tta.add_argument("--start-timeout", type=float, default=BenchConfig.start_timeout_s,
-                     help=f"longest wait for a method's first step (default: {BenchConfig.start_timeout_s:g})")
-    tta.add_argument("--gloo-threads", type=_positive_int, default=None,
-                     help="worker threads per Gloo process group (default: PyTorch's, 2)")
-    tta.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto",
-                     help="gloo (CPU) or nccl (one GPU per worker); auto: nccl when there is a GPU per worker")
+    _add_process_options(tta)
     tta.add_argument("--out", metavar="PATH", default=None, help="write the report as JSON to PATH")
     tta.add_argument("--markdown", metavar="PATH", default=None, help="write the table as Markdown to PATH")
     tta.add_argument("--plot", metavar="PATH", default=None,

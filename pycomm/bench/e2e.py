@@ -56,7 +56,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import sys
 import tempfile
@@ -66,11 +65,9 @@ from pycomm.bench.config import BenchConfig
 from pycomm.bench.launcher import empty_result, run_pool, signals_raise_keyboard_interrupt, unavailable_reason
 from pycomm.bench.methods import DEFAULT_METHODS, METHODS, MethodSpec
 from pycomm.bench.netns import ShapedNamespace, parse_rate, shaping_unavailable_reason
-from pycomm.bench.report import network_line, progress_line, format_table, write_plots
+from pycomm.bench.report import format_table, network_line, progress_line, publish, write_plots
 
 __all__ = ["run_e2e"]
-
-logger = logging.getLogger(__name__)
 
 
 def _resolve(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]]) -> list[tuple[str, MethodSpec]]:
@@ -183,17 +180,7 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
             if net is not None:
                 net.remove()
     report = {"config": cfg.to_dict(), "network": network, "results": results}
-    table = format_table(results, network)
-    if verbose:
-        print("", file=stream)
-        print(table, file=stream, flush=True)
-    if json_path:
-        with open(json_path, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
-        logger.info("wrote %s", json_path)
-    if markdown_path:
-        with open(markdown_path, "w", encoding="utf-8") as fh:
-            fh.write(table + "\n")
+    publish(report, format_table(results, network), json_path, markdown_path, verbose, stream)
     if plot_prefix:
         for path in write_plots(results, plot_prefix):
             if verbose:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
@@ -115,6 +116,21 @@ def network_line(network: Mapping[str, Any]) -> str:
         return (f"**Unshaped** ({network['unshaped_reason']}): {run}; est. link s/step = the time the counted "
                 f"bytes of all workers take on one shared {network['bandwidth']} link.")
     return f"**Unshaped** (no --bandwidth): {run}."
+
+
+def publish(report: Mapping[str, Any], table: str, json_path: Optional[str], markdown_path: Optional[str],
+            verbose: bool, stream: Any) -> None:
+    """Print ``table`` (when ``verbose``) and write the report as JSON and the table as Markdown where asked."""
+    if verbose:
+        print("", file=stream)
+        print(table, file=stream, flush=True)
+    if json_path:
+        with open(json_path, "w", encoding="utf-8") as fh:
+            json.dump(report, fh, indent=2)
+        logger.info("wrote %s", json_path)
+    if markdown_path:
+        with open(markdown_path, "w", encoding="utf-8") as fh:
+            fh.write(table + "\n")
 
 
 def write_plots(results: Sequence[Mapping[str, Any]], prefix: str) -> list[str]:

@@ -36,7 +36,6 @@ Example::
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import sys
@@ -46,6 +45,7 @@ from typing import Any, Mapping, Optional, Sequence, TextIO
 from pycomm.bench.config import BenchConfig
 from pycomm.bench.e2e import run_e2e
 from pycomm.bench.netns import parse_rate, shaping_unavailable_reason
+from pycomm.bench.report import publish
 
 __all__ = [
     "BASELINE_METHOD", "DEFAULT_FRACTION", "DEFAULT_BANDWIDTHS", "DEFAULT_TIMING_STEPS", "COMPOSITION",
@@ -396,16 +396,7 @@ def run_tta(methods: Sequence[str], config: Optional[BenchConfig] = None, *,
         "network": curves["network"],
         "results": results,
     }
-    table = format_tta_table(report)
-    if verbose:
-        print("", file=stream)
-        print(table, file=stream, flush=True)
-    if json_path:
-        with open(json_path, "w", encoding="utf-8") as fh:
-            json.dump(report, fh, indent=2)
-    if markdown_path:
-        with open(markdown_path, "w", encoding="utf-8") as fh:
-            fh.write(table + "\n")
+    publish(report, format_tta_table(report), json_path, markdown_path, verbose, stream)
     if plot_path and write_tta_plot(report, plot_path) and verbose:
         print(f"wrote {plot_path}", file=stream, flush=True)
     return report
