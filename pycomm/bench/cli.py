@@ -10,7 +10,7 @@ Commands:
     The end-to-end benchmark: any model, methods, worker count and link
     (see :mod:`pycomm.bench.e2e`); also ``python -m pycomm.bench e2e``.
 
-``pycomm bench tta``
+``pycomm bench tta`` (also ``pycomm bench e2e --tta``)
     Time to accuracy: steps and seconds to a target loss per method and link
     bandwidth (see :mod:`pycomm.bench.tta`).
 
@@ -69,15 +69,10 @@ _rate = _checked_by(parse_rate)
 _delay = _checked_by(parse_delay)
 
 
-def _add_run_options(parser: argparse.ArgumentParser, *, methods: Sequence[str], steps: int,
+def _add_run_options(parser: argparse.ArgumentParser, *, methods: Sequence[str], steps: Optional[int],
                      bandwidth: Optional[str]) -> None:
-    parser.add_argument("--workers", type=_positive_int, default=4, help="DDP worker processes (default: 4)")
-    parser.add_argument("--steps", type=_positive_int, default=steps, help=f"steps per method (default: {steps})")
-    parser.add_argument("--methods", type=_method_list, default=list(methods),
-                        help=f"comma-separated methods (default: {','.join(methods)}; known: {','.join(METHODS)})")
-    parser.add_argument("--batch-size", type=_positive_int, default=None,
-                        help="sequences per worker per step (default: the model's)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
+    steps_default = None if steps is not None else f"{BenchConfig.steps}; {TTA_STEPS} with --tta"
+    _add_common_options(parser, methods=methods, steps=steps, steps_default=steps_default)
     parser.add_argument("--bandwidth", type=_rate, default=bandwidth,
                         help="shape the link to this rate (tc syntax: 100mbit, 1gbit) where allowed (root on "
                         f"Linux); otherwise run unshaped and estimate the link time (default: {bandwidth or 'none'})")
@@ -86,11 +81,25 @@ def _add_run_options(parser: argparse.ArgumentParser, *, methods: Sequence[str],
     parser.add_argument("--no-shape", action="store_true",
                         help="do not shape even where allowed: run unshaped and only estimate the link time")
     _add_process_options(parser)
-    parser.add_argument("--json", metavar="PATH", default=None, help="write the report as JSON to PATH")
+    parser.add_argument("--json", "--out", dest="json", metavar="PATH", default=None,
+                        help="write the report as JSON to PATH")
     parser.add_argument("--markdown", metavar="PATH", default=None, help="write the table as Markdown to PATH")
     parser.add_argument("--plot", metavar="PREFIX", default=None,
                         help="write PREFIX_loss_vs_time.png and PREFIX_loss_vs_bytes.png (needs matplotlib; "
                         "default: next to --json)")
+
+
+def _add_common_options(parser: argparse.ArgumentParser, *, methods: Sequence[str], steps: Optional[int],
+                        steps_help: str = "steps per method", steps_default: Optional[str] = None) -> None:
+    """The options that say what is trained, shared by every command."""
+    parser.add_argument("--workers", type=_positive_int, default=4, help="DDP worker processes (default: 4)")
+    parser.add_argument("--steps", type=_positive_int, default=steps,
+                        help=f"{steps_help} (default: {steps_default or steps})")
+    parser.add_argument("--methods", type=_method_list, default=list(methods),
+                        help=f"comma-separated methods (default: {','.join(methods)}; known: {','.join(METHODS)})")
+    parser.add_argument("--batch-size", type=_positive_int, default=None,
+                        help="sequences per worker per step (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
 
 
 def _add_process_options(parser: argparse.ArgumentParser) -> None:
@@ -150,13 +159,23 @@ def _add_bench(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") 
         description="Train a model with DDP under each method (fresh workers per method; a method that crashes "
         "or hangs is reported as failed), over a link shaped by tc in a network namespace where allowed, and "
         "report median step time, bytes per worker per step (counted at the process-group level; also the "
-        "wire bytes when shaped), compression vs fp32 all-reduce and final loss as a table, JSON and plots.",
+        "wire bytes when shaped), compression vs fp32 all-reduce and final loss as a table, JSON and plots. "
+        "With --tta it is `pycomm bench tta` (time to accuracy per bandwidth) with the same options.",
     )
-    e2e.add_argument("--model", choices=sorted(MODELS), default="lm",
-                     help="lm: the demo's transformer; large: a ~26M-parameter MLP where communication dominates")
-    _add_run_options(e2e, methods=DEFAULT_METHODS, steps=BenchConfig.steps, bandwidth=None)
-    e2e.set_defaults(func=lambda args: _run(args, args.model, "pycomm bench e2e"))
+    _add_model_option(e2e)
+    _add_run_options(e2e, methods=DEFAULT_METHODS, steps=None, bandwidth=None)
+    tta_options = e2e.add_argument_group("time to accuracy (with --tta)")
+    tta_options.add_argument("--tta", action="store_true",
+                             help="run the time-to-accuracy mode (`pycomm bench tta`): curves unshaped, s/step per "
+                             f"--bandwidths; --steps defaults to {TTA_STEPS}, --no-shape means --estimate")
+    _add_tta_options(tta_options)
+    e2e.set_defaults(func=_run_e2e_or_tta)
     _add_tta(group)
+
+
+def _add_model_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", choices=sorted(MODELS), default="lm",
+                        help="lm: the demo's transformer; large: a ~26M-parameter MLP where communication dominates")
 
 
 def _rate_list(text: str) -> list[str]:
@@ -177,23 +196,60 @@ def _fraction(text: str) -> float:
 TTA_STEPS: int = 200
 
 
-def _run_tta(args: argparse.Namespace) -> int:
+def _run_e2e_or_tta(args: argparse.Namespace) -> int:
+    if not args.tta:
+        if args.steps is None:
+            args.steps = BenchConfig.steps
+        return _run(args, args.model, "pycomm bench e2e")
+    if args.bandwidth is not None:
+        print("pycomm bench e2e --tta: error: --tta times every rate of --bandwidths; --bandwidth is for a single "
+              "shaped run", file=sys.stderr)
+        return 2
+    if args.steps is None:
+        args.steps = TTA_STEPS
+    args.estimate = args.estimate or args.no_shape
+    return _run_tta(args, "pycomm bench e2e --tta")
+
+
+def _run_tta(args: argparse.Namespace, title: str = "pycomm bench tta") -> int:
     config = BenchConfig(workers=args.workers, steps=args.steps, model=args.model, batch_size=args.batch_size,
                          seed=args.seed, delay=args.delay, stall_timeout_s=args.stall_timeout,
                          start_timeout_s=args.start_timeout, backend=args.backend, gloo_threads=args.gloo_threads)
     plot = args.plot
-    if plot is None and args.out:
-        plot = (args.out[:-5] if args.out.endswith(".json") else args.out) + "_loss_vs_time.png"
+    if plot is None and args.json:
+        plot = (args.json[:-5] if args.json.endswith(".json") else args.json) + "_loss_vs_time.png"
     try:
         config.resolved_backend
         run_tta(args.methods, config, bandwidths=args.bandwidths, target_loss=args.target_loss,
                 fraction=args.fraction, window=args.window, estimate=args.estimate,
-                shared_link=not args.per_worker_links, timing_steps=args.timing_steps, json_path=args.out,
+                shared_link=not args.per_worker_links, timing_steps=args.timing_steps, json_path=args.json,
                 markdown_path=args.markdown, plot_path=plot)
     except ValueError as e:
-        print(f"pycomm bench tta: error: {e}", file=sys.stderr)
+        print(f"{title}: error: {e}", file=sys.stderr)
         return 2
     return 0
+
+
+def _add_tta_options(parser: "argparse._ActionsContainer") -> None:
+    """The options that only time to accuracy has, shared by ``tta`` and ``e2e --tta``."""
+    parser.add_argument("--bandwidths", type=_rate_list, default=list(DEFAULT_BANDWIDTHS),
+                        help=f"comma-separated link rates, tc syntax (default: {','.join(DEFAULT_BANDWIDTHS)})")
+    parser.add_argument("--estimate", action="store_true",
+                        help="do not shape: estimate each bandwidth's s/step as unshaped s/step + link time of the "
+                        "counted bytes (labelled as an estimate in the JSON and the table)")
+    parser.add_argument("--per-worker-links", action="store_true",
+                        help="estimates assume a link of that rate per worker (default: one link shared by all "
+                        "workers, as the shaped runs have it)")
+    parser.add_argument("--timing-steps", type=_positive_int, default=DEFAULT_TIMING_STEPS,
+                        help=f"steps per method of each shaped timing run (default: {DEFAULT_TIMING_STEPS})")
+    parser.add_argument("--target-loss", type=float, default=None,
+                        help="the target training loss (default: the allreduce baseline's smoothed loss at "
+                        "--fraction of its run)")
+    parser.add_argument("--fraction", type=_fraction, default=DEFAULT_FRACTION,
+                        help=f"where in the baseline's run the default target is taken (default: {DEFAULT_FRACTION})")
+    parser.add_argument("--window", type=_positive_int, default=None,
+                        help="losses are smoothed by a trailing mean of this many steps (default: 10%% of --steps, "
+                        "1 to 20)")
 
 
 def _add_tta(group: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
@@ -204,41 +260,19 @@ def _add_tta(group: "argparse._SubParsersAction[argparse.ArgumentParser]") -> No
         "not depend on the link's speed), then time a few steps per method on a link shaped to each bandwidth "
         "where allowed (root on Linux), or with --estimate (or where shaping is not allowed) estimate the "
         "shaped s/step as the unshaped s/step plus the link time of the counted bytes. Reports steps to target, "
-        "time to target = steps to target x s/step per bandwidth, final loss and bytes per worker per step.",
+        "time to target = steps to target x s/step per bandwidth, final loss and bytes per worker per step. "
+        "Also reachable as `pycomm bench e2e --tta`.",
     )
-    tta.add_argument("--model", choices=sorted(MODELS), default="lm",
-                     help="lm: the demo's transformer; large: a ~26M-parameter MLP where communication dominates")
-    tta.add_argument("--workers", type=_positive_int, default=4, help="DDP worker processes (default: 4)")
-    tta.add_argument("--steps", type=_positive_int, default=TTA_STEPS,
-                     help=f"steps of each method's curve (default: {TTA_STEPS})")
-    tta.add_argument("--methods", type=_method_list, default=list(DEFAULT_METHODS),
-                     help=f"comma-separated methods (default: {','.join(DEFAULT_METHODS)}; known: "
-                     f"{','.join(METHODS)}); allreduce is added when --target-loss is not given")
-    tta.add_argument("--batch-size", type=_positive_int, default=None,
-                     help="sequences per worker per step (default: the model's)")
-    tta.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
-    tta.add_argument("--bandwidths", type=_rate_list, default=list(DEFAULT_BANDWIDTHS),
-                     help=f"comma-separated link rates, tc syntax (default: {','.join(DEFAULT_BANDWIDTHS)})")
-    tta.add_argument("--estimate", action="store_true",
-                     help="do not shape: estimate each bandwidth's s/step as unshaped s/step + link time of the "
-                     "counted bytes (labelled as an estimate in the JSON and the table)")
-    tta.add_argument("--per-worker-links", action="store_true",
-                     help="estimates assume a link of that rate per worker (default: one link shared by all "
-                     "workers, as the shaped runs have it)")
-    tta.add_argument("--timing-steps", type=_positive_int, default=DEFAULT_TIMING_STEPS,
-                     help=f"steps per method of each shaped timing run (default: {DEFAULT_TIMING_STEPS})")
+    _add_model_option(tta)
+    _add_common_options(tta, methods=DEFAULT_METHODS, steps=TTA_STEPS,
+                        steps_help="steps of each method's curve (allreduce is added to --methods when --target-loss "
+                        "is not given)")
+    _add_tta_options(tta)
     tta.add_argument("--delay", type=_delay, default=None,
                      help="per-packet delay on the shaped links (tc syntax: 1ms; needs the kernel's netem)")
-    tta.add_argument("--target-loss", type=float, default=None,
-                     help="the target training loss (default: the allreduce baseline's smoothed loss at "
-                     "--fraction of its run)")
-    tta.add_argument("--fraction", type=_fraction, default=DEFAULT_FRACTION,
-                     help=f"where in the baseline's run the default target is taken (default: {DEFAULT_FRACTION})")
-    tta.add_argument("--window", type=_positive_int, default=None,
-                     help="losses are smoothed by a trailing mean of this many steps (default: 10%% of --steps, "
-                     "1 to 20)")
     _add_process_options(tta)
-    tta.add_argument("--out", metavar="PATH", default=None, help="write the report as JSON to PATH")
+    tta.add_argument("--out", "--json", dest="json", metavar="PATH", default=None,
+                     help="write the report as JSON to PATH")
     tta.add_argument("--markdown", metavar="PATH", default=None, help="write the table as Markdown to PATH")
     tta.add_argument("--plot", metavar="PATH", default=None,
                      help="write a PNG of loss against estimated wall-clock time per bandwidth (needs matplotlib; "

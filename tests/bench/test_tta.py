@@ -9,6 +9,7 @@ import math
 import pytest
 
 from pycomm.bench import netns
+from pycomm.bench import cli
 from pycomm.bench.cli import build_parser, main as cli_main
 from pycomm.bench.config import BenchConfig
 from pycomm.bench.e2e import run_e2e
@@ -140,6 +141,26 @@ def test_cli_options():
                 ["--window", "0"], ["--methods", "nope"]):
         with pytest.raises(SystemExit):
             parser.parse_args(["bench", "tta", *bad])
+
+
+def test_e2e_tta_mode_is_the_tta_command(monkeypatch, capsys):
+    """`bench e2e --tta` hands run_tta exactly what `bench tta` does; --no-shape means --estimate."""
+    calls = []
+    monkeypatch.setattr(cli, "run_tta", lambda methods, config, **kw: calls.append((methods, config, kw)))
+    common = ["--model", "lm", "--workers", "2", "--methods", "quant4", "--bandwidths", "100mbit,1gbit",
+              "--target-loss", "2.5", "--timing-steps", "3", "--out", "t.json"]
+    assert cli.main(["bench", "tta", *common, "--estimate"]) == 0
+    assert cli.main(["bench", "e2e", "--tta", *common, "--no-shape"]) == 0
+    assert len(calls) == 2 and calls[0] == calls[1]
+    assert calls[0][1].steps == cli.TTA_STEPS and calls[0][2]["estimate"] and calls[0][2]["json_path"] == "t.json"
+
+    assert cli.main(["bench", "e2e", "--tta", "--bandwidth", "1gbit"]) == 2
+    assert "--bandwidths" in capsys.readouterr().err and len(calls) == 2
+
+    runs = []
+    monkeypatch.setattr(cli, "run_e2e", lambda methods, config, **kw: runs.append(config))
+    assert cli.main(["bench", "e2e", "--methods", "quant4", "--no-shape"]) == 0
+    assert runs[0].steps == BenchConfig.steps and len(calls) == 2
 
 
 def test_tiny_tta_run_with_estimates(tmp_path, capsys):
