@@ -13,8 +13,9 @@ from pycomm.bench import cli
 from pycomm.bench.cli import build_parser, main as cli_main
 from pycomm.bench.config import BenchConfig
 from pycomm.bench.e2e import run_e2e
-from pycomm.bench.tta import (COMPOSITION, default_target, default_window, estimated_step_time, format_tta_table,
-                              method_record, smooth, steps_to_target, time_to_target)
+from pycomm.bench.tta import (COMPOSITION, EXTRA_LINK_TIME, default_target, default_window, estimated_step_time,
+                              extra_link_time, format_tta_table, method_record, smooth, steps_to_target,
+                              time_to_target)
 
 RECORD_FIELDS = {"method", "steps_to_target", "time_to_target_s", "step_time_s", "final_loss",
                  "bytes_per_worker_per_step"}
@@ -95,6 +96,26 @@ def test_time_composition_and_estimate():
     assert estimated_step_time(0.1, 0.0, 4, "1gbit") == pytest.approx(0.1)
     with pytest.raises(ValueError, match="rate"):
         estimated_step_time(0.1, 1e6, 2, "fast")
+
+
+def test_extra_link_time_of_a_warm_up():
+    """A warm-up step that sends 9 MB more than the median step costs 4 workers x 9e6 x 8 / 1e8 = 2.88 s more on
+    one shared 100 Mbit link; it counts only before the target; the table shows it in brackets."""
+    curve = [10e6, 1e6, 1e6, 1e6, 1e6]
+    assert extra_link_time(curve, 3, ["100mbit", "1gbit"], 4) == pytest.approx({"100mbit": 2.88, "1gbit": 0.288})
+    assert extra_link_time(curve, 3, ["100mbit"], 4, shared_link=False) == pytest.approx({"100mbit": 0.72})
+    assert extra_link_time(curve, None, ["100mbit"], 4) == {"100mbit": None}
+    assert extra_link_time([], 3, ["100mbit"], 4) == {"100mbit": None}
+    record = method_record("dgc", [5.0, 4.0, 3.0, 2.0, 1.0], 3.0, 1, {"100mbit": 1.0}, 1.0, 1e6,
+                           bytes_curve=curve, workers=4)
+    assert record["steps_to_target"] == 3 and record["time_to_target_s"] == {"100mbit": 3.0}
+    assert record["extra_link_time_s"]["100mbit"] == pytest.approx(2.88) and record["bytes_curve"] == curve
+    report = {"config": {"target_loss": 3.0, "target_source": "given", "window": 1, "bandwidths": ["100mbit"],
+                         "step_time_source": {"100mbit": "measured: ..."},
+                         "bench": BenchConfig(workers=4, steps=5).to_dict()},
+              "results": [record]}
+    table = format_tta_table(report)
+    assert "| dgc | 3 | 3.0 s (1.000 s/step) [+2.9 s] |" in table and EXTRA_LINK_TIME in table
 
 
 def test_record_and_table_say_never_and_failed():
