@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import uuid
 from typing import Optional
 
@@ -157,6 +158,14 @@ class EmulatedNodes:
     def pids(self) -> list[int]:
         """Ids of the processes inside any of the namespaces."""
         return [pid for name in self.all_names() for pid in _namespace_pids(name)]
+
+    def kill_processes(self) -> None:
+        """SIGKILL every process inside the namespaces (the namespaces stay)."""
+        for pid in self.pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def exists(self) -> bool:
         """Whether any of the namespaces exists."""
