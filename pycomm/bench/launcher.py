@@ -86,12 +86,14 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
 
 
 _ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.:]*(Error|Exception|Interrupt|EnforceNotMet)\b.*)$")
+_RANK_PREFIX = re.compile(r"^\[(rank|default)\d+\]:")
 _ABORT_LINE = re.compile(r"^\s*((terminate called|  what\(\)).*)$")
 
 
 def _failure_reason(log_text: str, returncode: Optional[int]) -> str:
     """The most telling lines of a failed launcher's output: the worker's exception (or C++ abort message)."""
-    lines = [line for line in log_text.splitlines() if line.strip()]
+    # torchrun's workers print their tracebacks as "[rank3]: ..."
+    lines = [_RANK_PREFIX.sub("", line) for line in log_text.splitlines() if line.strip()]
     errors = [m.group(1) for line in lines if (m := _ERROR_LINE.match(line))]
     aborts = [m.group(1).strip() for line in lines if (m := _ABORT_LINE.match(line))]
     # torch.multiprocessing and torchrun wrap a worker's exception; the innermost line names the real one

@@ -133,6 +133,10 @@ def test_nodes_failure_reason_prefers_the_cause_over_its_consequences():
     wrapped = "torch.distributed.elastic.multiprocessing.errors.ChildFailedError: \n"
     assert "unexpected keyword argument 'hierarchy'" in _nodes_failure_reason([consequence + wrapped,
                                                                               cause + wrapped], [1, 1])
+    # torchrun's workers print their traceback with a "[rankN]: " prefix
+    prefixed = "".join(f"[rank1]: {line}\n" for line in cause.splitlines())
+    reason = _nodes_failure_reason([prefixed + "E1201 ... failed (exitcode: 1) local_rank: 0\n" + wrapped], [1])
+    assert "TypeError: __init__() got an unexpected keyword argument 'hierarchy'" in reason
 
 
 def test_table_has_the_inter_node_column_only_with_nodes():
