@@ -188,11 +188,22 @@ class BenchConfig:
     def resolved_backend(self) -> str:
         """``gloo`` or ``nccl``: what ``backend="auto"`` means here.
 
+        With :attr:`nodes` it is always ``gloo`` (see the error below).
+
         Raises:
             ValueError: ``backend="nccl"`` on a machine without NCCL or with fewer CUDA GPUs than
-                workers (NCCL cannot put two ranks on one GPU: rank r would share GPU r % count).
+                workers (NCCL cannot put two ranks on one GPU: rank r would share GPU r % count),
+                or with :attr:`nodes` (NCCL would bypass the emulated uplinks).
         """
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if self.nodes is not None:
+            # NCCL sees one host and would join the emulated nodes' GPUs over NVLink or shared memory, not the
+            # shaped uplinks: the emulation measures Gloo over the veths
+            if self.backend == "nccl":
+                raise ValueError("backend='nccl' with emulated nodes: NCCL would connect the GPUs of one machine "
+                                 "directly (NVLink, PCIe, shared memory), bypassing the shaped node uplinks; use "
+                                 "backend='gloo' (or 'auto', which picks Gloo with nodes)")
+            return "gloo"
         if self.backend == "nccl":
             if not dist.is_nccl_available():
                 raise ValueError("backend='nccl' needs a torch built with NCCL; this one has none "

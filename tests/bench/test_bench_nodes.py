@@ -83,6 +83,10 @@ def test_cli_nodes_workers_and_hierarchy(capsys):
     assert "are for e2e runs, not --tta" in capsys.readouterr().err
     with pytest.raises(ValueError, match="divide workers"):
         BenchConfig(workers=3, nodes=2)
+    # emulated nodes measure Gloo over the veths: NCCL would join one machine's GPUs directly
+    assert BenchConfig(workers=2, nodes=2).resolved_backend == "gloo"
+    with pytest.raises(ValueError, match="bypassing the shaped node uplinks"):
+        BenchConfig(workers=2, nodes=2, backend="nccl").resolved_backend
 
 
 def test_hierarchy_goes_to_every_pycomm_method_only(monkeypatch):
