@@ -226,6 +226,9 @@ def _emulate_nodes(cfg: BenchConfig, network: dict[str, Any]) -> Optional[Emulat
     reason = shaping_unavailable_reason()
     if reason is None:
         rate = cfg.bandwidth if cfg.shape else None
+        unshaped_reason = None
+        if rate is None:
+            unshaped_reason = "no bandwidth requested" if cfg.bandwidth is None else "shaping turned off (--no-shape)"
         try:
             nodes = EmulatedNodes(cfg.nodes or 1, rate, cfg.delay).create()
         except RuntimeError as e:
@@ -234,8 +237,7 @@ def _emulate_nodes(cfg: BenchConfig, network: dict[str, Any]) -> Optional[Emulat
             network.update(emulated_nodes=True, topology=nodes.describe(), shaped=rate is not None,
                            qdisc=next(iter(nodes.qdiscs.values()), None),  # all uplinks alike
                            delay_applied=nodes.delay_applied, delay_note=nodes.delay_note,
-                           unshaped_reason=None if rate is not None else "no bandwidth requested"
-                           if cfg.bandwidth is None else "shaping turned off (--no-shape)")
+                           unshaped_reason=unshaped_reason)
             return nodes
     network["nodes_note"] = (f"cannot emulate {cfg.nodes} nodes ({reason}): ran all {cfg.workers} workers on one "
                              "machine instead")
