@@ -25,7 +25,7 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from pycomm.bench.config import MODELS, BenchConfig
+from pycomm.bench.config import HIERARCHIES, MODELS, BenchConfig
 from pycomm.bench.demo import DEMO_BANDWIDTH, DEMO_METHODS, DEMO_STEPS
 from pycomm.bench.e2e import run_e2e
 from pycomm.bench.methods import DEFAULT_METHODS, METHODS
@@ -65,6 +65,9 @@ def _checked_by(parse: Callable[[str], object]) -> Callable[[str], str]:
     return check
 
 
+#: Worker processes when --workers is not given (and --nodes is not).
+DEFAULT_WORKERS: int = 4
+
 _rate = _checked_by(parse_rate)
 _delay = _checked_by(parse_delay)
 
@@ -92,7 +95,8 @@ def _add_run_options(parser: argparse.ArgumentParser, *, methods: Sequence[str],
 def _add_common_options(parser: argparse.ArgumentParser, *, methods: Sequence[str], steps: Optional[int],
                         steps_help: str = "steps per method", steps_default: Optional[str] = None) -> None:
     """The options that say what is trained, shared by every command."""
-    parser.add_argument("--workers", type=_positive_int, default=4, help="DDP worker processes (default: 4)")
+    parser.add_argument("--workers", type=_positive_int, default=DEFAULT_WORKERS,
+                        help=f"DDP worker processes (default: {DEFAULT_WORKERS})")
     parser.add_argument("--steps", type=_positive_int, default=steps,
                         help=f"{steps_help} (default: {steps_default or steps})")
     parser.add_argument("--methods", type=_method_list, default=list(methods),
@@ -100,6 +104,42 @@ def _add_common_options(parser: argparse.ArgumentParser, *, methods: Sequence[st
     parser.add_argument("--batch-size", type=_positive_int, default=None,
                         help="sequences per worker per step (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed of weights and data (default: 0)")
+
+
+def _add_node_options(parser: argparse.ArgumentParser) -> None:
+    """The multi-node options of ``e2e``: emulated nodes, each running its processes under torchrun."""
+    group = parser.add_argument_group("emulated nodes")
+    group.add_argument("--nodes", type=_positive_int, default=None,
+                       help="emulate N nodes (network namespaces on a bridge, root on Linux), one torchrun each with "
+                       "a c10d rendezvous; --bandwidth and --delay shape each node's uplink; without root, run all "
+                       "workers on one machine and say so")
+    group.add_argument("--nproc-per-node", type=_positive_int, default=None,
+                       help="processes per node (default: --workers / --nodes, or 1); --workers becomes "
+                       "nodes x nproc-per-node")
+    group.add_argument("--hierarchy", choices=HIERARCHIES, default=None,
+                       help="pass hierarchy=VALUE to every pycomm method's pycomm.register (default: not passed, "
+                       "the method's flat default); PyTorch's own hooks are unaffected")
+
+
+def _resolve_workers(args: argparse.Namespace) -> tuple[int, Optional[int]]:
+    """``(workers, nodes)`` from --workers, --nodes and --nproc-per-node.
+
+    Raises:
+        ValueError: when they disagree (with both numbers).
+    """
+    nodes, nproc = getattr(args, "nodes", None), getattr(args, "nproc_per_node", None)
+    if nodes is None:
+        if nproc is not None:
+            raise ValueError("--nproc-per-node needs --nodes")
+        return args.workers or DEFAULT_WORKERS, None
+    if nproc is None:
+        if args.workers is not None and args.workers % nodes:
+            raise ValueError(f"--workers {args.workers} is not a multiple of --nodes {nodes}")
+        nproc = args.workers // nodes if args.workers is not None else 1
+    if args.workers is not None and args.workers != nodes * nproc:
+        raise ValueError(f"--workers {args.workers} disagrees with --nodes {nodes} x --nproc-per-node {nproc} "
+                         f"= {nodes * nproc} (give one or the other)")
+    return nodes * nproc, nodes
 
 
 def _add_process_options(parser: argparse.ArgumentParser) -> None:
@@ -116,15 +156,16 @@ def _add_process_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _config(args: argparse.Namespace, model: str) -> BenchConfig:
-    return BenchConfig(workers=args.workers, steps=args.steps, model=model, batch_size=args.batch_size,
-                       seed=args.seed, bandwidth=args.bandwidth, delay=args.delay, shape=not args.no_shape,
-                       stall_timeout_s=args.stall_timeout, start_timeout_s=args.start_timeout, backend=args.backend,
-                       gloo_threads=args.gloo_threads)
+    workers, nodes = _resolve_workers(args)
+    return BenchConfig(workers=workers, nodes=nodes, hierarchy=getattr(args, "hierarchy", None), steps=args.steps,
+                       model=model, batch_size=args.batch_size, seed=args.seed, bandwidth=args.bandwidth,
+                       delay=args.delay, shape=not args.no_shape, stall_timeout_s=args.stall_timeout,
+                       start_timeout_s=args.start_timeout, backend=args.backend, gloo_threads=args.gloo_threads)
 
 
 def _run(args: argparse.Namespace, model: str, title: str) -> int:
-    config = _config(args, model)
     try:
+        config = _config(args, model)
         config.resolved_backend  # e.g. NCCL with fewer GPUs than workers: say so before starting anything
     except ValueError as e:
         print(f"{title}: error: {e}", file=sys.stderr)
@@ -164,6 +205,9 @@ def _add_bench(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     )
     _add_model_option(e2e)
     _add_run_options(e2e, methods=DEFAULT_METHODS, steps=None, bandwidth=None)
+    _add_node_options(e2e)
+    # None: not given, so that --nodes x --nproc-per-node can be checked against an explicit --workers
+    e2e.set_defaults(workers=None)
     tta_options = e2e.add_argument_group("time to accuracy (with --tta)")
     tta_options.add_argument("--tta", action="store_true",
                              help="run the time-to-accuracy mode (`pycomm bench tta`): curves unshaped, s/step per "
@@ -201,6 +245,10 @@ def _run_e2e_or_tta(args: argparse.Namespace) -> int:
         if args.steps is None:
             args.steps = BenchConfig.steps
         return _run(args, args.model, "pycomm bench e2e")
+    if args.nodes is not None or args.nproc_per_node is not None or args.hierarchy is not None:
+        print("pycomm bench e2e --tta: error: --nodes, --nproc-per-node and --hierarchy are for e2e runs, not --tta",
+              file=sys.stderr)
+        return 2
     if args.bandwidth is not None:
         print("pycomm bench e2e --tta: error: --tta times every rate of --bandwidths; --bandwidth is for a single "
               "shaped run", file=sys.stderr)
@@ -212,9 +260,10 @@ def _run_e2e_or_tta(args: argparse.Namespace) -> int:
 
 
 def _run_tta(args: argparse.Namespace, title: str = "pycomm bench tta") -> int:
-    config = BenchConfig(workers=args.workers, steps=args.steps, model=args.model, batch_size=args.batch_size,
-                         seed=args.seed, delay=args.delay, stall_timeout_s=args.stall_timeout,
-                         start_timeout_s=args.start_timeout, backend=args.backend, gloo_threads=args.gloo_threads)
+    config = BenchConfig(workers=args.workers or DEFAULT_WORKERS, steps=args.steps, model=args.model,
+                         batch_size=args.batch_size, seed=args.seed, delay=args.delay,
+                         stall_timeout_s=args.stall_timeout, start_timeout_s=args.start_timeout,
+                         backend=args.backend, gloo_threads=args.gloo_threads)
     plot = args.plot
     if plot is None and args.json:
         plot = (args.json[:-5] if args.json.endswith(".json") else args.json) + "_loss_vs_time.png"

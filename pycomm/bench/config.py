@@ -14,7 +14,7 @@ import torch.distributed as dist
 from pycomm.bench.models import ByteMLP, CharTransformer, ModelConfig
 from pycomm.bench.netns import parse_rate
 
-__all__ = ["ModelSpec", "MODELS", "SGD_LR", "SPSA_LR", "SPSA_EPS", "BenchConfig"]
+__all__ = ["ModelSpec", "MODELS", "HIERARCHIES", "SGD_LR", "SPSA_LR", "SPSA_EPS", "BenchConfig"]
 
 
 @dataclass(frozen=True)
@@ -38,6 +38,9 @@ class ModelSpec:
     batch_size: int
     learning_rates: Mapping[str, float]
 
+
+#: Values of :attr:`BenchConfig.hierarchy` (the hooks' ``hierarchy=`` argument).
+HIERARCHIES: tuple[str, ...] = ("flat", "node", "auto")
 
 #: Peak learning rate of the SGD methods on the ``lm`` model (``allreduce-sgd`` and ``dgc``), tuned for
 #: allreduce-sgd on the former demo run (200 steps, 4 workers, clipping at 1.0).
@@ -100,6 +103,11 @@ class BenchConfig:
         stall_timeout_s: a method is killed and reported failed when no step finishes for
             ``max(stall_timeout_s, 3 x its mean step time so far)``.
         gloo_threads: worker threads of each Gloo process group; None keeps PyTorch's default (2).
+        nodes: emulate this many nodes (:class:`pycomm.bench.node_network.EmulatedNodes`, root on Linux), each
+            running ``workers // nodes`` processes under ``torchrun``; ``bandwidth`` and ``delay`` then shape each
+            node's uplink. None: all workers on one machine, as before.
+        hierarchy: passed as ``hierarchy=<value>`` to every pycomm method's ``pycomm.register`` (``"flat"``,
+            ``"node"`` or ``"auto"``); None passes nothing (the method's default). PyTorch's own hooks ignore it.
     """
 
     workers: int = 4
@@ -122,6 +130,8 @@ class BenchConfig:
     start_timeout_s: float = 300.0
     stall_timeout_s: float = 60.0
     gloo_threads: Optional[int] = None
+    nodes: Optional[int] = None
+    hierarchy: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -138,11 +148,21 @@ class BenchConfig:
             parse_rate(self.bandwidth)
         if self.start_timeout_s <= 0 or self.stall_timeout_s <= 0:
             raise ValueError("start_timeout_s and stall_timeout_s must be positive")
+        if self.nodes is not None and (self.nodes < 1 or self.workers % self.nodes != 0):
+            raise ValueError(f"nodes must be >= 1 and divide workers (each node runs workers // nodes processes), "
+                             f"got nodes={self.nodes}, workers={self.workers}")
+        if self.hierarchy is not None and self.hierarchy not in HIERARCHIES:
+            raise ValueError(f"hierarchy must be one of {', '.join(HIERARCHIES)} or None, got {self.hierarchy!r}")
 
     @property
     def model_spec(self) -> ModelSpec:
         """The :class:`ModelSpec` of :attr:`model`."""
         return MODELS[self.model]
+
+    @property
+    def nproc_per_node(self) -> int:
+        """Processes per (emulated) node: ``workers // nodes``, or ``workers`` on one machine."""
+        return self.workers // (self.nodes or 1)
 
     @property
     def batch(self) -> int:
@@ -168,11 +188,22 @@ class BenchConfig:
     def resolved_backend(self) -> str:
         """``gloo`` or ``nccl``: what ``backend="auto"`` means here.
 
+        With :attr:`nodes` it is always ``gloo`` (see the error below).
+
         Raises:
             ValueError: ``backend="nccl"`` on a machine without NCCL or with fewer CUDA GPUs than
-                workers (NCCL cannot put two ranks on one GPU: rank r would share GPU r % count).
+                workers (NCCL cannot put two ranks on one GPU: rank r would share GPU r % count),
+                or with :attr:`nodes` (NCCL would bypass the emulated uplinks).
         """
         gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if self.nodes is not None:
+            # NCCL sees one host and would join the emulated nodes' GPUs over NVLink or shared memory, not the
+            # shaped uplinks: the emulation measures Gloo over the veths
+            if self.backend == "nccl":
+                raise ValueError("backend='nccl' with emulated nodes: NCCL would connect the GPUs of one machine "
+                                 "directly (NVLink, PCIe, shared memory), bypassing the shaped node uplinks; use "
+                                 "backend='gloo' (or 'auto', which picks Gloo with nodes)")
+            return "gloo"
         if self.backend == "nccl":
             if not dist.is_nccl_available():
                 raise ValueError("backend='nccl' needs a torch built with NCCL; this one has none "

@@ -24,6 +24,15 @@ How a run works
   Where shaping is not allowed the run is unshaped, the table says so, and the
   column ``est. link s/step`` gives the time the counted bytes would take on
   such a shared link (``W * bytes/worker/step * 8 / rate``).
+* With ``nodes`` set (``--nodes N --nproc-per-node M``) and namespaces allowed, the
+  harness emulates N nodes (:class:`pycomm.bench.node_network.EmulatedNodes`: a
+  namespace per node with one veth uplink onto a bridge, addresses 198.18.0.i,
+  each uplink shaped to ``bandwidth`` in both directions) and starts one
+  ``torchrun --nnodes N --nproc-per-node M --rdzv-backend c10d`` per node
+  (:func:`pycomm.bench.launcher.torchrun_command`), with ``GLOO_SOCKET_IFNAME=eth0``.
+  Ranks of one node talk over its loopback, unshaped. Where namespaces are not
+  allowed the run says that it cannot emulate nodes and runs the N*M workers on
+  one machine, as without ``nodes``.
 * Every method trains the same model from the same initial weights on the same
   batches for ``steps`` steps with its own optimizer (:attr:`MethodSpec.optimizer`),
   at the model's learning rate for that optimizer (:attr:`ModelSpec.learning_rates`).
@@ -44,6 +53,14 @@ What is measured, per method
   and Gloo overhead; ``mean_wire_bytes_per_worker_per_step`` is the whole
   loop's total over workers and steps (compare it with
   ``mean_bytes_per_worker_per_step``).
+* ``inter_node_bytes_per_node_per_step`` (emulated nodes only): the bytes that
+  crossed the inter-node link per node per step: the node's uplink tx bytes
+  (``/sys/class/net/eth0/statistics/tx_bytes`` read inside the node's namespace
+  by its local rank 0 before the loop and after every step; payload plus the
+  TCP/IP and Ethernet headers of the packets handed to the veth), mean over
+  nodes, median over steps; ``mean_inter_node_bytes_per_node_per_step`` is the
+  loop's total over nodes and steps. On emulated nodes the wire bytes per worker
+  are each node's ``lo`` plus ``eth0`` tx bytes, summed over nodes, over workers.
 * ``compression_ratio``: an fp32 ring all-reduce's bytes over the counted bytes.
 * ``final_loss``: mean training loss of the last ``final_window`` steps (mean
   over ranks); ``eval_loss`` and ``eval_accuracy`` (next-byte top-1) on a fixed
@@ -65,6 +82,7 @@ from pycomm.bench.config import BenchConfig
 from pycomm.bench.launcher import empty_result, run_pool, signals_raise_keyboard_interrupt, unavailable_reason
 from pycomm.bench.methods import DEFAULT_METHODS, METHODS, MethodSpec
 from pycomm.bench.netns import ShapedNamespace, parse_rate, shaping_unavailable_reason
+from pycomm.bench.node_network import EmulatedNodes
 from pycomm.bench.report import format_table, network_line, progress_line, publish, write_plots
 
 __all__ = ["run_e2e"]
@@ -108,8 +126,11 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
         ``step_time_s``, ``bytes_per_worker_per_step``,
         ``wire_bytes_per_worker_per_step`` (None when unshaped),
         ``compression_ratio``, ``final_loss``, ``eval_loss``, ``eval_accuracy``,
-        ``shaped``, ``estimated_link_s_per_step`` (None without a bandwidth)
-        and the per-step curves (see the module docstring).
+        ``shaped``, ``estimated_link_s_per_step`` (None without a bandwidth),
+        ``inter_node_bytes_per_node_per_step`` (None unless nodes were emulated)
+        and the per-step curves (see the module docstring). With ``config.nodes``,
+        ``network`` also has ``nodes``, ``nproc_per_node``, ``emulated_nodes``
+        (whether the nodes were emulated), ``nodes_note`` (why not) and ``topology``.
 
     Raises:
         ValueError: on an unknown method or bad settings.
@@ -128,11 +149,19 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
         "shaped": False, "unshaped_reason": None, "namespace": None, "qdisc": None, "delay_applied": False,
         "delay_note": None,
     }
+    if cfg.nodes is not None:
+        network.update(nodes=cfg.nodes, nproc_per_node=cfg.nproc_per_node, hierarchy=cfg.hierarchy,
+                       emulated_nodes=False, nodes_note=None, topology=None)
     results: list[dict[str, Any]] = []
     net: Optional[ShapedNamespace] = None
+    nodes: Optional[EmulatedNodes] = None
     with signals_raise_keyboard_interrupt(), tempfile.TemporaryDirectory(prefix="pycomm-e2e-") as run_root:
         try:
-            if cfg.bandwidth is None:
+            if cfg.nodes is not None:
+                nodes = _emulate_nodes(cfg, network)
+            if nodes is not None:
+                pass  # the node uplinks are the shaped links
+            elif cfg.bandwidth is None:
                 network["unshaped_reason"] = "no bandwidth requested"
             elif not cfg.shape:
                 network["unshaped_reason"] = "shaping turned off (--no-shape)"
@@ -172,13 +201,15 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
                     runnable.append((index, name, spec))
                 else:
                     result = empty_result(name, spec, cfg, "unavailable", reason)
-                    result["shaped"] = net is not None
+                    result["shaped"] = net is not None or bool(network["shaped"])
                     on_result(index, result)
-            run_pool(runnable, cfg, net, run_root, log_level, on_start, on_result)
+            run_pool(runnable, cfg, net, run_root, log_level, on_start, on_result, nodes=nodes)
             results = [r for r in slots if r is not None]
         finally:
             if net is not None:
                 net.remove()
+            if nodes is not None:
+                nodes.remove()
     report = {"config": cfg.to_dict(), "network": network, "results": results}
     publish(report, format_table(results, network), json_path, markdown_path, verbose, stream)
     if plot_prefix:
@@ -186,3 +217,28 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
             if verbose:
                 print(f"wrote {path}", file=stream, flush=True)
     return report
+
+
+def _emulate_nodes(cfg: BenchConfig, network: dict[str, Any]) -> Optional[EmulatedNodes]:
+    """Build ``cfg.nodes`` emulated nodes with uplinks shaped to ``cfg.bandwidth`` (unshaped without one, or with
+    ``shape`` off) and record them in ``network``; None, with the reason in ``network["nodes_note"]``, where
+    namespaces cannot be made (the run then goes on with all workers on one machine)."""
+    reason = shaping_unavailable_reason()
+    if reason is None:
+        rate = cfg.bandwidth if cfg.shape else None
+        unshaped_reason = None
+        if rate is None:
+            unshaped_reason = "no bandwidth requested" if cfg.bandwidth is None else "shaping turned off (--no-shape)"
+        try:
+            nodes = EmulatedNodes(cfg.nodes or 1, rate, cfg.delay).create()
+        except RuntimeError as e:
+            reason = f"creating them failed: {e}"
+        else:
+            network.update(emulated_nodes=True, topology=nodes.describe(), shaped=rate is not None,
+                           qdisc=next(iter(nodes.qdiscs.values()), None),  # all uplinks alike
+                           delay_applied=nodes.delay_applied, delay_note=nodes.delay_note,
+                           unshaped_reason=unshaped_reason)
+            return nodes
+    network["nodes_note"] = (f"cannot emulate {cfg.nodes} nodes ({reason}): ran all {cfg.workers} workers on one "
+                             "machine instead")
+    return None

@@ -2,7 +2,9 @@
 failure reasons.
 
 The harness starts ``python -m pycomm.bench.launcher --launch SPEC`` in a new session; that
-launcher forks (or, for NCCL, spawns) the workers of :mod:`pycomm.bench.worker`.
+launcher forks (or, for NCCL, spawns) the workers of :mod:`pycomm.bench.worker`. On emulated nodes
+(:class:`pycomm.bench.node_network.EmulatedNodes`) it starts instead one ``torchrun`` per node namespace, the way
+a user launches on a cluster (:func:`torchrun_command`), each running ``python -m pycomm.bench.worker --spec SPEC``.
 """
 
 from __future__ import annotations
@@ -19,12 +21,14 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 from pycomm.bench.config import BenchConfig
 from pycomm.bench.methods import MethodSpec
 from pycomm.bench.netns import ShapedNamespace
-from pycomm.bench.worker import free_port, worker_main
+from pycomm.bench.node_network import NODE_INTERFACE, EmulatedNodes
+from pycomm.bench.worker import NODE_ENV, free_port, worker_main
 
 logger = logging.getLogger(__name__)
 
@@ -82,20 +86,53 @@ def _kill_group(proc: subprocess.Popen, grace_s: float = 3.0) -> None:
 
 
 _ERROR_LINE = re.compile(r"^\s*([A-Za-z_][\w.:]*(Error|Exception|Interrupt|EnforceNotMet)\b.*)$")
+_RANK_PREFIX = re.compile(r"^\[(rank|default)\d+\]:")
 _ABORT_LINE = re.compile(r"^\s*((terminate called|  what\(\)).*)$")
 
 
 def _failure_reason(log_text: str, returncode: Optional[int]) -> str:
     """The most telling lines of a failed launcher's output: the worker's exception (or C++ abort message)."""
-    lines = [line for line in log_text.splitlines() if line.strip()]
+    # torchrun's workers print their tracebacks as "[rank3]: ..."
+    lines = [_RANK_PREFIX.sub("", line) for line in log_text.splitlines() if line.strip()]
     errors = [m.group(1) for line in lines if (m := _ERROR_LINE.match(line))]
     aborts = [m.group(1).strip() for line in lines if (m := _ABORT_LINE.match(line))]
-    # torch.multiprocessing wraps a worker's exception; the innermost line names the real one
-    interesting = [e for e in errors if not e.startswith("torch.multiprocessing")]
+    # torch.multiprocessing and torchrun wrap a worker's exception; the innermost line names the real one
+    interesting = [e for e in errors if not e.startswith(("torch.multiprocessing", "torch.distributed.elastic"))]
     tail = (interesting or errors or lines[-1:] or ["no output"])[-1]
     if aborts and not interesting:  # a worker died on a C++ exception: say which, then how the launcher saw it
         tail = f"{' '.join(aborts[-2:])} ({tail})"
     return f"worker crashed (exit code {returncode}): {tail[:500]}"
+
+
+_CONSEQUENTIAL = re.compile(r"[Cc]onnection|closed by peer|[Tt]imed? ?out|[Bb]roken pipe|SIGTERM|SIGKILL|signal")
+
+
+def _nodes_failure_reason(log_texts: Sequence[str], returncodes: Sequence[Optional[int]]) -> str:
+    """The failure of a run on emulated nodes: the first node's reason that is not a consequence of another
+    node's failure (a peer's lost connection, a time-out, torchrun's signal), else node 0's."""
+    reasons = [_failure_reason(text, code) for text, code in zip(log_texts, returncodes)]
+    first = next((r for r in reasons if not _CONSEQUENTIAL.search(r)), reasons[0])
+    return first
+
+
+def torchrun_command(nodes: EmulatedNodes, node: int, nproc_per_node: int, port: int, run_id: str,
+                     spec_path: str) -> list[str]:
+    """The command that starts node ``node``'s processes inside its namespace, as on a cluster:
+    ``torchrun --nnodes N --nproc-per-node M --node-rank i --rdzv-backend c10d --rdzv-endpoint <node 0>:<port>``.
+
+    Two settings make the c10d rendezvous work when all namespaces share one host name:
+    ``--rdzv-conf is_host=1`` on node 0 only (torch otherwise decides who hosts the rendezvous store by matching
+    the endpoint against the machine's host name and its addresses, and the host name resolves to 127.0.0.1
+    here, so no node would host it), and ``--local-addr`` with the node's address (torch otherwise publishes
+    ``socket.getfqdn()`` as MASTER_ADDR for the workers' process-group store, which the other nodes cannot
+    reach). With the c10d backend the node's group rank is given by the rendezvous and may differ from
+    ``--node-rank``; the workers use torchrun's RANK, and report the namespace in ``PYCOMM_BENCH_NODE``.
+    """
+    return ["ip", "netns", "exec", nodes.names[node], sys.executable, "-m", "torch.distributed.run",
+            "--nnodes", str(nodes.nodes), "--nproc-per-node", str(nproc_per_node), "--node-rank", str(node),
+            "--rdzv-backend", "c10d", "--rdzv-endpoint", f"{nodes.addresses[0]}:{port}", "--rdzv-id", run_id,
+            "--rdzv-conf", f"is_host={1 if node == 0 else 0}", "--local-addr", nodes.addresses[node],
+            "--max-restarts", "0", "-m", "pycomm.bench.worker", "--spec", spec_path]
 
 
 def unavailable_reason(spec: MethodSpec) -> Optional[str]:
@@ -121,7 +158,9 @@ def empty_result(name: str, spec: MethodSpec, cfg: BenchConfig, status: str, rea
         "optimizer": spec.optimizer, "lr": spec.base_lr(cfg), "eps": spec.eps if spec.zeroth_order else None,
         "workers": cfg.workers, "steps": cfg.steps, "step_time_s": None, "bytes_per_worker_per_step": None,
         "mean_bytes_per_worker_per_step": None, "wire_bytes_per_worker_per_step": None,
-        "mean_wire_bytes_per_worker_per_step": None,
+        "mean_wire_bytes_per_worker_per_step": None, "inter_node_bytes_per_node_per_step": None,
+        "mean_inter_node_bytes_per_node_per_step": None, "rank_nodes": None,
+        "param_checksums": None,
         "fp32_allreduce_bytes_per_step": None, "compression_ratio": None, "initial_loss": None, "final_loss": None,
         "eval_loss": None, "eval_accuracy": None, "collective_calls_per_step": None, "wall_s": None,
         "replicas_in_sync": None, "loss_curve": [], "step_time_curve_s": [], "bytes_curve": [],
@@ -140,38 +179,52 @@ def _read_progress(path: str) -> tuple[int, int, float]:
 
 def run_pool(pending: list[tuple[int, str, MethodSpec]], cfg: BenchConfig, net: Optional[ShapedNamespace],
              run_root: str, log_level: Optional[int],
-             on_start: Callable[[int], None], on_result: Callable[[int, dict[str, Any]], None]) -> None:
-    """Run the methods in worker pools: one launcher runs them in turn; a crash or a stall fails the running
-    method, kills the whole pool, and a fresh pool takes the rest."""
+             on_start: Callable[[int], None], on_result: Callable[[int, dict[str, Any]], None],
+             nodes: Optional[EmulatedNodes] = None) -> None:
+    """Run the methods in worker pools: one launcher (or, on emulated ``nodes``, one torchrun per node) runs them
+    in turn; a crash or a stall fails the running method, kills the whole pool, and a fresh pool takes the rest."""
     package_root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     # the launcher sees this process's sys.path (as multiprocessing's spawn does), so that methods defined in
     # the caller's modules unpickle there
     paths = [package_root, *(p for p in sys.path if p), os.environ.get("PYTHONPATH", "")]
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(dict.fromkeys(p for p in paths if p)))
+    shaped = net is not None or (nodes is not None and nodes.rate is not None)
     pending = list(pending)
     while pending:
         run_dir = tempfile.mkdtemp(prefix="pool-", dir=run_root)
         spec_path = os.path.join(run_dir, "launch.pkl")
         with open(spec_path, "wb") as fh:
-            pickle.dump((cfg, pending, run_dir, net is not None, log_level), fh)
-        command = (net.exec_prefix() if net is not None else []) + [
-            sys.executable, "-m", "pycomm.bench.launcher", "--launch", spec_path]
-        log_path = os.path.join(run_dir, "launcher.log")
+            pickle.dump((cfg, pending, run_dir, net is not None or nodes is not None, log_level), fh)
+        if nodes is None:
+            commands = [(net.exec_prefix() if net is not None else []) + [
+                sys.executable, "-m", "pycomm.bench.launcher", "--launch", spec_path]]
+            envs = [env]
+        else:
+            port, run_id = free_port(), f"pycomm-{uuid.uuid4().hex[:8]}"
+            commands = [torchrun_command(nodes, i, cfg.nproc_per_node, port, run_id, spec_path)
+                        for i in range(nodes.nodes)]
+            # Gloo connects over the veth; to a rank of the same node that is the node's own address, i.e. lo
+            envs = [dict(env, GLOO_SOCKET_IFNAME=NODE_INTERFACE, **{NODE_ENV: str(i)}) for i in range(nodes.nodes)]
+        log_paths = [os.path.join(run_dir, "launcher.log" if len(commands) == 1 else f"node{i}.log")
+                     for i in range(len(commands))]
         progress_path = os.path.join(run_dir, "progress")
-        with open(log_path, "w", encoding="utf-8") as log:
-            proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
+        procs: list[subprocess.Popen] = []
         failure: Optional[str] = None
         try:
+            for command, log_path, proc_env in zip(commands, log_paths, envs):
+                with open(log_path, "w", encoding="utf-8") as log:
+                    procs.append(subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
+                                                  start_new_session=True, env=proc_env))
             on_start(pending[0][0])
             started = last_change = time.monotonic()
             seen, mean_step = 0, 0.0
             while True:
-                exited = proc.poll() is not None
+                exited = any(proc.poll() is not None for proc in procs)
                 while pending and os.path.exists(os.path.join(run_dir, f"result_{pending[0][0]}.json")):
                     index = pending.pop(0)[0]
                     with open(os.path.join(run_dir, f"result_{index}.json"), encoding="utf-8") as fh:
                         result = json.load(fh)
-                    result["shaped"] = net is not None
+                    result["shaped"] = shaped
                     on_result(index, result)
                     if pending:
                         on_start(pending[0][0])
@@ -194,16 +247,23 @@ def run_pool(pending: list[tuple[int, str, MethodSpec]], cfg: BenchConfig, net: 
                     failure = f"no progress for {limit:.0f} s after step {seen} of {cfg.steps} (hung; killed)"
                     break
         finally:
-            _kill_group(proc)
+            for proc in procs:
+                _kill_group(proc)
+            if nodes is not None:  # torchrun starts its workers in sessions of their own
+                nodes.kill_processes()
         if not pending:
             break
-        with open(log_path, encoding="utf-8", errors="replace") as fh:
-            log_text = fh.read()
+        log_texts = []
+        for log_path in log_paths:
+            with open(log_path, encoding="utf-8", errors="replace") as fh:
+                log_texts.append(fh.read())
+        log_text = "\n".join(log_texts)
         index, name, spec = pending.pop(0)
-        reason = failure or _failure_reason(log_text, proc.returncode)
+        reason = failure or (_failure_reason(log_text, procs[0].returncode) if nodes is None else
+                             _nodes_failure_reason(log_texts, [proc.returncode for proc in procs]))
         logger.info("%s failed; launcher output:\n%s", name, log_text[-4000:])
         result = empty_result(name, spec, cfg, "failed", reason)
-        result["shaped"] = net is not None
+        result["shaped"] = shaped
         on_result(index, result)
 
 

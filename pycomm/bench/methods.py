@@ -186,6 +186,8 @@ def _attach_pycomm(name: str, kwargs: Mapping[str, Any],
     options = dict(kwargs)
     if config_options is not None:
         options.update(config_options(cfg))
+    if cfg.hierarchy is not None:  # the run's --hierarchy, for every pycomm method alike
+        options["hierarchy"] = cfg.hierarchy
     return pycomm.register(ddp, name, **options)
 
 

@@ -43,6 +43,7 @@ __all__ = [
     "parse_delay",
     "shaping_unavailable_reason",
     "read_tx_bytes",
+    "shape_device",
     "ShapedNamespace",
     "remove_namespace",
 ]
@@ -119,6 +120,44 @@ def read_tx_bytes(interface: str = "lo") -> int:
 
 def _run(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, check=False)
+
+
+def _check(done: subprocess.CompletedProcess, what: str) -> None:
+    if done.returncode != 0:
+        raise RuntimeError(f"{what} failed: {done.stderr.strip()}")
+
+
+def shape_device(exec_prefix: list[str], device: str, rate: str, delay: Optional[str] = None, *,
+                 burst: str = "256kb", latency: str = "50ms") -> tuple[bool, Optional[str], str]:
+    """Limit the egress of ``device`` (run through ``exec_prefix``, e.g. ``ip netns exec NAME``) to ``rate`` with a
+    tbf, under a netem ``delay`` where the kernel has netem.
+
+    Returns:
+        ``(delay_applied, delay_note, qdisc)``: whether the delay is in effect, why a requested delay is not
+        (None otherwise), and the qdisc lines as ``tc qdisc show`` prints them.
+
+    Raises:
+        RuntimeError: when a tc command fails (with its message).
+    """
+    def inside(*args: str) -> subprocess.CompletedProcess:
+        return _run(exec_prefix + list(args))
+
+    tbf = ["tbf", "rate", rate, "burst", burst, "latency", latency]
+    delay_applied, delay_note = False, None
+    if delay:
+        # netem delays every packet, the tbf under it limits the rate
+        netem = inside("tc", "qdisc", "add", "dev", device, "root", "handle", "1:", "netem", "delay", delay,
+                       "limit", "100000")
+        if netem.returncode == 0:
+            _check(inside("tc", "qdisc", "add", "dev", device, "parent", "1:1", "handle", "10:", *tbf),
+                   f"tc qdisc add tbf on {device} (under netem)")
+            delay_applied = True
+        else:
+            delay_note = f"delay {delay} not applied: netem unavailable ({netem.stderr.strip()})"
+            logger.warning("%s", delay_note)
+    if not delay_applied:
+        _check(inside("tc", "qdisc", "add", "dev", device, "root", *tbf), f"tc qdisc add tbf on {device}")
+    return delay_applied, delay_note, inside("tc", "qdisc", "show", "dev", device).stdout.strip()
 
 
 def _namespace_pids(name: str) -> list[int]:
@@ -198,21 +237,8 @@ class ShapedNamespace:
         self._created = True
         try:
             self._check(self._inside("ip", "link", "set", "lo", "up"), "ip link set lo up")
-            tbf = ["tbf", "rate", self.rate, "burst", self.burst, "latency", self.latency]
-            if self.delay:
-                # netem delays every packet, the tbf under it limits the rate
-                netem = self._inside("tc", "qdisc", "add", "dev", "lo", "root", "handle", "1:", "netem",
-                                     "delay", self.delay, "limit", "100000")
-                if netem.returncode == 0:
-                    self._check(self._inside("tc", "qdisc", "add", "dev", "lo", "parent", "1:1", "handle", "10:",
-                                             *tbf), "tc qdisc add tbf (under netem)")
-                    self.delay_applied = True
-                else:
-                    self.delay_note = f"delay {self.delay} not applied: netem unavailable ({netem.stderr.strip()})"
-                    logger.warning("%s", self.delay_note)
-            if not self.delay_applied:
-                self._check(self._inside("tc", "qdisc", "add", "dev", "lo", "root", *tbf), "tc qdisc add tbf")
-            self.qdisc = self._inside("tc", "qdisc", "show", "dev", "lo").stdout.strip()
+            self.delay_applied, self.delay_note, self.qdisc = shape_device(
+                self.exec_prefix(), "lo", self.rate, self.delay, burst=self.burst, latency=self.latency)
         except BaseException:
             self.remove()
             raise
@@ -221,8 +247,7 @@ class ShapedNamespace:
 
     @staticmethod
     def _check(done: subprocess.CompletedProcess, what: str) -> None:
-        if done.returncode != 0:
-            raise RuntimeError(f"{what} failed: {done.stderr.strip()}")
+        _check(done, what)
 
     def pids(self) -> list[int]:
         """Ids of the processes inside the namespace."""

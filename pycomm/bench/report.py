@@ -27,6 +27,8 @@ def progress_line(index: int, total: int, r: Mapping[str, Any]) -> str:
         return f"[{index}/{total}] {r['method']:<15} {r['status'].upper()}: {r['reason']}"
     wire = r.get("wire_bytes_per_worker_per_step")
     wire_text = f", wire {wire:,.0f} B" if wire is not None else ""
+    inter = r.get("inter_node_bytes_per_node_per_step")
+    wire_text += f", inter-node {inter:,.0f} B/node" if inter is not None else ""
     sync = "" if r["replicas_in_sync"] else ", REPLICAS DIVERGED"
     return (f"[{index}/{total}] {r['method']:<15} loss {r['initial_loss']:.3f} -> {r['final_loss']:.3f} "
             f"(eval {r['eval_loss']:.3f}, acc {r['eval_accuracy']:.3f}), {r['step_time_s']:.3f} s/step, "
@@ -58,10 +60,14 @@ def format_table(results: Sequence[Mapping[str, Any]], network: Optional[Mapping
     lines: list[str] = []
     if network is not None:
         lines += [network_line(network), ""]
+    # on emulated nodes, the bytes that crossed each node's uplink go next to the counted bytes per rank
+    inter = bool(network and network.get("emulated_nodes")) or any(
+        r.get("inter_node_bytes_per_node_per_step") is not None for r in results)
     lines += [
         "| method | optimizer | final loss | eval loss | eval acc | s/step | speed vs allreduce | "
-        "bytes/worker/step | wire bytes/worker/step | compression vs fp32 | est. link s/step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        f"bytes/worker/step | {'inter-node bytes/node/step | ' if inter else ''}wire bytes/worker/step | "
+        "compression vs fp32 | est. link s/step |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if inter else ""),
     ]
     baseline = next((r["step_time_s"] for r in results if r["method"] == "allreduce" and r["status"] == "ok"), None)
     used: list[str] = []
@@ -72,7 +78,7 @@ def format_table(results: Sequence[Mapping[str, Any]], network: Optional[Mapping
         if r["status"] != "ok":
             reason = " ".join(str(r["reason"]).split()).replace("|", "\\|")
             lines.append(f"| {r['method']} | {optimizer}{lr}{eps} | {r['status']}: {reason} "
-                         "| | | | | | | | |")
+                         "| | | | | | | | |" + (" |" if inter else ""))
             continue
         if optimizer not in used:
             used.append(optimizer)
@@ -82,7 +88,8 @@ def format_table(results: Sequence[Mapping[str, Any]], network: Optional[Mapping
             f"| {r['method']} | {optimizer}{lr}{eps} | {r['final_loss']:.3f} | {r['eval_loss']:.3f} | "
             f"{r['eval_accuracy']:.3f} | {r['step_time_s']:.3f} | {speed} | "
             f"{_format_bytes(r['bytes_per_worker_per_step'])} | "
-            f"{_format_bytes(r.get('wire_bytes_per_worker_per_step'))} | "
+            + (f"{_format_bytes(r.get('inter_node_bytes_per_node_per_step'))} | " if inter else "")
+            + f"{_format_bytes(r.get('wire_bytes_per_worker_per_step'))} | "
             f"{_format_ratio(r['compression_ratio'])} | {'-' if link is None else f'{link:.3f}'} |"
         )
     if len(used) > 1:
@@ -106,6 +113,23 @@ def network_line(network: Mapping[str, Any]) -> str:
     """The run's header line: model, workers, steps, and the link (shaped, or why not)."""
     run = (f"model {network['model']} ({network['parameters']:,} parameters), {network['workers']} workers "
            f"({network['backend']}), {network['steps']} steps, batch {network['batch_size']}/worker")
+    if network.get("hierarchy"):
+        run += f", hierarchy={network['hierarchy']} for every pycomm method"
+    if network.get("emulated_nodes"):
+        topology = network["topology"]
+        if network["shaped"]:
+            delay = f", delay {network['delay']}" if network.get("delay_applied") else ""
+            note = f" ({network['delay_note']})" if network.get("delay_note") else ""
+            link = f"each node's uplink limited to {network['bandwidth']} in both directions by tc tbf{delay}{note}"
+        else:
+            link = f"uplinks unshaped ({network['unshaped_reason']})"
+        return (f"**{network['nodes']} emulated nodes x {network['nproc_per_node']} processes**: {run}; one "
+                f"torchrun (c10d rendezvous) per node namespace `{topology['namespaces'][0]}`..., nodes "
+                f"{', '.join(topology['addresses'])} on a bridge, {link}; ranks of one node talk over its lo, "
+                "unshaped. Inter-node bytes: the node's eth0 tx_bytes per step (payload + TCP/IP headers), mean over "
+                "nodes, median over steps. Wire bytes: lo + eth0 tx_bytes of all nodes per step / workers.")
+    if network.get("nodes_note"):
+        run += f" (**{network['nodes_note']}**)"
     if network["shaped"]:
         delay = f", delay {network['delay']}" if network.get("delay_applied") else ""
         note = f" ({network['delay_note']})" if network.get("delay_note") else ""

@@ -1,4 +1,9 @@
-"""One DDP worker process of the benchmark: train each method in turn and measure it."""
+"""One DDP worker process of the benchmark: train each method in turn and measure it.
+
+Started either by the launcher (:func:`worker_main`, forked or spawned, rank and world given) or, on emulated
+nodes, by ``torchrun`` as ``python -m pycomm.bench.worker --spec SPEC`` (:func:`main`: rank, world and local rank
+from torchrun's environment, the process group from ``env://``).
+"""
 
 from __future__ import annotations
 
@@ -7,11 +12,13 @@ import json
 import logging
 import math
 import os
+import pickle
 import socket
 import statistics
+import sys
 import time
 from datetime import timedelta
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -21,6 +28,7 @@ from pycomm.bench.config import BenchConfig
 from pycomm.bench.data import Corpus, eval_batches, load_corpus, train_batch, train_generator
 from pycomm.bench.methods import MethodSpec
 from pycomm.bench.netns import read_tx_bytes
+from pycomm.bench.node_network import NODE_INTERFACE
 from pycomm.traffic import CollectiveByteCounter
 
 __all__ = ["fp32_allreduce_bytes"]
@@ -58,8 +66,14 @@ def _write_atomic(path: str, text: str) -> None:
 def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
                eval_set: list[tuple[torch.Tensor, torch.Tensor]], rank: int, world: int,
                device: torch.device, progress: Optional[Callable[[int, float], None]],
-               measure_wire: bool) -> Optional[dict[str, Any]]:
-    """Train one method on this rank; return the merged result on rank 0 (None elsewhere)."""
+               tx_interfaces: Sequence[str] = (), node: Optional[int] = None) -> Optional[dict[str, Any]]:
+    """Train one method on this rank; return the merged result on rank 0 (None elsewhere).
+
+    ``tx_interfaces``: the interfaces whose tx byte counters this rank reads before the loop and after every
+    step (one rank per network namespace reads them: rank 0 reads ``lo`` of the shared namespace, local rank 0
+    of each emulated node reads its ``lo`` and :data:`NODE_INTERFACE`). ``node``: the emulated node this rank
+    runs on (None on one machine).
+    """
     torch.manual_seed(cfg.seed)
     model = cfg.model_spec.build().to(device)
     fp32_bytes = fp32_allreduce_bytes(model, world)
@@ -80,7 +94,7 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
     step_calls: list[int] = []
     step_times: list[float] = []
     dist.barrier()
-    tx_marks = [read_tx_bytes()] if measure_wire and rank == 0 else []
+    tx_marks = [_read_tx(tx_interfaces)] if tx_interfaces else []
     wall_start = time.perf_counter()
     for step in range(cfg.steps):
         inputs, targets = train_batch(corpus, cfg.batch, cfg.model_spec.context, generator)
@@ -111,19 +125,14 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
         step_calls.append(sum(counter.calls.values()))
         losses.append(loss_value)
         if tx_marks:  # after the step's last collective: its traffic (nearly all ranks' of it) has crossed lo
-            tx_marks.append(read_tx_bytes())
+            tx_marks.append(_read_tx(tx_interfaces))
         if progress is not None:
             progress(step + 1, sum(step_times))
         if not math.isfinite(loss_value):
             logger.warning("%s: rank %d loss is %s at step %d", name, rank, loss_value, step)
     dist.barrier()
     wall = time.perf_counter() - wall_start
-    if tx_marks:
-        wire_steps = [(b - a) / world for a, b in zip(tx_marks[:-1], tx_marks[1:])]
-        wire_median: Optional[float] = statistics.median(wire_steps)
-        wire_mean: Optional[float] = (read_tx_bytes() - tx_marks[0]) / (world * cfg.steps)
-    else:
-        wire_median = wire_mean = None
+    tx = {"interfaces": list(tx_interfaces), "marks": tx_marks, "end": _read_tx(tx_interfaces) if tx_marks else None}
 
     model.eval()
     eval_sum, eval_count, eval_hits, eval_predictions = 0.0, 0, 0, 0
@@ -139,7 +148,7 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
 
     local = {"losses": losses, "bytes": step_bytes, "calls": step_calls, "times": step_times, "wall": wall,
              "eval_sum": eval_sum, "eval_count": eval_count, "eval_hits": eval_hits,
-             "checksum": _param_checksum(model)}
+             "checksum": _param_checksum(model), "tx": tx, "node": node}
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, local)
     del ddp, state, optimizer
@@ -155,6 +164,7 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
     step_s = [max(g["times"][s] for g in gathered) for s in range(steps)]
     checksums = [g["checksum"] for g in gathered]
     eval_count_total = sum(g["eval_count"] for g in gathered)
+    wire_median, wire_mean, inter_node, inter_node_mean = _wire_bytes([g["tx"] for g in gathered], world, steps)
     window = mean_loss[-cfg.window:]
     return {
         "method": name,
@@ -171,6 +181,10 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
         "mean_bytes_per_worker_per_step": mean_bytes_per_step,
         "wire_bytes_per_worker_per_step": wire_median,
         "mean_wire_bytes_per_worker_per_step": wire_mean,
+        "inter_node_bytes_per_node_per_step": inter_node,
+        "mean_inter_node_bytes_per_node_per_step": inter_node_mean,
+        "rank_nodes": [g["node"] for g in gathered] if node is not None else None,
+        "param_checksums": checksums,
         "fp32_allreduce_bytes_per_step": fp32_bytes,
         "compression_ratio": fp32_bytes / bytes_per_step if bytes_per_step > 0 else None,  # None: sent nothing
         "initial_loss": mean_loss[0],
@@ -194,14 +208,23 @@ def worker_main(rank: int, world: int, port: int, cfg: BenchConfig, methods: lis
     ``progress`` (method index, steps done, their total time) up to date for
     the harness's hang detector.
     """
-    if log_level is not None:
-        logging.basicConfig(level=log_level, format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
     os.environ["MASTER_ADDR"] = "127.0.0.1"
     os.environ["MASTER_PORT"] = str(port)
+    _run_methods(rank, world, rank, cfg, methods, run_dir, ("lo",) if measure_wire and rank == 0 else (), None,
+                 log_level)
+
+
+def _run_methods(rank: int, world: int, local_rank: int, cfg: BenchConfig,
+                 methods: list[tuple[int, str, MethodSpec]], run_dir: str, tx_interfaces: Sequence[str],
+                 node: Optional[int], log_level: Optional[int]) -> None:
+    """Join the process group (``env://``: MASTER_ADDR and MASTER_PORT), run the methods in turn, write rank 0's
+    results and progress to ``run_dir``."""
+    if log_level is not None:
+        logging.basicConfig(level=log_level, format=f"%(levelname)s rank{rank} %(name)s: %(message)s")
     backend = cfg.resolved_backend
     options = None
     if backend == "nccl":
-        device = torch.device("cuda", rank % torch.cuda.device_count())
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
@@ -218,7 +241,8 @@ def worker_main(rank: int, world: int, port: int, cfg: BenchConfig, methods: lis
         for index, name, spec in methods:
             progress = (functools.partial(_write_progress, os.path.join(run_dir, "progress"), index)
                         if rank == 0 else None)
-            result = _train_one(name, spec, cfg, corpus, eval_set, rank, world, device, progress, measure_wire)
+            result = _train_one(name, spec, cfg, corpus, eval_set, rank, world, device, progress, tx_interfaces,
+                                node)
             if result is not None:
                 _write_atomic(os.path.join(run_dir, f"result_{index}.json"), json.dumps(result))
             dist.barrier()
@@ -228,3 +252,60 @@ def worker_main(rank: int, world: int, port: int, cfg: BenchConfig, methods: lis
 
 def _write_progress(path: str, index: int, steps: int, seconds: float) -> None:
     _write_atomic(path, f"{index} {steps} {seconds:.6f}\n")
+
+
+def _read_tx(interfaces: Sequence[str]) -> list[int]:
+    return [read_tx_bytes(interface) for interface in interfaces]
+
+
+def _wire_bytes(readings: list[dict[str, Any]], world: int,
+                steps: int) -> tuple[Optional[float], Optional[float], Optional[float], Optional[float]]:
+    """From the ranks' tx readings (see :func:`_train_one`): wire bytes per worker per step (all interfaces of all
+    readers over ``world``; median over steps, and the loop's mean), and the bytes of :data:`NODE_INTERFACE` per
+    node per step (mean over the nodes; median over steps, and the loop's mean). None where nothing was read."""
+    readers = [r for r in readings if r["marks"]]
+    if not readers:
+        return None, None, None, None
+    wire_steps = [sum(sum(r["marks"][s + 1]) - sum(r["marks"][s]) for r in readers) / world for s in range(steps)]
+    wire_mean = sum(sum(r["end"]) - sum(r["marks"][0]) for r in readers) / (world * steps)
+    uplinks = [(r, r["interfaces"].index(NODE_INTERFACE)) for r in readers if NODE_INTERFACE in r["interfaces"]]
+    if not uplinks:
+        return statistics.median(wire_steps), wire_mean, None, None
+    node_steps = [sum(r["marks"][s + 1][i] - r["marks"][s][i] for r, i in uplinks) / len(uplinks)
+                  for s in range(steps)]
+    node_mean = sum(r["end"][i] - r["marks"][0][i] for r, i in uplinks) / (len(uplinks) * steps)
+    return statistics.median(wire_steps), wire_mean, statistics.median(node_steps), node_mean
+
+
+#: Environment variable in which the harness tells each node's torchrun which emulated node it runs on.
+NODE_ENV: str = "PYCOMM_BENCH_NODE"
+
+
+def torchrun_main(spec_path: str) -> None:
+    """One DDP process started by ``torchrun`` on an emulated node: rank, world size and local rank from
+    torchrun's environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``; the process group from ``env://``), the
+    run from ``spec_path`` (the launcher's pickle). Local rank 0 reads the node's ``lo`` and uplink counters."""
+    with open(spec_path, "rb") as fh:
+        cfg, methods, run_dir, measure_wire, log_level = pickle.load(fh)
+    rank, world, local_rank = (int(os.environ[key]) for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+    node = int(os.environ[NODE_ENV]) if NODE_ENV in os.environ else None
+    tx_interfaces = ("lo", NODE_INTERFACE) if measure_wire and local_rank == 0 else ()
+    _run_methods(rank, world, local_rank, cfg, methods, run_dir, tx_interfaces, node, log_level)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``python -m pycomm.bench.worker --spec SPEC``: one torchrun-started process (see :func:`torchrun_main`)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if len(args) != 2 or args[0] != "--spec":
+        print("usage: torchrun ... -m pycomm.bench.worker --spec SPEC (internal; run `pycomm bench e2e --nodes`)",
+              file=sys.stderr)
+        return 2
+    torchrun_main(args[1])
+    return 0
+
+
+if __name__ == "__main__":
+    # run the imported module's main, so that pickles see one pycomm.bench.worker, not __main__
+    from pycomm.bench.worker import main as _module_main
+
+    sys.exit(_module_main())
