@@ -67,6 +67,11 @@ def test_quant4_node_step_is_the_average_within_quantization_error():
     assert node <= 1.25 * flat, (node, flat)
 
 
+def _train_each(rank: int, world: int, per_node: int, runs: list, steps: int, count: bool) -> list:
+    """:func:`_train` for each ``(method, options)`` of ``runs``, in one process."""
+    return [_train(rank, world, per_node, method, options, steps, count) for method, options in runs]
+
+
 def _train(rank: int, world: int, per_node: int, method: str, options: dict, steps: int, count: bool) -> dict:
     from pycomm.traffic import CollectiveByteCounter
 
@@ -88,7 +93,7 @@ def _train(rank: int, world: int, per_node: int, method: str, options: dict, ste
     groups = getattr(state, "_node_groups", None)
     return {"params": {n: p.detach().clone() for n, p in ddp.module.named_parameters()}, "bytes": by_group,
             "inter": None if groups is None else tuple(dist.get_process_group_ranks(groups.inter)),
-            "iter": state.iter}
+            "iter": state.iter, "choice": getattr(state, "choice", None)}
 
 
 class _nothing:
@@ -112,8 +117,9 @@ def test_quant4_node_mode_ranks_identical_and_inter_node_bytes():
     shards of whole parameters, so one rank may carry most of it; the node's sum does not depend on
     the cut). Expected ratio about 1/M = 0.5 plus padding; required at most 0.6."""
     options = {"bits": 4, "min_numel": 256}
-    node = run_distributed(_train, 4, 2, "quant", {**options, "hierarchy": "node"}, 5, True)
-    flat = run_distributed(_train, 4, 2, "quant", {**options, "hierarchy": "flat"}, 5, True)
+    both = run_distributed(_train_each, 4, 2, [("quant", {**options, "hierarchy": h}) for h in ("node", "flat")], 5,
+                           True)
+    node, flat = [r[0] for r in both], [r[1] for r in both]
     assert _identical(node) and _identical(flat)
     assert [r["iter"] for r in node] == [5] * 4
     world, per_node = 4, 2
@@ -133,30 +139,107 @@ def test_quant4_node_mode_ranks_identical_and_inter_node_bytes():
 def test_node_mode_with_one_rank_per_node_is_flat():
     """hierarchy='node' with one rank per node (2 nodes x 1 rank) is exactly the flat algorithm."""
     options = {"bits": 4, "min_numel": 256}
-    node = run_distributed(_train, 2, 1, "quant", {**options, "hierarchy": "node"}, 4, False)
-    flat = run_distributed(_train, 2, 1, "quant", {**options, "hierarchy": "flat"}, 4, False)
+    both = run_distributed(_train_each, 2, 1, [("quant", {**options, "hierarchy": h}) for h in ("node", "flat")], 4,
+                           False)
+    node, flat = [r[0] for r in both], [r[1] for r in both]
     assert all(torch.equal(node[0]["params"][n], flat[0]["params"][n]) for n in flat[0]["params"])
     assert node[0]["inter"] is None
 
 
-def _resolve(rank: int, world: int, per_node_of: list, setting: str) -> str:
-    os.environ.update(LOCAL_WORLD_SIZE=str(per_node_of[rank][1]), GROUP_RANK=str(per_node_of[rank][0]))
-    try:
-        state = pycomm.register(DDP(torch.nn.Linear(4, 4)), "quant", hierarchy=setting)
-        return state.state_dict()["hierarchy"]["mode"]
-    except ValueError as e:
-        return f"error: {e}"
+SCENARIOS = {  # per rank: (GROUP_RANK, LOCAL_WORLD_SIZE)
+    "2x2": [(0, 2), (0, 2), (1, 2), (1, 2)],
+    "one node": [(0, 4)] * 4,
+    "uneven": [(0, 3), (0, 3), (0, 3), (1, 1)],
+}
+
+
+def _resolve_all(rank: int, world: int, cases: list) -> list:
+    out = []
+    for scenario, setting in cases:
+        group_rank, local_world = SCENARIOS[scenario][rank]
+        os.environ.update(LOCAL_WORLD_SIZE=str(local_world), GROUP_RANK=str(group_rank))
+        try:
+            state = pycomm.register(DDP(torch.nn.Linear(4, 4)), "quant", hierarchy=setting)
+            out.append(state.state_dict()["hierarchy"]["mode"])
+        except ValueError as e:
+            out.append(f"error: {e}")
+    return out
 
 
 def test_auto_picks_node_only_across_nodes_and_bad_settings_raise():
-    two_by_two = [(0, 2), (0, 2), (1, 2), (1, 2)]
-    one_node = [(0, 4)] * 4
-    uneven = [(0, 3), (0, 3), (0, 3), (1, 1)]
-    assert run_distributed(_resolve, 4, two_by_two, "auto") == ["node"] * 4
-    assert run_distributed(_resolve, 4, one_node, "auto") == ["flat"] * 4
-    assert run_distributed(_resolve, 4, uneven, "auto") == ["flat"] * 4
-    errors = run_distributed(_resolve, 4, uneven, "node")
-    assert all(e.startswith("error: hierarchy='node' needs every node to have the same number") for e in errors)
-    assert "[0, 1, 2], [3]" in errors[0]
+    cases = [("2x2", "auto"), ("one node", "auto"), ("uneven", "auto"), ("uneven", "node"), ("one node", "node")]
+    results = run_distributed(_resolve_all, 4, cases)
+    assert all(r == results[0] for r in results)  # the same outcome, and the same message, on every rank
+    assert results[0][:3] == ["node", "flat", "flat"]
+    assert results[0][3].startswith("error: hierarchy='node' needs every node to have the same number")
+    assert "[0, 1, 2], [3]" in results[0][3]
+    assert results[0][4] == "node"  # explicit node on one node: the node acts as one worker
     with pytest.raises(ValueError, match="hierarchy must be one of 'auto', 'flat', 'node', got 'nodes'"):
         pycomm.hooks.QuantState(hierarchy="nodes")
+    with pytest.raises(ValueError, match="hierarchy must be one of 'auto', 'flat', 'node', got None"):
+        pycomm.register(DDP.__new__(DDP), "dgc", hierarchy=None)
+
+
+def test_dgc_node_mode_is_one_worker_per_node():
+    """DGC in node mode: each node is one worker on each shard (momentum correction and top-k on the
+    node's average gradient). At density 1 without momentum masking DGC is SGD with momentum on the
+    average, and momentum is linear, so node mode equals flat mode up to float rounding (tolerance
+    1e-6 relative to the largest parameter after 4 steps: the sums run in another order). At density
+    0.05 the ranks end bit-identical and the node's ranks send less across nodes than flat DGC (one
+    top-k payload per shard among N = 2 ranks instead of one per rank among W = 4)."""
+    dense = {"density": 1.0, "momentum": 0.9, "momentum_masking": False, "min_numel": 256}
+    sparse = {"density": 0.05, "momentum": 0.9, "min_numel": 256}
+    runs = [("dgc", {**dense, "hierarchy": "node"}), ("dgc", {**dense, "hierarchy": "flat"}),
+            ("dgc", {**sparse, "hierarchy": "node"}), ("dgc", {**sparse, "hierarchy": "flat"})]
+    results = run_distributed(_train_each, 4, 2, runs, 4, True)
+    for i in range(len(runs)):
+        assert _identical([r[i] for r in results]), runs[i]
+    node, flat = results[0][0]["params"], results[0][1]["params"]
+    for name in flat:
+        scale = max(float(flat[name].abs().max()), 1.0)
+        assert torch.allclose(node[name], flat[name], rtol=0, atol=1e-6 * scale), name
+    for ranks in ((0, 1), (2, 3)):
+        node_cross = sum(results[r][2]["bytes"][3].get(results[r][2]["inter"], 0) for r in ranks)
+        flat_cross = sum(2 / 3 * results[r][3]["bytes"][3][(0, 1, 2, 3)] for r in ranks)
+        assert 0 < node_cross <= 0.6 * flat_cross, (node_cross, flat_cross)
+
+
+def test_projection_and_lgreco_node_mode():
+    """spsa-projection and L-GreCo (quant family) in node mode: ranks bit-identical; L-GreCo's solve
+    (after step 3) sees every compressed layer, gathered from both local ranks' shards, and every rank
+    applies the same choice."""
+    runs = [("spsa-projection", {"num_directions": 8, "error_feedback": True, "hierarchy": "node"}),
+            ("lgreco", {"family": "quant", "default": 4, "start_iter": 4, "period": 20, "acc_steps": 3,
+                        "min_numel": 256, "hierarchy": "node"})]
+    results = run_distributed(_train_each, 4, 2, runs, 6, False)
+    for i in range(len(runs)):
+        assert _identical([r[i] for r in results]), runs[i]
+        assert all(r[i]["inter"] == (rank % 2, rank % 2 + 2) for rank, r in enumerate(results))
+    choices = [r[1]["choice"] for r in results]
+    assert choices[0] and all(c == choices[0] for c in choices)
+    assert sorted(choices[0]) == ["conv2.weight", "fc1.weight", "fc2.weight"]
+
+
+def _resume_on_nodes(rank: int, world: int, per_node: int, *args) -> dict:
+    _as_nodes(rank, per_node)
+    out = resume_task.run(rank, world, *args)
+    out["saved_state"] = None
+    return out
+
+
+def test_node_mode_resumes_exactly():
+    """Checkpoint at step 10 and resume in fresh processes, 2 nodes x 2 ranks, DGC in node mode. Each
+    rank's state dict holds its shard's u and v; the resumed DDP starts from its first bucket layout,
+    so the shards (and the owners of the parameters) differ from the uninterrupted run's at step 10:
+    the ranks of each node hand the state to the new owners. Intra-node sums of 2 and inter-node
+    sums of 2 are exact in float, so the resumed run is bit-identical to the uninterrupted one."""
+    method, options, momentum = "dgc", {"density": 0.05, "min_numel": 256, "hierarchy": "node"}, 0.0
+    full = run_distributed(_resume_on_nodes, 4, 2, method, options, 25.0, momentum, None, None)
+    saved = torch.load(io.BytesIO(full[0]["checkpoint"]), weights_only=True)["pycomm"]
+    owned = [set(sd["params"]) for sd in saved]
+    assert owned[0] == owned[2] and owned[1] == owned[3] and not owned[0] & owned[1]  # shards by local rank
+    assert owned[0] | owned[1] == {n for n, _ in SmallNet().named_parameters()}
+    resumed = run_distributed(_resume_on_nodes, 4, 2, method, options, 25.0, momentum, full[0]["checkpoint"], None)
+    assert _identical(full) and _identical(resumed)
+    assert all(torch.equal(full[0]["params"][n], resumed[0]["params"][n]) for n in full[0]["params"])
+    assert resumed[0]["norms_end"] == full[0]["norms_end"]
