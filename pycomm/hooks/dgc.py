@@ -89,11 +89,8 @@ class DGCState(HookState):
         value_dtype: ``torch.float32`` or ``torch.float16`` for the values on the wire
             (indices travel as int32).
         seed: seed of the top-k sample.
-        hierarchy: ``"auto"`` (default), ``"flat"`` or ``"node"``. In node mode each node acts as
-            one DGC worker on each shard: its ranks average their gradients in full precision
-            (reduce-scatter), and the momentum correction, clipping, top-k and the sparse
-            all-gather run on that node average among the ranks that hold the same shard on the
-            other nodes (see :mod:`pycomm.hooks.hierarchy`).
+        hierarchy: ``"auto"`` (default), ``"flat"`` or ``"node"``: in node mode each node is one DGC
+            worker on each shard, see :mod:`pycomm.hooks.hierarchy`.
 
     Per-layer densities (for L-GreCo): :meth:`set_layer_params` maps compressed layers, by
     parameter name, to their own density inside the same bucket (still one top-k launch per
@@ -442,15 +439,12 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     """
     state._require_names()
     agreement.check_settings(state, bucket, "dgc")
-    groups = _hierarchy.node_groups(state)
-    if groups is not None:
-        return _hierarchy.node_step(state, bucket, groups, dgc_hook)
+    if (routed := _hierarchy.route(state, bucket, dgc_hook)) is not None:  # node mode
+        return routed
     group = state.process_group
     buffer = bucket.buffer()
     world = dist.get_world_size(group)
     step = advance_step(state, bucket)
-    if buffer.numel() == 0:  # node mode: an empty shard, empty on every rank of the inter-node group
-        return completed_future(buffer)
     sync_free = _sync_free(buffer)
     state._index_errors.raise_ready()
     plan = state._plan(bucket)

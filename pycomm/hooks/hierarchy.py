@@ -50,7 +50,8 @@ import torch.distributed as dist
 from pycomm.distributed import all_gather_into_tensor
 from pycomm.topology import NodeMap, TopologyError, discover
 
-__all__ = ["HIERARCHIES", "validated_hierarchy", "NodeGroups", "settle", "node_groups", "node_step", "shard_cut"]
+__all__ = ["HIERARCHIES", "validated_hierarchy", "NodeGroups", "settle", "node_groups", "route", "node_step",
+           "shard_cut"]
 
 logger = logging.getLogger(__name__)
 
@@ -270,6 +271,13 @@ def _hand_over(state: Any, index: int, params: list[torch.Tensor], layout: _Layo
             accumulators[name] = values[len(fields) * numel + o:len(fields) * numel + o + n].clone()
 
 
+def route(state: Any, bucket: Any, hook: Callable[[Any, Any], torch.futures.Future]) -> Optional[torch.futures.Future]:
+    """In node mode, run ``hook`` (the method's hook itself, which then runs flat on a shard) through
+    :func:`node_step` and return its future; None when the state runs flat (the caller goes on)."""
+    groups = node_groups(state)
+    return None if groups is None else node_step(state, bucket, groups, hook)
+
+
 def node_step(state: Any, bucket: Any, groups: NodeGroups,
               flat_hook: Callable[[Any, Any], torch.futures.Future]) -> torch.futures.Future:
     """One bucket in node mode (see the module docstring): reduce-scatter inside the node, ``flat_hook``
@@ -290,16 +298,20 @@ def node_step(state: Any, bucket: Any, groups: NodeGroups,
     shard = own[:own_length]
     with _over_inter_group(state, groups):
         fut = flat_hook(state, _ShardBucket(shard, list(params[first:end]), bucket.index(), bucket.is_last()))
+    # The shard's average must be there before this bucket's intra-node all-gather is issued: every
+    # rank must issue the intra-node collectives of successive buckets in the same order, and a
+    # callback would issue it later, from the collective's thread (Gloo), after the next bucket's
+    # reduce-scatter. On CUDA the wait only orders the streams (NCCL), the host does not wait.
+    result = fut.wait()
+    result = result[0] if isinstance(result, (list, tuple)) else result
+    if result.data_ptr() != shard.data_ptr():
+        shard.copy_(result)
+    everyone = buffer.new_empty(m * padded)
+    work = all_gather_into_tensor(everyone, own, group=groups.intra, async_op=True)
 
-    def gather(done: torch.futures.Future) -> torch.Tensor:
-        result = done.value()
-        result = result[0] if isinstance(result, (list, tuple)) else result
-        if result.data_ptr() != shard.data_ptr():
-            shard.copy_(result)
-        everyone = buffer.new_empty(m * padded)
-        all_gather_into_tensor(everyone, own, group=groups.intra)
+    def put_back(_: torch.futures.Future) -> torch.Tensor:
         for j, (o, n) in enumerate(layout.spans):
             buffer[o:o + n].copy_(everyone[j * padded:j * padded + n])
         return buffer
 
-    return fut.then(gather)
+    return work.get_future().then(put_back)

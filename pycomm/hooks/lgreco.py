@@ -356,9 +356,8 @@ def lgreco_hook(state: LGreCoState, bucket: dist.GradBucket) -> torch.futures.Fu
     """
     state._require_names()
     agreement.check_settings(state, bucket, "lgreco")
-    groups = _hierarchy.node_groups(state)
-    if groups is not None:
-        return _hierarchy.node_step(state, bucket, groups, lgreco_hook)
+    if (routed := _hierarchy.route(state, bucket, lgreco_hook)) is not None:  # node mode
+        return routed
     step = state.inner.iter  # the inner hook counts iterations on the last bucket
     state.inner.observer = state._observe if state.observing(step) else None
     inner_hook: Callable[..., torch.futures.Future] = (

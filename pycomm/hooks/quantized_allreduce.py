@@ -360,9 +360,8 @@ def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torc
     """
     state._require_names()
     agreement.check_settings(state, bucket, "quant")
-    groups = _hierarchy.node_groups(state)
-    if groups is not None:
-        return _hierarchy.node_step(state, bucket, groups, quantized_allreduce_hook)
+    if (routed := _hierarchy.route(state, bucket, quantized_allreduce_hook)) is not None:  # node mode
+        return routed
     group = state.process_group
     buffer = bucket.buffer()
     step = advance_step(state, bucket)

@@ -200,9 +200,8 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     """
     state._require_names()
     agreement.check_settings(state, bucket, "spsa-projection")
-    groups = _hierarchy.node_groups(state)
-    if groups is not None:
-        return _hierarchy.node_step(state, bucket, groups, projection_hook)
+    if (routed := _hierarchy.route(state, bucket, projection_hook)) is not None:  # node mode
+        return routed
     group = state.process_group
     buffer = bucket.buffer()
     world = dist.get_world_size(group)

@@ -67,17 +67,18 @@ def test_quant4_node_step_is_the_average_within_quantization_error():
     assert node <= 1.25 * flat, (node, flat)
 
 
-def _train_each(rank: int, world: int, per_node: int, runs: list, steps: int, count: bool) -> list:
+def _train_each(rank: int, world: int, per_node: int, runs: list, steps: int, count: bool, cap: float = 25.0) -> list:
     """:func:`_train` for each ``(method, options)`` of ``runs``, in one process."""
-    return [_train(rank, world, per_node, method, options, steps, count) for method, options in runs]
+    return [_train(rank, world, per_node, method, options, steps, count, cap) for method, options in runs]
 
 
-def _train(rank: int, world: int, per_node: int, method: str, options: dict, steps: int, count: bool) -> dict:
+def _train(rank: int, world: int, per_node: int, method: str, options: dict, steps: int, count: bool,
+           cap: float = 25.0) -> dict:
     from pycomm.traffic import CollectiveByteCounter
 
     _as_nodes(rank, per_node)
     torch.manual_seed(0)
-    ddp = DDP(SmallNet())
+    ddp = DDP(SmallNet(), bucket_cap_mb=cap)
     state = pycomm.register(ddp, method, **options)
     opt = torch.optim.SGD(ddp.parameters(), lr=0.05)
     counter = CollectiveByteCounter()
@@ -159,7 +160,8 @@ def _resolve_all(rank: int, world: int, cases: list) -> list:
         group_rank, local_world = SCENARIOS[scenario][rank]
         os.environ.update(LOCAL_WORLD_SIZE=str(local_world), GROUP_RANK=str(group_rank))
         try:
-            state = pycomm.register(DDP(torch.nn.Linear(4, 4)), "quant", hierarchy=setting)
+            mine = setting[rank] if isinstance(setting, list) else setting
+            state = pycomm.register(DDP(torch.nn.Linear(4, 4)), "quant", hierarchy=mine)
             out.append(state.state_dict()["hierarchy"]["mode"])
         except ValueError as e:
             out.append(f"error: {e}")
@@ -167,13 +169,16 @@ def _resolve_all(rank: int, world: int, cases: list) -> list:
 
 
 def test_auto_picks_node_only_across_nodes_and_bad_settings_raise():
-    cases = [("2x2", "auto"), ("one node", "auto"), ("uneven", "auto"), ("uneven", "node"), ("one node", "node")]
+    cases = [("2x2", "auto"), ("one node", "auto"), ("uneven", "auto"), ("uneven", "node"), ("one node", "node"),
+             ("2x2", ["flat", "node", "node", "node"])]
     results = run_distributed(_resolve_all, 4, cases)
     assert all(r == results[0] for r in results)  # the same outcome, and the same message, on every rank
     assert results[0][:3] == ["node", "flat", "flat"]
     assert results[0][3].startswith("error: hierarchy='node' needs every node to have the same number")
     assert "[0, 1, 2], [3]" in results[0][3]
     assert results[0][4] == "node"  # explicit node on one node: the node acts as one worker
+    assert results[0][5] == ("error: pycomm: the ranks disagree on hierarchy (rank 0: 'flat', rank 1: 'node', "
+                             "rank 2: 'node', rank 3: 'node'); every rank must pass the same hierarchy")
     with pytest.raises(ValueError, match="hierarchy must be one of 'auto', 'flat', 'node', got 'nodes'"):
         pycomm.hooks.QuantState(hierarchy="nodes")
     with pytest.raises(ValueError, match="hierarchy must be one of 'auto', 'flat', 'node', got None"):
@@ -289,3 +294,20 @@ def test_checkpoint_of_another_hierarchy_is_refused():
     """Per-parameter state of node mode is the shard's; a flat run refuses it (strict) rather than
     silently resuming with parts of every rank's state."""
     assert _resolved_mismatch() == "ok"
+
+
+def test_buckets_with_fewer_parameters_than_ranks_per_node():
+    """With small buckets (bucket_cap_mb=0.05) some buckets hold one parameter, so one local rank's
+    shard is empty: it sends nothing between nodes but still counts the step (the next steps agree).
+    DGC at density 1 still equals flat mode up to rounding; every method keeps ranks bit-identical."""
+    dense = {"density": 1.0, "momentum": 0.9, "momentum_masking": False, "min_numel": 256}
+    runs = [("dgc", {**dense, "hierarchy": "node"}), ("dgc", {**dense, "hierarchy": "flat"}),
+            ("quant", {"bits": 4, "min_numel": 256, "hierarchy": "node"}),
+            ("spsa-projection", {"num_directions": 8, "error_feedback": True, "hierarchy": "node"})]
+    results = run_distributed(_train_each, 4, 2, runs, 4, False, 0.05)
+    for i in range(len(runs)):
+        assert _identical([r[i] for r in results]), runs[i]
+        assert all(r[i]["iter"] == 4 for r in results)
+    node, flat = results[0][0]["params"], results[0][1]["params"]
+    for name in flat:
+        assert torch.allclose(node[name], flat[name], rtol=0, atol=1e-6 * max(float(flat[name].abs().max()), 1.0))
