@@ -9,7 +9,8 @@ DDP hooks in :mod:`pycomm.hooks`.
 """
 
 from pycomm import ops  # noqa: F401  (loads the kernels)
-from pycomm import checkpoint, codec, compressors, distributed, hooks, kernels, lgreco, topology, traffic, zo  # noqa: F401
+from pycomm import (checkpoint, codec, compressors, distributed, hooks, kernels, lgreco, topology,  # noqa: F401
+                    traffic, zo)
 from pycomm.registry import available_methods, register, register_method
 from pycomm.version import __version__
 

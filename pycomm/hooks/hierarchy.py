@@ -16,6 +16,22 @@ With ``hierarchy="node"`` on N nodes of M ranks each, every hook runs one DDP bu
 Only step 2 crosses nodes. It sends the method's compressed payload of 1/M of the bucket per
 rank, so a node sends one compressed copy of the bucket per step instead of M.
 
+Per method, step 2 is the method's flat hook with the node as one worker:
+
+- quant: the node average of the shard is quantized once (error feedback of the shard), summed
+  with the other nodes' and re-quantized once by the chunk's owner, as in flat mode with W = N.
+- dgc: u and v accumulate the node's average gradient of the shard (``u = m u + g_node``), clipping
+  uses ``clip_norm / sqrt(N)``, and top-k selects from that node velocity. Momentum correction is
+  linear, so it commutes with the intra-node average (at density 1 node mode equals flat mode up to
+  rounding); top-k of the node's sum keeps the k largest entries of what the node really owes
+  instead of M separate per-rank selections, and a node sends one sparse payload per shard rather
+  than M. The cost is fewer accumulators (one per node and shard instead of one per rank).
+- spsa-projection: each shard is projected on its own K directions (model-offset keyed, so a
+  parameter's directions are those of flat mode); K bytes per shard per rank cross nodes.
+- lgreco: each rank measures the layers of its shard; the error tables are averaged among the
+  inter-node group, gathered inside the node and solved as one table, so every rank applies the
+  same per-layer choice.
+
 Per-parameter state (error feedback, DGC's u and v, L-GreCo's accumulated window) belongs to the
 local rank that owns the parameter's shard: each rank's ``state_dict()`` holds only its own
 shard's parameters, as they are among the N ranks of its inter-node group. Save every rank's
@@ -30,6 +46,11 @@ Why whole parameters and not equal element ranges: every method keys its state a
 draws by parameter name; a shard of whole parameters lets each method's per-bucket plans work on
 the shard unchanged. The cost is padding (the longest run sets the length of the intra-node
 collectives) and shards of unequal size; the bytes that cross nodes do not depend on the cut.
+
+Costs besides the compressed payload: the intra-node reduce-scatter and all-gather of the padded
+bucket (uncompressed, inside the node), the wait for the shard's result before the all-gather (on
+CPU; on CUDA it only orders streams), and at each layout change one intra-node all-reduce of the
+bucket's state (plus, at a node's first layout, its node map: one ``all_gather_object`` at bind).
 
 Non-finite gradients: the intra-node sum carries a NaN/Inf into its shard, the method's flat path
 handles it there as it does in flat mode (on CPU an uncompressed all-reduce of that shard among the

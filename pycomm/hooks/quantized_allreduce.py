@@ -15,8 +15,8 @@ from pycomm.ops.validation import check_bits_bucket
 from pycomm.hooks import agreement
 from pycomm.hooks import hierarchy as _hierarchy
 from pycomm.hooks.hook_state import (BucketPlan, Dense, HookState, Layer, advance_step, allreduce_dense,
-                                     average_async, bucket_signature, completed_future, log_skipped, split_layers, take_dense,
-                                     validated_layer_params)
+                                     average_async, bucket_signature, completed_future, log_skipped, split_layers,
+                                     take_dense, validated_layer_params)
 from pycomm.hooks.param_state import ParameterNames, ParamStore
 from pycomm.distributed import chunk_layout, mix_seed, quantized_all_reduce
 

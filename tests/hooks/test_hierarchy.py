@@ -62,7 +62,8 @@ def test_quant4_node_step_is_the_average_within_quantization_error():
         assert r["node_resolved"] == {"mode": "node", "nodes": 2, "ranks_per_node": 2}
         assert r["flat_resolved"] == {"mode": "flat"}
         assert torch.equal(r["node"], results[0]["node"]) and torch.equal(r["flat"], results[0]["flat"])
-    node, flat = _error(results[0]["node"], results[0]["reference"]), _error(results[0]["flat"], results[0]["reference"])
+    reference = results[0]["reference"]
+    node, flat = _error(results[0]["node"], reference), _error(results[0]["flat"], reference)
     assert 0 < node < 0.2 and 0 < flat < 0.2, (node, flat)
     assert node <= 1.25 * flat, (node, flat)
 
