@@ -49,8 +49,8 @@ collectives) and shards of unequal size; the bytes that cross nodes do not depen
 
 Costs besides the compressed payload: the intra-node reduce-scatter and all-gather of the padded
 bucket (uncompressed, inside the node), the wait for the shard's result before the all-gather (on
-CPU; on CUDA it only orders streams), and at each layout change one intra-node all-reduce of the
-bucket's state (plus, at a node's first layout, its node map: one ``all_gather_object`` at bind).
+CPU; on CUDA it only orders streams), at each layout change one intra-node all-reduce of the
+bucket's state, and once, at ``bind``, one ``all_gather_object`` of every rank's node.
 
 Non-finite gradients: the intra-node sum carries a NaN/Inf into its shard, the method's flat path
 handles it there as it does in flat mode (on CPU an uncompressed all-reduce of that shard among the
