@@ -15,6 +15,7 @@ collective                      bytes sent by this rank
 ============================== ======================================
 ``all_reduce``                  ``2 * (W - 1) / W * b``
 ``reduce_scatter_tensor``       ``(W - 1) / W * b``
+``reduce_scatter_single``       ``(W - 1) / W * b``
 ``all_gather(_into_tensor)``    ``(W - 1) * b``
 ``all_to_all_single``           the input rows addressed to other ranks
 ``broadcast``                   ``b`` on the source rank, else 0
@@ -34,6 +35,7 @@ Example::
 from __future__ import annotations
 
 import functools
+import inspect
 from collections import Counter
 from typing import Any, Callable, Optional
 
@@ -78,12 +80,22 @@ def _broadcast_bytes(tensor, src=None, group=None, **kwargs):
 _VOLUME: dict[str, Callable[..., int]] = {
     "all_reduce": lambda tensor, op=None, group=None, **_: 2 * (_world(group) - 1) * _nbytes(tensor) // _world(group),
     "reduce_scatter_tensor": lambda output, input, op=None, group=None, **_: (_world(group) - 1) * _nbytes(input) // _world(group),
+    "reduce_scatter_single": lambda output, input, op=None, group=None, **_: (_world(group) - 1) * _nbytes(input) // _world(group),
     "all_gather_into_tensor": lambda output_tensor, input_tensor, group=None, **_: (_world(group) - 1) * _nbytes(input_tensor),
     "all_gather_single": lambda output_tensor, input_tensor, group=None, **_: (_world(group) - 1) * _nbytes(input_tensor),
     "all_gather": lambda tensor_list, tensor, group=None, **_: (_world(group) - 1) * _nbytes(tensor),
     "all_to_all_single": _all_to_all_single_bytes,
     "broadcast": _broadcast_bytes,
 }
+
+
+def _group_ranks(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[int, ...]:
+    """The global ranks of the group a collective call runs on."""
+    try:
+        group = inspect.signature(fn).bind_partial(*args, **kwargs).arguments.get("group")
+    except (TypeError, ValueError):
+        group = kwargs.get("group")
+    return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
 
 
 def collective_bytes(name: str, *args: Any, **kwargs: Any) -> int:
@@ -98,6 +110,9 @@ class CollectiveByteCounter:
         bytes_sent: total bytes sent by this rank while active.
         calls: a :class:`collections.Counter` of collective names.
         bytes_by_collective: a :class:`collections.Counter` of bytes per name.
+        bytes_by_group: a :class:`collections.Counter` of bytes per process group, keyed by the
+            group's global ranks (a tuple; the default group's too): e.g. the bytes of hierarchical
+            compression's inter-node group apart from those that stay inside a node.
 
     Counters can be reset with :meth:`reset` and the context re-entered.
     Nesting two counters is not supported.
@@ -107,12 +122,14 @@ class CollectiveByteCounter:
         self.bytes_sent = 0
         self.calls: Counter[str] = Counter()
         self.bytes_by_collective: Counter[str] = Counter()
+        self.bytes_by_group: Counter[tuple[int, ...]] = Counter()
         self._originals: dict[str, Callable[..., Any]] = {}
 
     def reset(self) -> None:
         self.bytes_sent = 0
         self.calls.clear()
         self.bytes_by_collective.clear()
+        self.bytes_by_group.clear()
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
         @functools.wraps(fn)
@@ -120,6 +137,7 @@ class CollectiveByteCounter:
             sent = collective_bytes(name, *args, **kwargs)
             self.bytes_sent += sent
             self.bytes_by_collective[name] += sent
+            self.bytes_by_group[_group_ranks(fn, args, kwargs)] += sent
             self.calls[name] += 1
             return fn(*args, **kwargs)
 

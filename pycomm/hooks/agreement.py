@@ -35,12 +35,13 @@ __all__ = ["RankDisagreementError", "check_settings", "settings_changed", "mark_
 #: The settings of each method that every rank must share: they shape the payloads (sizes,
 #: which collectives run at which step) or the result every rank computes from them.
 SETTINGS: dict[str, tuple[str, ...]] = {
-    "quant": ("bits", "bucket_size", "min_numel", "start_iter", "iter", "layer_params"),
+    "quant": ("bits", "bucket_size", "min_numel", "start_iter", "iter", "layer_params", "hierarchy"),
     "dgc": ("density", "warmup_steps", "warmup_epochs", "steps_per_epoch", "warmup_densities", "min_numel",
-            "value_dtype", "momentum", "nesterov", "iter", "layer_params"),
-    "spsa-projection": ("num_directions", "distribution", "codec", "seed", "iter"),
+            "value_dtype", "momentum", "nesterov", "iter", "layer_params", "hierarchy"),
+    "spsa-projection": ("num_directions", "distribution", "codec", "seed", "iter", "hierarchy"),
     # Plus the inner state's settings, under "quant." or "dgc." (see _settings).
-    "lgreco": ("family", "default", "candidates", "start_iter", "period", "acc_steps", "alpha", "levels"),
+    "lgreco": ("family", "default", "candidates", "start_iter", "period", "acc_steps", "alpha", "levels",
+               "hierarchy"),
 }
 
 _FORMAT = 0x70C0_A6EE_0001  # first slot: tells this digest's layout apart from anything else

@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from pycomm import ops
 from pycomm.hooks import agreement
+from pycomm.hooks import hierarchy as _hierarchy
 from pycomm.hooks.hook_state import (BucketPlan, HookState, Layer, advance_step, allreduce_dense, average_,
                                      completed_future, compressible, log_skipped, parameter_slices,
                                      put_dense, same_layout_plan, split_layers, take_dense, validated_layer_params)
@@ -88,6 +89,8 @@ class DGCState(HookState):
         value_dtype: ``torch.float32`` or ``torch.float16`` for the values on the wire
             (indices travel as int32).
         seed: seed of the top-k sample.
+        hierarchy: ``"auto"`` (default), ``"flat"`` or ``"node"``: in node mode each node is one DGC
+            worker on each shard, see :mod:`pycomm.hooks.hierarchy`.
 
     Per-layer densities (for L-GreCo): :meth:`set_layer_params` maps compressed layers, by
     parameter name, to their own density inside the same bucket (still one top-k launch per
@@ -129,7 +132,7 @@ class DGCState(HookState):
                  sample_ratio: float = 0.01, exact: bool = False, momentum_masking: bool = True,
                  warmup_steps: int = 0, warmup_epochs: int = 0, steps_per_epoch: Optional[int] = None,
                  warmup_densities: Sequence[float] = PAPER_WARMUP_DENSITIES, min_numel: int = 1024,
-                 value_dtype: torch.dtype = torch.float32, seed: int = 0) -> None:
+                 value_dtype: torch.dtype = torch.float32, seed: int = 0, hierarchy: str = "auto") -> None:
         DGC(density, momentum, nesterov, clip_norm, momentum_masking, exact, sample_ratio)  # validates
         if value_dtype not in (torch.float32, torch.float16):
             raise ValueError(f"value_dtype must be torch.float32 or torch.float16, got {value_dtype}")
@@ -154,6 +157,7 @@ class DGCState(HookState):
         self.min_numel = min_numel
         self.value_dtype = value_dtype
         self.seed = seed
+        self.hierarchy = _hierarchy.validated_hierarchy(hierarchy)
         self.iter = 0
         self.observer: Optional[Callable[[torch.Tensor, list[Layer]], None]] = None
         self._layer_params: dict[str, float] = {}
@@ -435,6 +439,8 @@ def dgc_hook(state: DGCState, bucket: dist.GradBucket) -> torch.futures.Future[t
     """
     state._require_names()
     agreement.check_settings(state, bucket, "dgc")
+    if (routed := _hierarchy.route(state, bucket, dgc_hook)) is not None:  # node mode
+        return routed
     group = state.process_group
     buffer = bucket.buffer()
     world = dist.get_world_size(group)

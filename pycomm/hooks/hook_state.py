@@ -14,7 +14,7 @@ import torch.distributed as dist
 
 from pycomm.distributed import completed_future  # the one completed future, shared with the collectives
 from pycomm.hooks.param_state import (STATE_FORMAT, CheckpointMismatch, ParameterNames, ParamsLike, ParamStore,
-                                      check_header, param_tensors_for_load)
+                                      check_header, param_tensors_for_load, report_mismatch)
 
 logger = logging.getLogger(__name__)
 
@@ -57,7 +57,9 @@ class HookState:
     process_group: Any = None
     observer: Optional[Callable[..., None]] = None
     _names: Optional[ParameterNames] = None
-    _NOT_PICKLED: tuple[str, ...] = ("process_group", "observer", "_settings_agreed", "_names")
+    hierarchy: str = "flat"   # set by each state's constructor (see pycomm.hooks.hierarchy)
+    _NOT_PICKLED: tuple[str, ...] = ("process_group", "observer", "_settings_agreed", "_names", "_node_groups",
+                                     "_resolved", "_in_node_step", "_node_layouts")
     _UNPICKLE_DEFAULTS: Mapping[str, Callable[[], Any]] = {}  # replaced by subclasses, never mutated
     _CONFIG: tuple[str, ...] = ()
     _METHOD: str = ""
@@ -91,7 +93,15 @@ class HookState:
         """
         self._names = ParameterNames(model)
         self._check_bound()
+        self._settle_hierarchy()
         return self
+
+    def _settle_hierarchy(self) -> None:
+        """Resolve ``hierarchy`` now if the process group exists (a collective: ``bind`` runs on every
+        rank); otherwise the first hook call does. Not for a state nested in another (L-GreCo's)."""
+        if not getattr(self, "_nested", False) and dist.is_available() and dist.is_initialized():
+            from pycomm.hooks import hierarchy
+            hierarchy.settle(self)
 
     def _check_bound(self) -> None:
         """Check what was loaded before :meth:`bind` against the names (subclasses add their settings)."""
@@ -119,6 +129,7 @@ class HookState:
         the hook's next call puts each parameter's part into its bucket."""
         self._plans.clear()
         self._store.clear()
+        self.__dict__.pop("_node_layouts", None)  # node mode: hand the loaded state to its owners again
         self._store.loose = param_tensors_for_load(state_dict.get("params", {}), self._names, self._fields(), strict,
                                                    skipped)
 
@@ -146,11 +157,26 @@ class HookState:
         return {"method": self._METHOD, "format": STATE_FORMAT, "config": self._config_state(),
                 "step": int(self.iter),
                 "rank": dist.get_rank(group) if initialized else 0,
-                "world_size": dist.get_world_size(group) if initialized else 1}
+                "world_size": dist.get_world_size(group) if initialized else 1,
+                "hierarchy": self._hierarchy_header()}
+
+    def _hierarchy_header(self) -> dict[str, Any]:
+        """How the state was resolved: ``mode`` ("flat" or "node", see :mod:`pycomm.hooks.hierarchy`)
+        and, in node mode, ``nodes`` and ``ranks_per_node``; per-parameter state in node mode is
+        the shard's, so a checkpoint only fits a run resolved the same way."""
+        groups = getattr(self, "_node_groups", None)
+        if groups is None:
+            return {"mode": "flat"}
+        return {"mode": "node", "nodes": groups.nodes, "ranks_per_node": groups.per_node}
 
     def _read_header(self, state_dict: Any, strict: bool, skipped: list[str]) -> None:
         """Check the method, format and settings of ``state_dict`` and take its step."""
         check_header(state_dict, self._METHOD, self._config_state(), strict, skipped)
+        if "_resolved" in self.__dict__ and not getattr(self, "_nested", False):
+            saved = state_dict.get("hierarchy") or {"mode": "flat"}  # written since hierarchical compression
+            if saved != self._hierarchy_header():
+                report_mismatch(strict, f"the checkpoint's per-parameter state was made with hierarchy {saved}, "
+                                        f"this state runs {self._hierarchy_header()}", skipped)
         step = state_dict.get("step")
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise CheckpointMismatch(f"the checkpoint's step must be an int >= 0, got {step!r}")

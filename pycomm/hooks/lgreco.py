@@ -16,6 +16,7 @@ import torch.distributed as dist
 from pycomm import layer_errors, lgreco
 from pycomm.distributed import mix_seed
 from pycomm.hooks import agreement
+from pycomm.hooks import hierarchy as _hierarchy
 from pycomm.hooks.dgc import DGCState, dgc_hook
 from pycomm.hooks.hook_state import HookState, Layer, LayerKey, log_skipped
 from pycomm.hooks.param_state import param_tensors_for_load
@@ -67,6 +68,11 @@ class LGreCoState(HookState):
         acc_steps: steps whose gradients are accumulated before each solve (``<= period``).
         alpha: error budget as a multiple of the uniform default's total error.
         levels: discretisation levels of the error budget (see :func:`pycomm.lgreco.solve`).
+        hierarchy: ``"auto"`` (default), ``"flat"`` or ``"node"`` (see :mod:`pycomm.hooks.hierarchy`).
+            In node mode each rank accumulates and measures the layers of its own shard (on the
+            node-averaged gradient); the error tables are averaged among the ranks that hold the
+            same shard on the other nodes and gathered inside each node, so every rank solves the
+            same whole table and applies the same per-layer choice.
         **options: passed to the inner state (e.g. ``bucket_size``, ``stochastic``,
             ``error_feedback`` for quant; ``momentum``, ``warmup_steps``, ``exact`` for topk).
 
@@ -97,7 +103,7 @@ class LGreCoState(HookState):
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, family: str = "quant",
                  default: Optional[Union[int, float]] = None, candidates: Optional[Sequence[Union[int, float]]] = None,
                  start_iter: int = 1000, period: int = 1000, acc_steps: int = 10, alpha: float = 1.0,
-                 levels: int = 10000, **options: Any) -> None:
+                 levels: int = 10000, hierarchy: str = "auto", **options: Any) -> None:
         if family == "quant":
             default = 4 if default is None else int(default)
             candidates = QUANT_CANDIDATES if candidates is None else tuple(int(c) for c in candidates)
@@ -112,6 +118,10 @@ class LGreCoState(HookState):
             self.inner = DGCState(process_group, density=default, **options)
         else:
             raise ValueError(f"family must be 'quant' or 'topk', got {family!r}")
+        # The hierarchy is this state's: in node mode the inner hook runs flat on each shard.
+        self.inner.hierarchy = "flat"
+        self.inner._nested = True
+        self.hierarchy = _hierarchy.validated_hierarchy(hierarchy)
         if start_iter < 0 or period < 1 or not 1 <= acc_steps <= period:
             raise ValueError(f"need start_iter >= 0, period >= 1 and 1 <= acc_steps <= period; got "
                              f"start_iter={start_iter}, period={period}, acc_steps={acc_steps}")
@@ -148,6 +158,7 @@ class LGreCoState(HookState):
         self.inner.bind(model)
         self._names = self.inner.parameter_names
         self._check_bound()
+        self._settle_hierarchy()
         return self
 
     def _check_bound(self) -> None:
@@ -229,20 +240,26 @@ class LGreCoState(HookState):
     def _solve(self, step: int) -> None:
         keys, lengths, errors, sizes = self._tables()
         self._accumulators.clear()
-        if not keys:  # the same on every rank: the layers come from DDP's buckets
-            logger.info("pycomm lgreco: no compressed layer was observed before step %d; nothing to solve", step + 1)
-            return
-        group = self.process_group
-        if dist.get_world_size(group) > 1:
+        group = self.process_group  # in node mode: the inter-node group of this rank's shard
+        agreed = True
+        if keys and dist.get_world_size(group) > 1:
             # Every rank has the same layers in the same order (DDP's buckets agree), unless a
             # bucket overflowed on one rank at every step of the window (then that rank did not
             # observe it). Agree on that first, so the all-reduce below never mismatches.
-            if not _same_on_all_ranks(keys, errors.device, group):
-                logger.warning("pycomm lgreco: ranks observed different layers before step %d (overflow "
-                               "steps); keeping the current choice", step + 1)
-                return
-            dist.all_reduce(errors, group=group)
-            errors.div_(dist.get_world_size(group))
+            agreed = _same_on_all_ranks(keys, errors.device, group)
+            if agreed:
+                dist.all_reduce(errors, group=group)
+                errors.div_(dist.get_world_size(group))
+        groups = getattr(self, "_node_groups", None)
+        if groups is not None:  # every local rank holds its shard's rows: all of them, on every rank
+            agreed, keys, lengths, errors, sizes = self._node_tables(agreed, keys, lengths, errors, sizes, groups)
+        if not agreed:
+            logger.warning("pycomm lgreco: ranks observed different layers before step %d (overflow "
+                           "steps); keeping the current choice", step + 1)
+            return
+        if not keys:  # the same on every rank: the layers come from DDP's buckets
+            logger.info("pycomm lgreco: no compressed layer was observed before step %d; nothing to solve", step + 1)
+            return
         errors = errors.cpu()
         if not bool(torch.isfinite(errors).all()):
             logger.warning("pycomm lgreco: the error table of step %d holds NaN/Inf (an overflow step); "
@@ -276,6 +293,25 @@ class LGreCoState(HookState):
                     "against %d uniform (%.2fx fewer), error %.4g of budget %.4g%s", self.family, len(keys),
                     step + 1, histogram, chosen_bytes, uniform_bytes, self.last_solve["bytes_vs_uniform"],
                     solution.error, budget, "" if solution.feasible else " (infeasible: least-error fallback)")
+
+    def _node_tables(self, agreed: bool, keys: list[LayerKey], lengths: list[int], errors: torch.Tensor,
+                     sizes: list[list[int]], groups: Any) -> tuple[bool, list[LayerKey], list[int], torch.Tensor,
+                                                                   list[list[int]]]:
+        """Node mode: gather every local rank's rows (its shard's layers, averaged over the nodes)
+        inside the node and merge them in model order; the same on every rank of the node, and on
+        every node (each shard's rows are the same on all its inter-node ranks)."""
+        own = (agreed, keys, lengths, errors.cpu(), sizes)
+        everyone: list[Any] = [None] * groups.per_node
+        dist.all_gather_object(everyone, own, group=groups.intra)
+        if not all(entry[0] for entry in everyone):
+            return False, [], [], errors, []
+        order = self._require_names().indices
+        rows = sorted(((order[key], key, length, row, size) for _, ks, ls, table, ss in everyone
+                       for key, length, row, size in zip(ks, ls, table, ss)), key=lambda item: item[0])
+        table = (torch.stack([row for _, _, _, row, _ in rows]) if rows
+                 else torch.zeros(0, len(self.candidates), dtype=torch.float64))
+        return (True, [key for _, key, _, _, _ in rows], [length for _, _, length, _, _ in rows], table,
+                [size for _, _, _, _, size in rows])
 
     # -- persistence ---------------------------------------------------------------------
     _METHOD = "lgreco"
@@ -320,6 +356,8 @@ def lgreco_hook(state: LGreCoState, bucket: dist.GradBucket) -> torch.futures.Fu
     """
     state._require_names()
     agreement.check_settings(state, bucket, "lgreco")
+    if (routed := _hierarchy.route(state, bucket, lgreco_hook)) is not None:  # node mode
+        return routed
     step = state.inner.iter  # the inner hook counts iterations on the last bucket
     state.inner.observer = state._observe if state.observing(step) else None
     inner_hook: Callable[..., torch.futures.Future] = (

@@ -13,9 +13,10 @@ import torch.distributed as dist
 from pycomm import ops
 from pycomm.ops.validation import check_bits_bucket
 from pycomm.hooks import agreement
+from pycomm.hooks import hierarchy as _hierarchy
 from pycomm.hooks.hook_state import (BucketPlan, Dense, HookState, Layer, advance_step, allreduce_dense,
-                                     average_async, bucket_signature, log_skipped, split_layers, take_dense,
-                                     validated_layer_params)
+                                     average_async, bucket_signature, completed_future, log_skipped, split_layers,
+                                     take_dense, validated_layer_params)
 from pycomm.hooks.param_state import ParameterNames, ParamStore
 from pycomm.distributed import chunk_layout, mix_seed, quantized_all_reduce
 
@@ -151,6 +152,8 @@ class QuantState(HookState):
         seed: base seed of stochastic rounding, mixed with the step and the rank; each element draws
             at (its parameter, its offset in the parameter), so a layer's rounding does not depend
             on the bucket it is in.
+        hierarchy: ``"auto"`` (default), ``"flat"`` or ``"node"``: quantize only between nodes,
+            after a full-precision reduce-scatter inside each node (see :mod:`pycomm.hooks.hierarchy`).
 
     The state needs the model's parameter names (:meth:`bind`; ``pycomm.register`` does it): the
     residuals belong to parameters. A DDP bucket's plan holds them in flat working buffers while
@@ -188,7 +191,7 @@ class QuantState(HookState):
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, bits: int = 4, bucket_size: int = 512,
                  stochastic: bool = True, error_feedback: bool = True, start_iter: int = 2, min_numel: int = 1024,
-                 seed: int = 0) -> None:
+                 seed: int = 0, hierarchy: str = "auto") -> None:
         check_bits_bucket(bits, bucket_size)
         if start_iter < 0 or min_numel < 0:
             raise ValueError(f"start_iter and min_numel must be >= 0, got {start_iter} and {min_numel}")
@@ -200,6 +203,7 @@ class QuantState(HookState):
         self.start_iter = start_iter
         self.min_numel = min_numel
         self.seed = seed
+        self.hierarchy = _hierarchy.validated_hierarchy(hierarchy)
         self.iter = 0
         self.observer: Optional[_Observer] = None
         self._layer_params: dict[str, int] = {}
@@ -356,9 +360,13 @@ def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torc
     """
     state._require_names()
     agreement.check_settings(state, bucket, "quant")
+    if (routed := _hierarchy.route(state, bucket, quantized_allreduce_hook)) is not None:  # node mode
+        return routed
     group = state.process_group
     buffer = bucket.buffer()
     step = advance_step(state, bucket)
+    if buffer.numel() == 0:  # node mode: an empty shard, empty on every rank of the inter-node group
+        return completed_future(buffer)
     if step < state.start_iter or buffer.dtype not in ops.SUPPORTED_DTYPES:
         return average_async(buffer, group)
     plan = state._plan(bucket)

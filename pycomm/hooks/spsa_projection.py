@@ -12,6 +12,7 @@ import torch.distributed as dist
 from pycomm import ops
 from pycomm.ops.philox import philox_distribution_code
 from pycomm.hooks import agreement
+from pycomm.hooks import hierarchy as _hierarchy
 from pycomm.hooks.hook_state import (BucketPlan, HookState, advance_step, average_, completed_future, log_skipped,
                                      parameter_slices, same_layout_plan)
 from pycomm.hooks.param_state import ParamStore, export_slices, load_slices
@@ -72,6 +73,9 @@ class ProjectionState(HookState):
         distribution: ``"gaussian"`` or ``"rademacher"``.
         codec: byte codec of the coefficients (default: 1e-7 to 10, 8 decades).
         seed: base seed shared by all ranks.
+        hierarchy: ``"auto"`` (default), ``"flat"`` or ``"node"``: in node mode each rank projects
+            its shard of the node-averaged bucket (K bytes per shard per rank among the ranks that
+            hold the same shard on the other nodes), see :mod:`pycomm.hooks.hierarchy`.
     """
 
     _METHOD = "spsa-projection"
@@ -79,7 +83,7 @@ class ProjectionState(HookState):
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, num_directions: int = 4,
                  error_feedback: bool = False, distribution: str = "gaussian",
-                 codec: LogByteCodec = LogByteCodec(1e-7, 10.0), seed: int = 0) -> None:
+                 codec: LogByteCodec = LogByteCodec(1e-7, 10.0), seed: int = 0, hierarchy: str = "auto") -> None:
         if num_directions < 1:
             raise ValueError(f"num_directions must be >= 1, got {num_directions}")
         philox_distribution_code(distribution)  # validates
@@ -89,6 +93,7 @@ class ProjectionState(HookState):
         self.distribution = distribution
         self.codec = codec
         self.seed = seed
+        self.hierarchy = _hierarchy.validated_hierarchy(hierarchy)
         self.iter = 0
         self._plans: dict[int, _ProjectionPlan] = {}
         self._store = ParamStore()
@@ -195,11 +200,15 @@ def projection_hook(state: ProjectionState, bucket: dist.GradBucket) -> torch.fu
     """
     state._require_names()
     agreement.check_settings(state, bucket, "spsa-projection")
+    if (routed := _hierarchy.route(state, bucket, projection_hook)) is not None:  # node mode
+        return routed
     group = state.process_group
     buffer = bucket.buffer()
     world = dist.get_world_size(group)
     step = advance_step(state, bucket)
     n = buffer.numel()
+    if n == 0:  # node mode: an empty shard, empty on every rank of the inter-node group
+        return completed_future(buffer)
     plan = state._plan(bucket)
     x = buffer.float()
     residual = plan.residual
