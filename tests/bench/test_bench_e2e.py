@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dist_utils import run_distributed
+from process_table import running_since, wait_gone
 from pycomm.bench import netns
 from pycomm.bench.cli import build_parser, main as cli_main
 from pycomm.bench.config import MODELS, BenchConfig
@@ -235,16 +236,6 @@ def test_shaped_run_reports_wire_bytes(tmp_path):
     assert not netns.ShapedNamespace("1gbit", name=net["namespace"]).exists()
 
 
-def _running_since(pid):
-    """The start time of a running (not zombie) process ``pid``, or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
 @needs_root
 def test_namespace_removed_on_sigint_with_workers_inside(tmp_path):
     script = ("import sys; from pycomm.bench.cli import main; "
@@ -260,7 +251,7 @@ def test_namespace_removed_on_sigint_with_workers_inside(tmp_path):
             names = [n for n in netns._list_namespaces() if n.startswith(mine)]
             if names:
                 name = names[0]
-                inside = {pid: _running_since(pid) for pid in netns._namespace_pids(name)}
+                inside = {pid: running_since(pid) for pid in netns._namespace_pids(name)}
         assert name is not None and len(inside) >= 3, "the workers never started inside the namespace"
         os.kill(proc.pid, signal.SIGINT)
         output, _ = proc.communicate(timeout=60)
@@ -269,11 +260,7 @@ def test_namespace_removed_on_sigint_with_workers_inside(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0 and "KeyboardInterrupt" in output
     assert name not in netns._list_namespaces()
-    # killed processes may take a moment to exit and be reaped; a zombie or a reused pid is not a survivor
-    deadline = time.monotonic() + 10
-    while (alive := [pid for pid, started in inside.items() if _running_since(pid) == started]) and \
-            time.monotonic() < deadline:
-        time.sleep(0.2)
+    alive = wait_gone(inside)
     assert not alive, f"processes {alive} from the namespace are still alive"
 
 

@@ -12,6 +12,7 @@ import time
 
 import pytest
 
+from process_table import running_since, wait_gone
 from pycomm.bench import netns
 from pycomm.bench.cli import build_parser, main as cli_main
 from pycomm.bench.config import BenchConfig
@@ -38,25 +39,6 @@ SLACK_BYTES = 64 * 1024
 
 def _my_namespaces(pid: int) -> list[str]:
     return [n for n in netns._list_namespaces() if n.startswith(f"{netns.NAME_PREFIX}{pid}-")]
-
-
-def _running_since(pid):
-    """The start time of a running (not zombie) process ``pid``, or None."""
-    try:
-        with open(f"/proc/{pid}/stat") as fh:
-            fields = fh.read().rsplit(")", 1)[1].split()
-    except OSError:
-        return None
-    return None if fields[0] in ("Z", "X") else int(fields[19])
-
-
-def _wait_gone(processes: dict[int, int], timeout_s: float = 10.0) -> list[int]:
-    """The processes of ``processes`` (pid -> start time) still alive after up to ``timeout_s`` (a zombie or a
-    reused pid is not a survivor)."""
-    deadline = time.monotonic() + timeout_s
-    while (alive := [p for p, t in processes.items() if _running_since(p) == t]) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    return alive
 
 
 # --------------------------------------------------------------------------- no namespaces needed
@@ -201,10 +183,10 @@ def test_emulated_nodes_topology_and_removal_on_error():
             assert nodes.delay_applied or "netem" in (nodes.delay_note or "")
             sleeper = subprocess.Popen(nodes.exec_prefix(1) + ["sleep", "600"])
             time.sleep(0.5)
-            started = {sleeper.pid: _running_since(sleeper.pid)}
+            started = {sleeper.pid: running_since(sleeper.pid)}
             raise RuntimeError("deliberate")
     sleeper.wait(timeout=10)
-    assert not _wait_gone(started) and not nodes.exists() and _my_namespaces(os.getpid()) == []
+    assert not wait_gone(started) and not nodes.exists() and _my_namespaces(os.getpid()) == []
     nodes.remove()  # idempotent
 
 
@@ -267,14 +249,14 @@ def test_nodes_removed_when_the_run_raises(monkeypatch):
     def failing_pool(pending, cfg, net, run_root, log_level, on_start, on_result, nodes=None):
         proc = subprocess.Popen(nodes.exec_prefix(1) + ["sleep", "600"], start_new_session=True)
         time.sleep(0.5)
-        seen.update(names=nodes.all_names(), processes={proc.pid: _running_since(proc.pid)}, proc=proc)
+        seen.update(names=nodes.all_names(), processes={proc.pid: running_since(proc.pid)}, proc=proc)
         raise RuntimeError("deliberate failure mid-run")
 
     monkeypatch.setattr(e2e, "run_pool", failing_pool)
     with pytest.raises(RuntimeError, match="deliberate failure mid-run"):
         run_e2e(["allreduce"], BenchConfig(workers=2, nodes=2, steps=1, bandwidth="1gbit", **TINY), verbose=False)
     seen["proc"].wait(timeout=10)
-    assert not _wait_gone(seen["processes"])
+    assert not wait_gone(seen["processes"])
     assert not set(seen["names"]) & set(netns._list_namespaces())
 
 
@@ -292,7 +274,7 @@ def test_nodes_removed_on_sigterm_with_torchrun_inside(tmp_path):
         while time.monotonic() < deadline and len(inside) < 6:  # two torchruns and four workers
             time.sleep(0.5)
             names = _my_namespaces(proc.pid)
-            inside = {pid: _running_since(pid) for name in names for pid in netns._namespace_pids(name)}
+            inside = {pid: running_since(pid) for name in names for pid in netns._namespace_pids(name)}
         if len(inside) < 6:
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"the workers never started in the nodes: {names}, {inside}:\n{proc.communicate()[0]}")
@@ -304,7 +286,7 @@ def test_nodes_removed_on_sigterm_with_torchrun_inside(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode != 0 and "KeyboardInterrupt" in output and "SIGTERM" in output
     assert not set(names) & set(netns._list_namespaces())
-    assert not _wait_gone(inside), "processes from the node namespaces are still alive"
+    assert not wait_gone(inside), "processes from the node namespaces are still alive"
 
 
 @needs_root
