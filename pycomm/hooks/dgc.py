@@ -89,7 +89,7 @@ class DGCState(HookState):
         value_dtype: ``torch.float32`` or ``torch.float16`` for the values on the wire
             (indices travel as int32).
         seed: seed of the top-k sample.
-        hierarchy: ``"auto"`` (default), ``"flat"`` or ``"node"``: in node mode each node is one DGC
+        hierarchy: ``"flat"`` (default), ``"auto"`` or ``"node"``: in node mode each node is one DGC
             worker on each shard, see :mod:`pycomm.hooks.hierarchy`.
 
     Per-layer densities (for L-GreCo): :meth:`set_layer_params` maps compressed layers, by
@@ -132,7 +132,7 @@ class DGCState(HookState):
                  sample_ratio: float = 0.01, exact: bool = False, momentum_masking: bool = True,
                  warmup_steps: int = 0, warmup_epochs: int = 0, steps_per_epoch: Optional[int] = None,
                  warmup_densities: Sequence[float] = PAPER_WARMUP_DENSITIES, min_numel: int = 1024,
-                 value_dtype: torch.dtype = torch.float32, seed: int = 0, hierarchy: str = "auto") -> None:
+                 value_dtype: torch.dtype = torch.float32, seed: int = 0, hierarchy: str = "flat") -> None:
         DGC(density, momentum, nesterov, clip_norm, momentum_masking, exact, sample_ratio)  # validates
         if value_dtype not in (torch.float32, torch.float16):
             raise ValueError(f"value_dtype must be torch.float32 or torch.float16, got {value_dtype}")

@@ -68,7 +68,7 @@ class LGreCoState(HookState):
         acc_steps: steps whose gradients are accumulated before each solve (``<= period``).
         alpha: error budget as a multiple of the uniform default's total error.
         levels: discretisation levels of the error budget (see :func:`pycomm.lgreco.solve`).
-        hierarchy: ``"auto"`` (default), ``"flat"`` or ``"node"`` (see :mod:`pycomm.hooks.hierarchy`).
+        hierarchy: ``"flat"`` (default), ``"auto"`` or ``"node"`` (see :mod:`pycomm.hooks.hierarchy`).
             In node mode each rank accumulates and measures the layers of its own shard (on the
             node-averaged gradient); the error tables are averaged among the ranks that hold the
             same shard on the other nodes and gathered inside each node, so every rank solves the
@@ -103,7 +103,7 @@ class LGreCoState(HookState):
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, family: str = "quant",
                  default: Optional[Union[int, float]] = None, candidates: Optional[Sequence[Union[int, float]]] = None,
                  start_iter: int = 1000, period: int = 1000, acc_steps: int = 10, alpha: float = 1.0,
-                 levels: int = 10000, hierarchy: str = "auto", **options: Any) -> None:
+                 levels: int = 10000, hierarchy: str = "flat", **options: Any) -> None:
         if family == "quant":
             default = 4 if default is None else int(default)
             candidates = QUANT_CANDIDATES if candidates is None else tuple(int(c) for c in candidates)

@@ -152,7 +152,7 @@ class QuantState(HookState):
         seed: base seed of stochastic rounding, mixed with the step and the rank; each element draws
             at (its parameter, its offset in the parameter), so a layer's rounding does not depend
             on the bucket it is in.
-        hierarchy: ``"auto"`` (default), ``"flat"`` or ``"node"``: quantize only between nodes,
+        hierarchy: ``"flat"`` (default), ``"auto"`` or ``"node"``: quantize only between nodes,
             after a full-precision reduce-scatter inside each node (see :mod:`pycomm.hooks.hierarchy`).
 
     The state needs the model's parameter names (:meth:`bind`; ``pycomm.register`` does it): the
@@ -191,7 +191,7 @@ class QuantState(HookState):
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, bits: int = 4, bucket_size: int = 512,
                  stochastic: bool = True, error_feedback: bool = True, start_iter: int = 2, min_numel: int = 1024,
-                 seed: int = 0, hierarchy: str = "auto") -> None:
+                 seed: int = 0, hierarchy: str = "flat") -> None:
         check_bits_bucket(bits, bucket_size)
         if start_iter < 0 or min_numel < 0:
             raise ValueError(f"start_iter and min_numel must be >= 0, got {start_iter} and {min_numel}")

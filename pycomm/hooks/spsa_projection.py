@@ -73,7 +73,7 @@ class ProjectionState(HookState):
         distribution: ``"gaussian"`` or ``"rademacher"``.
         codec: byte codec of the coefficients (default: 1e-7 to 10, 8 decades).
         seed: base seed shared by all ranks.
-        hierarchy: ``"auto"`` (default), ``"flat"`` or ``"node"``: in node mode each rank projects
+        hierarchy: ``"flat"`` (default), ``"auto"`` or ``"node"``: in node mode each rank projects
             its shard of the node-averaged bucket (K bytes per shard per rank among the ranks that
             hold the same shard on the other nodes), see :mod:`pycomm.hooks.hierarchy`.
     """
@@ -83,7 +83,7 @@ class ProjectionState(HookState):
 
     def __init__(self, process_group: Optional[dist.ProcessGroup] = None, num_directions: int = 4,
                  error_feedback: bool = False, distribution: str = "gaussian",
-                 codec: LogByteCodec = LogByteCodec(1e-7, 10.0), seed: int = 0, hierarchy: str = "auto") -> None:
+                 codec: LogByteCodec = LogByteCodec(1e-7, 10.0), seed: int = 0, hierarchy: str = "flat") -> None:
         if num_directions < 1:
             raise ValueError(f"num_directions must be >= 1, got {num_directions}")
         philox_distribution_code(distribution)  # validates

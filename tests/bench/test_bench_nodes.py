@@ -210,7 +210,7 @@ def test_two_nodes_through_torchrun(tmp_path, monkeypatch):
 
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the workers' command lines name tmp_path
     # quant4 all-reduces uncompressed for its first 2 steps (start_iter): 5 steps make the median compressed
-    # flat: the library's default, "auto", would compress hierarchically on 2 x 2 (test below)
+    # flat, explicitly (the library's default too); node mode is the test below
     cfg = BenchConfig(workers=4, nodes=2, steps=5, bandwidth="1gbit", hierarchy="flat", **TINY)
     report = run_e2e(["allreduce", "quant4"], cfg, verbose=False)
     net = report["network"]
