@@ -77,7 +77,7 @@ _FLAG_BYTES = 1
 
 def reduce_scale(op: Union[dist.ReduceOp, "dist.ReduceOp.RedOpType"], world: int) -> float:
     """The factor a sum is multiplied by for ``op``: SUM 1, AVG ``1 / world``, PREMUL_SUM its factor."""
-    kind = op.op if isinstance(op, dist.ReduceOp) and op.op == dist.ReduceOp.PREMUL_SUM else op
+    kind = getattr(op, "op", op)  # a ReduceOp instance (PREMUL_SUM) carries its RedOpType in .op
     if kind == dist.ReduceOp.SUM:
         return 1.0
     if kind == dist.ReduceOp.AVG:
