@@ -72,8 +72,8 @@ class _Recorder:
         return result
 
 
-def _fsdp_run(rank, world, bits, nan_rank=None, steps=1):
-    from torch.distributed.fsdp import FSDPModule, fully_shard
+def _fsdp_run(rank, world, bits, nan_rank=None, steps=1, reduce_dtype=None, reshard=True):
+    from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 
     from pycomm.fsdp import compress
@@ -82,9 +82,10 @@ def _fsdp_run(rank, world, bits, nan_rank=None, steps=1):
     torch.manual_seed(0)
     # Sizes chosen so that every shard is (nearly) whole buckets: 127*256+256 and 128*256+128 elements.
     model = torch.nn.Sequential(torch.nn.Linear(127, 256), torch.nn.ReLU(), torch.nn.Linear(256, 128))
-    fully_shard(model[0])
-    fully_shard(model[2])
-    fully_shard(model)
+    options = {"mp_policy": MixedPrecisionPolicy(reduce_dtype=reduce_dtype), "reshard_after_forward": reshard}
+    fully_shard(model[0], **options)
+    fully_shard(model[2], **options)
+    fully_shard(model, **options)
     state = compress(model, bits=bits, bucket_size=BUCKET, seed=11) if bits else None
     log = []
     for name, module in model.named_modules():
@@ -116,6 +117,7 @@ def _worker(rank, world):
             "plain": _fsdp_run(rank, world, 0),
             "q8": _fsdp_run(rank, world, 8),
             "q4": _fsdp_run(rank, world, 4),
+            "q8bf16": _fsdp_run(rank, world, 8, reduce_dtype=torch.bfloat16, reshard=False),
             "nan": _fsdp_run(rank, world, 4, nan_rank=world - 1),
             "plain3": _fsdp_run(rank, world, 0, steps=3),
             "q4x3": _fsdp_run(rank, world, 4, steps=3)}
@@ -186,6 +188,17 @@ def test_fsdp_8bit_shards_within_bound_of_uncompressed(runs):
         for name, grad in results[rank]["q8"]["grads"].items():
             ref = results[rank]["plain"]["grads"][name]
             assert grad.shape == ref.shape and (grad - ref).abs().max() < 0.05 * ref.abs().max() + 1e-6
+
+
+def test_fsdp_bfloat16_reduce_dtype_without_reshard(runs):
+    world, results = runs
+    for rank in range(world):
+        log = results[rank]["q8bf16"]["log"]
+        assert len(log) == 2 and all(e["input"].dtype == e["output"].dtype == torch.bfloat16 for e in log)
+        for name, grad in results[rank]["q8bf16"]["grads"].items():
+            ref = results[rank]["plain"]["grads"][name]
+            assert grad.dtype == torch.float32  # FSDP casts the shard back to the parameter dtype
+            assert (grad - ref).abs().max() < 0.05 * ref.abs().max() + 1e-6, (rank, name)
 
 
 def test_fsdp_4bit_bytes_at_most_one_seventh(runs):
