@@ -50,8 +50,12 @@ again uncompressed (exactly as FSDP would have), so the overflow reaches the opt
 CUDA, where that decision would wait for the device, the whole shard of every rank is set to NaN
 instead (not yet run on a GPU).
 
-Not yet done (issue 16): worker error feedback, state_dict/load_state_dict of the compressor state,
-HSDP's replica all-reduce, and ``pycomm bench e2e --parallel fsdp``.
+Worker error feedback (``error_feedback=True``) keeps one float32 residual per module over the whole
+reduce-scatter input, so it costs as much memory as the module's unsharded gradient on every rank.
+Its state is keyed by module name, with the residual in the input's ``[W, S]`` layout.
+
+Not yet done (issue 16): residuals keyed by parameter name (the hooks' state format), HSDP's replica
+all-reduce, checkpoint resume tests, and ``pycomm bench e2e --parallel fsdp``.
 """
 
 from __future__ import annotations
@@ -97,10 +101,14 @@ class QuantizedReduceScatter(ReduceScatter):
         stochastic: unbiased stochastic rounding (else round to nearest).
         seed: seed of the stochastic rounding; mixed with the call count and the rank.
         name: a label (the module's name in the model), for messages and state.
+        error_feedback: keep a float32 residual of the input (``W * S`` elements, zero on this rank's own
+            chunk) and add it before quantizing, so the quantization error is sent on the next step
+            instead of lost. It costs ``4 * W * S`` bytes per module per rank: the size of the module's
+            unsharded gradient, which FSDP otherwise never keeps. Reset to zero after a non-finite call.
     """
 
     def __init__(self, bits: int = 4, bucket_size: int = 512, stochastic: bool = True, seed: int = 0,
-                 name: str = "") -> None:
+                 name: str = "", error_feedback: bool = False) -> None:
         check_bits_bucket(bits, bucket_size)
         self.bits = bits
         self.bucket_size = bucket_size
@@ -109,6 +117,8 @@ class QuantizedReduceScatter(ReduceScatter):
         self.name = name
         self.calls = 0
         self.uncompressed_calls = 0
+        self.error_feedback = error_feedback
+        self.residual: Optional[torch.Tensor] = None
         self._tables: dict[tuple[int, int, torch.device], torch.Tensor] = {}
 
     def allocate(self, size: Sequence[Union[int, torch.SymInt]], *, dtype: torch.dtype,
@@ -152,8 +162,9 @@ class QuantizedReduceScatter(ReduceScatter):
         table = self._table(shard, world, flat.device)
         per_chunk = table.shape[0] // world
         first = rank * per_chunk
+        residual = self._residual_for(flat) if self.error_feedback else None
         send = quantize_records(flat, bits=self.bits, bucket_size=self.bucket_size, stochastic=self.stochastic,
-                                seed=mix_seed(self.seed, self.calls, rank, 1), bucket_table=table,
+                                seed=mix_seed(self.seed, self.calls, rank, 1), residual=residual, bucket_table=table,
                                 num_buckets=table.shape[0], skip_begin=first, skip_end=first + per_chunk)
         own = flat[rank * shard:(rank + 1) * shard]
         # The peers' buckets are non-finite iff their headers are (our own chunk's are zero records).
@@ -169,6 +180,8 @@ class QuantizedReduceScatter(ReduceScatter):
         if not flat.is_cuda and bool(any_bad):
             # Every rank holds every rank's flag, so every rank takes this branch together.
             self.uncompressed_calls += 1
+            if residual is not None:  # it took in the non-finite values; the step is lost anyway
+                residual.zero_()
             dist.reduce_scatter_single(out, flat, group=group, op=dist.ReduceOp.SUM)
             out.mul_(scale)
             return
@@ -180,6 +193,27 @@ class QuantizedReduceScatter(ReduceScatter):
         if flat.is_cuda:  # no host sync: poison every shard when any rank overflowed
             reduced = torch.where(any_bad, torch.full_like(reduced, math.nan), reduced)
         out.copy_(reduced)
+
+    def _residual_for(self, flat: torch.Tensor) -> torch.Tensor:
+        if self.residual is None:
+            self.residual = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
+        elif self.residual.numel() != flat.numel():
+            raise ValueError(f"reduce-scatter{' of ' + self.name if self.name else ''}: the input has "
+                             f"{flat.numel()} elements but the error-feedback residual {self.residual.numel()}; "
+                             f"one comm serves one FSDP module (same world size as when it was saved)")
+        elif self.residual.device != flat.device:  # loaded from a checkpoint on another device
+            self.residual = self.residual.to(flat.device)
+        return self.residual
+
+    def state_dict(self) -> dict[str, object]:
+        """The call count (it seeds the rounding) and the residual (None before the first call)."""
+        return {"calls": self.calls, "residual": None if self.residual is None else self.residual.clone()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore what :meth:`state_dict` returned (the same module layout and world size)."""
+        self.calls = int(state["calls"])
+        residual = state["residual"]
+        self.residual = None if residual is None else torch.as_tensor(residual, dtype=torch.float32).clone()
 
 
 @dataclass
@@ -193,9 +227,20 @@ class FSDPCompressionState:
         """Reduce-scatters that fell back to uncompressed because of a NaN or Inf on some rank."""
         return sum(c.uncompressed_calls for c in self.comms.values())
 
+    def state_dict(self) -> dict[str, dict[str, object]]:
+        """Each comm's :meth:`QuantizedReduceScatter.state_dict`, by module name (this rank's own)."""
+        return {name: comm.state_dict() for name, comm in self.comms.items()}
+
+    def load_state_dict(self, state: dict[str, dict[str, object]]) -> None:
+        """Restore :meth:`state_dict` into a model compressed the same way (ValueError if modules differ)."""
+        if set(state) != set(self.comms):
+            raise ValueError(f"state has modules {sorted(state)} but the model has {sorted(self.comms)}")
+        for name, comm in self.comms.items():
+            comm.load_state_dict(state[name])
+
 
 def compress(model: torch.nn.Module, method: str = "quant", bits: int = 4, bucket_size: int = 512,
-             stochastic: bool = True, seed: int = 0) -> FSDPCompressionState:
+             stochastic: bool = True, seed: int = 0, error_feedback: bool = False) -> FSDPCompressionState:
     """Install a :class:`QuantizedReduceScatter` on every ``FSDPModule`` of ``model`` (``fully_shard`` first).
 
     Returns the state that holds the comms, keyed by module name ("" for the root).
@@ -206,7 +251,8 @@ def compress(model: torch.nn.Module, method: str = "quant", bits: int = 4, bucke
     state = FSDPCompressionState()
     for name, module in model.named_modules():
         if isinstance(module, FSDPModule):
-            comm = QuantizedReduceScatter(bits, bucket_size, stochastic, mix_seed(seed, len(state.comms)), name)
+            comm = QuantizedReduceScatter(bits, bucket_size, stochastic, mix_seed(seed, len(state.comms)), name,
+                                          error_feedback)
             module.set_custom_reduce_scatter(comm)
             state.comms[name] = comm
     if not state.comms:

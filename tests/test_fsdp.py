@@ -72,7 +72,7 @@ class _Recorder:
         return result
 
 
-def _fsdp_run(rank, world, bits, nan_rank=None, steps=1, reduce_dtype=None, reshard=True):
+def _fsdp_run(rank, world, bits, nan_rank=None, steps=1, reduce_dtype=None, reshard=True, error_feedback=False):
     from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
     from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
 
@@ -86,7 +86,7 @@ def _fsdp_run(rank, world, bits, nan_rank=None, steps=1, reduce_dtype=None, resh
     fully_shard(model[0], **options)
     fully_shard(model[2], **options)
     fully_shard(model, **options)
-    state = compress(model, bits=bits, bucket_size=BUCKET, seed=11) if bits else None
+    state = compress(model, bits=bits, bucket_size=BUCKET, seed=11, error_feedback=error_feedback) if bits else None
     log = []
     for name, module in model.named_modules():
         if isinstance(module, FSDPModule):
@@ -109,7 +109,8 @@ def _fsdp_run(rank, world, bits, nan_rank=None, steps=1, reduce_dtype=None, resh
         optimizer.zero_grad()
     full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
     return {"log": log if steps == 1 else None, "bytes": bytes_by_collective, "grads": grads, "full": full,
-            "fallbacks": state.uncompressed_calls if state else 0, "modules": len(state.comms) if state else 0}
+            "fallbacks": state.uncompressed_calls if state else 0, "modules": len(state.comms) if state else 0,
+            "state": state.state_dict() if state else None}
 
 
 def _worker(rank, world):
@@ -120,7 +121,8 @@ def _worker(rank, world):
             "q8bf16": _fsdp_run(rank, world, 8, reduce_dtype=torch.bfloat16, reshard=False),
             "nan": _fsdp_run(rank, world, 4, nan_rank=world - 1),
             "plain3": _fsdp_run(rank, world, 0, steps=3),
-            "q4x3": _fsdp_run(rank, world, 4, steps=3)}
+            "q4x3": _fsdp_run(rank, world, 4, steps=3),
+            "q2efx3": _fsdp_run(rank, world, 2, steps=3, error_feedback=True)}
 
 
 @pytest.fixture(scope="module", params=[2, 4], ids=lambda w: f"W{w}")
@@ -233,3 +235,55 @@ def test_fsdp_params_identical_across_ranks_and_close_to_uncompressed(runs):
         ref = results[0]["plain3"]["full"][name]
         start = results[0]["plain"]["full"][name]  # one step of plain: a scale for the update size
         assert (p0 - ref).abs().max() < 0.5 * (ref - start).abs().max() + 1e-3, name
+
+
+
+def test_fsdp_error_feedback_state_by_module(runs):
+    world, results = runs
+    for rank in range(world):
+        state = results[rank]["q2efx3"]["state"]
+        assert set(state) == {"", "0", "2"}
+        assert state[""] == {"calls": 0, "residual": None}  # the root has no parameters of its own
+        for name in ("0", "2"):
+            assert state[name]["calls"] == 3
+            residual = state[name]["residual"].view(world, -1)
+            assert torch.isfinite(residual).all() and residual.abs().max() > 0
+            assert torch.equal(residual[rank], torch.zeros_like(residual[rank]))
+        for name, p0 in results[0]["q2efx3"]["full"].items():
+            assert torch.equal(results[rank]["q2efx3"]["full"][name], p0)
+
+
+def _feedback(rank, world, error_feedback, repeats):
+    from pycomm.fsdp import QuantizedReduceScatter
+
+    comm = QuantizedReduceScatter(bits=2, bucket_size=BUCKET, stochastic=False, error_feedback=error_feedback)
+    x = _direct_input(rank, world, 700, torch.float32, 99)
+    total = torch.zeros(700, dtype=torch.float64)
+    for _ in range(repeats):
+        out = torch.empty(700)
+        comm(output_tensor=out, input_tensor=x.clone(), group=dist.group.WORLD, op=dist.ReduceOp.SUM)
+        total += out.double()
+    restored = QuantizedReduceScatter(bits=2, bucket_size=BUCKET, stochastic=False, error_feedback=error_feedback)
+    restored.load_state_dict(comm.state_dict())
+    return {"mean": total / repeats, "state": comm.state_dict(), "restored": restored.state_dict()}
+
+
+def test_error_feedback_cancels_the_rounding_bias_over_steps():
+    world, repeats = 2, 16
+    with_ef = run_distributed(_feedback, world, True, repeats)
+    without = run_distributed(_feedback, world, False, repeats)
+    xs = [_direct_input(r, world, 700, torch.float32, 99).double().view(world, 700) for r in range(world)]
+    for rank in range(world):
+        exact = sum(x[rank] for x in xs)
+        unit = sum(bucket_units(xs[k][rank], 2, BUCKET) for k in range(world) if k != rank)
+        # Round to nearest at 2 bits without feedback: the same error every step (up to unit / 2).
+        # With feedback the errors telescope: the mean is off by at most one residual / repeats.
+        err_ef = (with_ef[rank]["mean"] - exact).abs()
+        err_plain = (without[rank]["mean"] - exact).abs()
+        assert (err_ef <= unit / repeats + 1e-5).all()
+        assert err_plain.max() > 4 * err_ef.max()
+        state = with_ef[rank]["state"]
+        assert state["calls"] == repeats and state["residual"].numel() == world * 700
+        assert torch.equal(state["residual"].view(world, 700)[rank], torch.zeros(700))  # own chunk: never quantized
+        assert torch.equal(with_ef[rank]["restored"]["residual"], state["residual"])
+        assert without[rank]["state"]["residual"] is None
