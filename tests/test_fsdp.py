@@ -28,6 +28,7 @@ def _direct_cases():
     """(bits, shard numel, dtype, op name, PREMUL_SUM factor or None, rank and index of a NaN or None)."""
     cases = [(8, s, torch.float32, "AVG", None, None) for s in SHARD_SIZES]
     cases += [(4, 1000, torch.float32, "PREMUL_SUM", 1 / 3, None), (8, 1000, torch.bfloat16, "SUM", None, None),
+              (8, 1000, torch.float16, "SUM", None, None),
               (3, 1000, torch.float32, "AVG", None, (1, "own")), (3, 1000, torch.float32, "SUM", None, (0, "peer"))]
     return cases
 
@@ -46,12 +47,19 @@ def _direct(rank, world):
             # "own": inside this rank's own (unquantized) chunk; "peer": inside the next rank's chunk.
             owner = rank if nan[1] == "own" else (rank + 1) % world
             x[owner * shard + 5] = math.nan
-        comm = QuantizedReduceScatter(bits=bits, bucket_size=BUCKET, seed=3)
+        # The NaN cases run with error feedback: the residual must not keep the NaN.
+        comm = QuantizedReduceScatter(bits=bits, bucket_size=BUCKET, seed=3, error_feedback=nan is not None)
         out = comm.allocate((shard,), dtype=dtype, device=x.device)
-        comm(output_tensor=out, input_tensor=x.clone(), group=dist.group.WORLD, op=_op(op_name, factor))
+        # async_op, which FSDP never passes, returns a completed Work.
+        work = comm(output_tensor=out, input_tensor=x.clone(), group=dist.group.WORLD, op=_op(op_name, factor),
+                    async_op=case == 0)
+        assert (work is None) == (case != 0)
+        if work is not None:
+            work.wait()
         exact = torch.empty_like(out)
         dist.reduce_scatter_single(exact, x.clone(), op=dist.ReduceOp.SUM)
-        results.append({"out": out, "exact_sum": exact, "fallbacks": comm.uncompressed_calls})
+        results.append({"out": out, "exact_sum": exact, "fallbacks": comm.uncompressed_calls,
+                        "residual": comm.residual})
     return results
 
 
@@ -147,7 +155,7 @@ def test_direct_calls_within_quantization_bound(runs):
             # Each peer's contribution is off by < one unit of its bucket (stochastic rounding).
             bound = sum(bucket_units(xs[k][rank], bits, BUCKET) for k in range(world) if k != rank) * abs(scale)
             # The owner's chunk and the sum stay in full precision; bfloat16 rounds the output once.
-            slack = 1e-5 + (exact.abs() * 2**-8 if dtype == torch.bfloat16 else 0)
+            slack = 1e-5 + exact.abs() * {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 0}[dtype]
             out = results[rank]["direct"][case]["out"]
             assert out.dtype == dtype
             err = (out.double() - exact).abs()
@@ -165,6 +173,7 @@ def test_direct_nan_falls_back_to_exact_uncompressed_on_every_rank(runs):
             # Every rank fell back (else the collectives would not have matched), and the result is
             # exactly the uncompressed reduce-scatter: the NaN lands where it belongs, the rest is exact.
             assert r["fallbacks"] == 1
+            assert torch.equal(r["residual"], torch.zeros(world * shard))
             expected = r["exact_sum"] * _scale(op_name, factor, world)
             torch.testing.assert_close(r["out"], expected, rtol=0, atol=0, equal_nan=True)
         assert any(torch.isnan(results[rank]["direct"][case]["out"]).any() for rank in range(world))
