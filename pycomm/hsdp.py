@@ -39,7 +39,8 @@ inside the shard group stays uncompressed unless the user also applies :func:`py
 Non-finite values: a NaN or Inf in any rank's shard makes the collective fall back to an
 uncompressed all-reduce of the whole shard on CPU (all replicas agree: they see the same gathered
 headers), so the overflow reaches every replica; on CUDA the affected buckets decode as NaN on every
-replica. Residual entries that took in a non-finite value are reset to zero (no device wait).
+replica. The quantization kernels leave a zero residual for a non-finite bucket, so the residuals
+stay finite and the next step is unaffected.
 
 Error feedback (default on) keeps two float32 residuals per shard, as the DDP hook does: ``worker``
 (what this rank has not sent yet, one value per shard element) and ``server`` (the re-quantization
@@ -154,9 +155,6 @@ class ReplicaCompressionState:
         quantized_all_reduce(out, bits=self.bits, bucket_size=self.bucket_size, op=op, group=self.replicate_group,
                              stochastic=self.stochastic, seed=seed, worker_residual=plan.worker_residual,
                              server_residual=plan.server_residual, bucket_table=plan.table)
-        for residual in (plan.worker_residual, plan.server_residual):
-            if residual is not None:  # a non-finite step leaves NaN there: drop it (no device wait)
-                residual.masked_fill_(~torch.isfinite(residual), 0.0)
 
     def _plan_for(self, hook: _ModuleHook, out: torch.Tensor) -> _QuantPlan:
         expected = sum(n for _, n in hook.layout)
