@@ -221,7 +221,7 @@ def test_shards_identical_across_replicas_after_training(runs):
         assert torch.isfinite(p).all()
         for r in runs[1:]:
             assert torch.equal(r["q4x3"]["full"][name], p), name
-        # and close to the uncompressed run: 3 SGD steps apart by at most a few quantization units
+        # and training moved them
         assert not torch.equal(p, _model().state_dict()[name])
 
 
