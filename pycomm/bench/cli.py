@@ -292,6 +292,7 @@ def _run_tta(args: argparse.Namespace, title: str = "pycomm bench tta") -> int:
         plot = (args.json[:-5] if args.json.endswith(".json") else args.json) + "_loss_vs_time.png"
     try:
         config.resolved_backend
+        check_parallel(((name, METHODS[name]) for name in args.methods), config.parallel)
         run_tta(args.methods, config, bandwidths=args.bandwidths, target_loss=args.target_loss,
                 fraction=args.fraction, window=args.window, estimate=args.estimate,
                 shared_link=not args.per_worker_links, timing_steps=args.timing_steps, json_path=args.json,
