@@ -136,7 +136,7 @@ def network_line(network: Mapping[str, Any]) -> str:
     if network.get("hierarchy"):
         run += f", hierarchy={network['hierarchy']} for every pycomm method"
     if network.get("parallel") == "fsdp":
-        run += f", FSDP2 (fully_shard per block and root) over all {network['workers']} workers"
+        run += f", FSDP2 (fully_shard per block or layer, and the root) over all {network['workers']} workers"
     elif network.get("parallel") == "hsdp":
         replicas = network["replicas"]
         run += (f", HSDP: {replicas} replicas x {network['workers'] // replicas} shards (FSDP2 inside a replica of "

@@ -53,7 +53,7 @@ def test_tiny_fsdp_run_counts_the_reduce_scatter_and_its_compression(tmp_path, c
     assert bench_main(["--parallel", "fsdp", "--workers", str(world), "--steps", "5", "--methods", "fsdp,fsdp-quant4",
                        "--json", str(out)]) == 0
     printed = capsys.readouterr().out
-    assert "FSDP2 (fully_shard per block and root) over all 2 workers" in printed
+    assert "FSDP2 (fully_shard per block or layer, and the root) over all 2 workers" in printed
     assert "speed vs fsdp" in printed and "peak mem/rank (MiB)" in printed
     report = json.loads(out.read_text())
     assert report["network"]["parallel"] == "fsdp" and report["config"]["parallel"] == "fsdp"
