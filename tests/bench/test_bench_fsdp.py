@@ -186,3 +186,20 @@ def test_failed_and_unavailable_rows_keep_the_columns():
     rows = [line for line in format_table([ok, failed]).splitlines() if line.startswith("| ")]
     assert len({line.count("|") for line in rows}) == 1
     assert rows[1].endswith("| 300 |") and "speed vs fsdp" in rows[0]
+
+
+def test_peak_memory_is_reset_per_method():
+    """The CPU peak (VmHWM) sees a 64 MiB tensor, and the next method's reset forgets it."""
+    from pycomm.bench.memory import PeakMemory
+
+    memory = PeakMemory(torch.device("cpu"))
+    memory.reset()
+    if memory.kind != "rss":
+        pytest.skip(f"no resettable VmHWM here (kind {memory.kind})")
+    size = 64 * 2**20
+    block = torch.ones(size // 4)  # written, so resident
+    first = memory.peak_bytes()
+    assert first >= memory.start_bytes + 0.9 * size
+    del block
+    memory.reset()
+    assert memory.peak_bytes() < first - size / 2
