@@ -406,5 +406,6 @@ def check_parallel(methods: Iterable[tuple[str, MethodSpec]], parallel: str) -> 
     """Raise ValueError, naming them and the run's kind, when some ``(name, spec)`` is not a ``parallel`` method."""
     wrong = [f"{name} ({spec.parallel})" for name, spec in methods if spec.parallel != parallel]
     if wrong:
+        right = ", ".join(name for name, spec in METHODS.items() if spec.parallel == parallel)
         raise ValueError(f"method(s) {', '.join(wrong)} cannot run with --parallel {parallel}: a run trains one "
-                         f"kind; {parallel} methods: {', '.join(n for n, s in METHODS.items() if s.parallel == parallel)}")
+                         f"kind; {parallel} methods: {right}")

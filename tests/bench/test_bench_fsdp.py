@@ -165,12 +165,13 @@ def test_parallel_options_choose_methods_and_refuse_mixtures(monkeypatch, capsys
         ("fsdp", None), ("hsdp", 2), ("ddp", None)]
     assert DEFAULT_METHODS_BY_PARALLEL["ddp"] == DEFAULT_METHODS
     capsys.readouterr()
-    for args, message in ((["--parallel", "fsdp", "--methods", "quant4"], "quant4 (ddp) cannot run with --parallel fsdp"),
-                          (["--methods", "allreduce,fsdp"], "fsdp (fsdp) cannot run with --parallel ddp"),
-                          (["--parallel", "hsdp", "--workers", "6", "--replicas", "4"], "divide into replicas x shards"),
-                          (["--parallel", "hsdp", "--workers", "2"], "divide into replicas x shards"),
-                          (["--parallel", "fsdp", "--replicas", "2"], "replicas is for parallel='hsdp'"),
-                          (["--parallel", "fsdp", "--hierarchy", "node"], "hierarchy is an option of the DDP hooks")):
+    refused = ((["--parallel", "fsdp", "--methods", "quant4"], "quant4 (ddp) cannot run with --parallel fsdp"),
+               (["--methods", "allreduce,fsdp"], "fsdp (fsdp) cannot run with --parallel ddp"),
+               (["--parallel", "hsdp", "--workers", "6", "--replicas", "4"], "divide into replicas x shards"),
+               (["--parallel", "hsdp", "--workers", "2"], "divide into replicas x shards"),
+               (["--parallel", "fsdp", "--replicas", "2"], "replicas is for parallel='hsdp'"),
+               (["--parallel", "fsdp", "--hierarchy", "node"], "hierarchy is an option of the DDP hooks"))
+    for args, message in refused:
         assert bench_main(args) == 2, args
         assert message in capsys.readouterr().err, args
     assert len(runs) == 3
