@@ -9,6 +9,8 @@ An application, not part of the library: nothing outside ``pycomm.bench`` import
 * :mod:`~pycomm.bench.demo`: the demo's defaults and :func:`~pycomm.bench.demo.run_demo`;
 * :mod:`~pycomm.bench.config`: the models by name and :class:`~pycomm.bench.config.BenchConfig`;
 * :mod:`~pycomm.bench.methods`: the method table (:data:`~pycomm.bench.methods.METHODS`);
+* :mod:`~pycomm.bench.parallel`: FSDP2 and HSDP wrapping (``--parallel fsdp|hsdp``) and their methods' attach;
+* :mod:`~pycomm.bench.memory`: the peak memory of a rank per method;
 * :mod:`~pycomm.bench.launcher`: launcher pools, signals, hang detection, failure reasons;
 * :mod:`~pycomm.bench.worker`: one DDP worker's training and measurement;
 * :mod:`~pycomm.bench.report`: the table and the plots;

@@ -25,10 +25,10 @@ import logging
 import sys
 from typing import Callable, Optional, Sequence
 
-from pycomm.bench.config import HIERARCHIES, MODELS, BenchConfig
+from pycomm.bench.config import HIERARCHIES, MODELS, PARALLELS, BenchConfig
 from pycomm.bench.demo import DEMO_BANDWIDTH, DEMO_METHODS, DEMO_STEPS
 from pycomm.bench.e2e import run_e2e
-from pycomm.bench.methods import DEFAULT_METHODS, METHODS
+from pycomm.bench.methods import DEFAULT_METHODS, DEFAULT_METHODS_BY_PARALLEL, METHODS, check_parallel
 from pycomm.bench.netns import parse_delay, parse_rate
 from pycomm.bench.tta import DEFAULT_BANDWIDTHS, DEFAULT_FRACTION, DEFAULT_TIMING_STEPS, run_tta
 
@@ -160,13 +160,15 @@ def _config(args: argparse.Namespace, model: str) -> BenchConfig:
     return BenchConfig(workers=workers, nodes=nodes, hierarchy=getattr(args, "hierarchy", None), steps=args.steps,
                        model=model, batch_size=args.batch_size, seed=args.seed, bandwidth=args.bandwidth,
                        delay=args.delay, shape=not args.no_shape, stall_timeout_s=args.stall_timeout,
-                       start_timeout_s=args.start_timeout, backend=args.backend, gloo_threads=args.gloo_threads)
+                       start_timeout_s=args.start_timeout, backend=args.backend, gloo_threads=args.gloo_threads,
+                       parallel=getattr(args, "parallel", "ddp"), replicas=getattr(args, "replicas", None))
 
 
 def _run(args: argparse.Namespace, model: str, title: str) -> int:
     try:
         config = _config(args, model)
         config.resolved_backend  # e.g. NCCL with fewer GPUs than workers: say so before starting anything
+        check_parallel(((name, METHODS[name]) for name in args.methods), config.parallel)
     except ValueError as e:
         print(f"{title}: error: {e}", file=sys.stderr)
         return 2
@@ -206,8 +208,9 @@ def _add_bench(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     _add_model_option(e2e)
     _add_run_options(e2e, methods=DEFAULT_METHODS, steps=None, bandwidth=None)
     _add_node_options(e2e)
+    _add_parallel_options(e2e)
     # None: not given, so that --nodes x --nproc-per-node can be checked against an explicit --workers
-    e2e.set_defaults(workers=None)
+    e2e.set_defaults(workers=None, methods=None)  # methods None: the --parallel kind's defaults
     tta_options = e2e.add_argument_group("time to accuracy (with --tta)")
     tta_options.add_argument("--tta", action="store_true",
                              help="run the time-to-accuracy mode (`pycomm bench tta`): curves unshaped, s/step per "
@@ -215,6 +218,20 @@ def _add_bench(commands: "argparse._SubParsersAction[argparse.ArgumentParser]") 
     _add_tta_options(tta_options)
     e2e.set_defaults(func=_run_e2e_or_tta)
     _add_tta(group)
+
+
+def _add_parallel_options(parser: argparse.ArgumentParser) -> None:
+    """``--parallel`` and ``--replicas`` of ``e2e``: DDP, or the model sharded with FSDP2 (FSDP or HSDP)."""
+    group = parser.add_argument_group("sharded data parallelism")
+    group.add_argument("--parallel", choices=PARALLELS, default="ddp",
+                       help="ddp: a full replica per worker (the DDP methods); fsdp: FSDP2 fully_shard over all "
+                       f"workers (methods {','.join(DEFAULT_METHODS_BY_PARALLEL['fsdp'])}); hsdp: --replicas "
+                       "replicas, each sharded over workers/replicas ranks (methods "
+                       f"{','.join(DEFAULT_METHODS_BY_PARALLEL['hsdp'])}); the default --methods follow it "
+                       "(default: ddp)")
+    group.add_argument("--replicas", type=_positive_int, default=None,
+                       help="replicas of --parallel hsdp (at least 2, dividing --workers into shard groups of at "
+                       "least 2; default: --nodes if given, else 2)")
 
 
 def _add_model_option(parser: argparse.ArgumentParser) -> None:
@@ -241,6 +258,12 @@ TTA_STEPS: int = 200
 
 
 def _run_e2e_or_tta(args: argparse.Namespace) -> int:
+    if args.methods is None:
+        args.methods = list(DEFAULT_METHODS_BY_PARALLEL[args.parallel])
+    if args.tta and (args.parallel != "ddp" or args.replicas is not None):
+        print("pycomm bench e2e --tta: error: --parallel and --replicas are for e2e runs, not --tta",
+              file=sys.stderr)
+        return 2
     if not args.tta:
         if args.steps is None:
             args.steps = BenchConfig.steps
@@ -269,6 +292,7 @@ def _run_tta(args: argparse.Namespace, title: str = "pycomm bench tta") -> int:
         plot = (args.json[:-5] if args.json.endswith(".json") else args.json) + "_loss_vs_time.png"
     try:
         config.resolved_backend
+        check_parallel(((name, METHODS[name]) for name in args.methods), config.parallel)
         run_tta(args.methods, config, bandwidths=args.bandwidths, target_loss=args.target_loss,
                 fraction=args.fraction, window=args.window, estimate=args.estimate,
                 shared_link=not args.per_worker_links, timing_steps=args.timing_steps, json_path=args.json,

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from pycomm.bench.models import ByteMLP, CharTransformer, ModelConfig
 from pycomm.bench.netns import parse_rate
 
-__all__ = ["ModelSpec", "MODELS", "HIERARCHIES", "SGD_LR", "SPSA_LR", "SPSA_EPS", "BenchConfig"]
+__all__ = ["ModelSpec", "MODELS", "HIERARCHIES", "PARALLELS", "SGD_LR", "SPSA_LR", "SPSA_EPS", "BenchConfig"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +41,9 @@ class ModelSpec:
 
 #: Values of :attr:`BenchConfig.hierarchy` (the hooks' ``hierarchy=`` argument).
 HIERARCHIES: tuple[str, ...] = ("flat", "node", "auto")
+
+#: Values of :attr:`BenchConfig.parallel`: how the model is replicated or sharded across the workers.
+PARALLELS: tuple[str, ...] = ("ddp", "fsdp", "hsdp")
 
 #: Peak learning rate of the SGD methods on the ``lm`` model (``allreduce-sgd`` and ``dgc``), tuned for
 #: allreduce-sgd on the former demo run (200 steps, 4 workers, clipping at 1.0).
@@ -108,6 +111,11 @@ class BenchConfig:
             node's uplink. None: all workers on one machine, as before.
         hierarchy: passed as ``hierarchy=<value>`` to every pycomm method's ``pycomm.register`` (``"flat"``,
             ``"node"`` or ``"auto"``); None passes nothing (the method's default). PyTorch's own hooks ignore it.
+        parallel: ``"ddp"`` (a full replica per worker, DDP), ``"fsdp"`` (FSDP2 ``fully_shard`` over all
+            workers) or ``"hsdp"`` (``replicas`` replicas, each sharded over ``workers // replicas`` workers);
+            every method of a run must be of this kind (:attr:`MethodSpec.parallel`).
+        replicas: replicas of an ``"hsdp"`` run (at least 2, dividing ``workers`` into shard groups of at
+            least 2); None: ``nodes`` when emulating nodes, else 2. Only for ``"hsdp"``.
     """
 
     workers: int = 4
@@ -132,6 +140,8 @@ class BenchConfig:
     gloo_threads: Optional[int] = None
     nodes: Optional[int] = None
     hierarchy: Optional[str] = None
+    parallel: str = "ddp"
+    replicas: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.workers < 1:
@@ -153,6 +163,20 @@ class BenchConfig:
                              f"got nodes={self.nodes}, workers={self.workers}")
         if self.hierarchy is not None and self.hierarchy not in HIERARCHIES:
             raise ValueError(f"hierarchy must be one of {', '.join(HIERARCHIES)} or None, got {self.hierarchy!r}")
+        if self.parallel not in PARALLELS:
+            raise ValueError(f"parallel must be one of {', '.join(PARALLELS)}, got {self.parallel!r}")
+        if self.parallel != "ddp" and self.hierarchy is not None:
+            raise ValueError(f"hierarchy is an option of the DDP hooks (pycomm.register), not of parallel="
+                             f"{self.parallel!r}")
+        if self.parallel != "hsdp":
+            if self.replicas is not None:
+                raise ValueError(f"replicas is for parallel='hsdp', got replicas={self.replicas} with parallel="
+                                 f"{self.parallel!r}")
+        elif self.hsdp_replicas < 2 or self.workers % self.hsdp_replicas or self.workers // self.hsdp_replicas < 2:
+            raise ValueError(f"parallel='hsdp' needs the {self.workers} workers to divide into replicas x shards "
+                             f"with at least 2 of each (replicas={self.hsdp_replicas} gives "
+                             f"{self.workers / self.hsdp_replicas:g} shards); e.g. 4 workers as 2 x 2: use "
+                             "parallel='fsdp' for one replica, 'ddp' for one worker per replica")
 
     @property
     def model_spec(self) -> ModelSpec:
@@ -163,6 +187,13 @@ class BenchConfig:
     def nproc_per_node(self) -> int:
         """Processes per (emulated) node: ``workers // nodes``, or ``workers`` on one machine."""
         return self.workers // (self.nodes or 1)
+
+    @property
+    def hsdp_replicas(self) -> int:
+        """Replicas of an HSDP run: :attr:`replicas`, else :attr:`nodes` when emulating nodes, else 2."""
+        if self.replicas is not None:
+            return self.replicas
+        return self.nodes if self.nodes is not None else 2
 
     @property
     def batch(self) -> int:

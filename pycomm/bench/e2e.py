@@ -37,6 +37,10 @@ How a run works
   batches for ``steps`` steps with its own optimizer (:attr:`MethodSpec.optimizer`),
   at the model's learning rate for that optimizer (:attr:`ModelSpec.learning_rates`).
 
+With ``config.parallel`` ``"fsdp"`` or ``"hsdp"`` (``--parallel``) the model is sharded with FSDP2
+(:mod:`pycomm.bench.parallel`) instead of wrapped in DDP, the methods are the sharded ones
+(``fsdp``, ``fsdp-quant8``, ...), and the counted bytes include the forward's parameter all-gathers.
+
 What is measured, per method
 ----------------------------
 * ``step_time_s``: median over steps of the slowest rank's step time (forward,
@@ -62,6 +66,9 @@ What is measured, per method
   loop's total over nodes and steps. On emulated nodes the wire bytes per worker
   are each node's ``lo`` plus ``eth0`` tx bytes, summed over nodes, over workers.
 * ``compression_ratio``: an fp32 ring all-reduce's bytes over the counted bytes.
+* ``peak_memory_bytes``: the peak memory of a rank during the method's training loop (max over ranks): on
+  CPU the process's peak RSS (``VmHWM``, reset before the method; it includes torch itself), on CUDA the
+  peak of allocated tensor memory (:mod:`pycomm.bench.memory`).
 * ``final_loss``: mean training loss of the last ``final_window`` steps (mean
   over ranks); ``eval_loss`` and ``eval_accuracy`` (next-byte top-1) on a fixed
   held-out set.
@@ -80,7 +87,7 @@ from typing import Any, Iterable, Mapping, Optional, TextIO, Union
 
 from pycomm.bench.config import BenchConfig
 from pycomm.bench.launcher import empty_result, run_pool, signals_raise_keyboard_interrupt, unavailable_reason
-from pycomm.bench.methods import DEFAULT_METHODS, METHODS, MethodSpec
+from pycomm.bench.methods import DEFAULT_METHODS, METHODS, MethodSpec, check_parallel
 from pycomm.bench.netns import ShapedNamespace, parse_rate, shaping_unavailable_reason
 from pycomm.bench.node_network import EmulatedNodes
 from pycomm.bench.report import format_table, network_line, progress_line, publish, write_plots
@@ -127,18 +134,23 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
         ``wire_bytes_per_worker_per_step`` (None when unshaped),
         ``compression_ratio``, ``final_loss``, ``eval_loss``, ``eval_accuracy``,
         ``shaped``, ``estimated_link_s_per_step`` (None without a bandwidth),
-        ``inter_node_bytes_per_node_per_step`` (None unless nodes were emulated)
+        ``inter_node_bytes_per_node_per_step`` (None unless nodes were emulated),
+        ``parallel``, ``bytes_by_collective_per_worker_per_step`` (median over steps per collective name),
+        ``bytes_by_mesh_dim_per_worker_per_step`` (sharded runs: per mesh dimension, ``shard`` or
+        ``replicate``), ``peak_memory_bytes`` (max over ranks; ``peak_memory_kind`` says of what, see
+        :mod:`pycomm.bench.memory`), ``peak_memory_per_rank``, ``start_memory_bytes``
         and the per-step curves (see the module docstring). With ``config.nodes``,
         ``network`` also has ``nodes``, ``nproc_per_node``, ``emulated_nodes``
         (whether the nodes were emulated), ``nodes_note`` (why not) and ``topology``.
 
     Raises:
-        ValueError: on an unknown method or bad settings.
+        ValueError: on an unknown method, a method of another ``config.parallel`` kind, or bad settings.
         KeyboardInterrupt: on Ctrl-C, SIGTERM or SIGHUP, after the running
             method's processes and the namespace are gone.
     """
     cfg = config or BenchConfig()
     resolved = _resolve(methods)
+    check_parallel(resolved, cfg.parallel)
     stream = out if out is not None else sys.stdout
     root = logging.getLogger()
     log_level = root.getEffectiveLevel() if root.handlers else None
@@ -147,7 +159,8 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
         "model": cfg.model, "parameters": parameters, "workers": cfg.workers, "backend": cfg.resolved_backend,
         "steps": cfg.steps, "batch_size": cfg.batch, "bandwidth": cfg.bandwidth, "delay": cfg.delay,
         "shaped": False, "unshaped_reason": None, "namespace": None, "qdisc": None, "delay_applied": False,
-        "delay_note": None,
+        "delay_note": None, "parallel": cfg.parallel,
+        "replicas": cfg.hsdp_replicas if cfg.parallel == "hsdp" else None,
     }
     if cfg.nodes is not None:
         network.update(nodes=cfg.nodes, nproc_per_node=cfg.nproc_per_node, hierarchy=cfg.hierarchy,

@@ -164,6 +164,9 @@ def empty_result(name: str, spec: MethodSpec, cfg: BenchConfig, status: str, rea
         "fp32_allreduce_bytes_per_step": None, "compression_ratio": None, "initial_loss": None, "final_loss": None,
         "eval_loss": None, "eval_accuracy": None, "collective_calls_per_step": None, "wall_s": None,
         "replicas_in_sync": None, "loss_curve": [], "step_time_curve_s": [], "bytes_curve": [],
+        "bytes_by_collective_per_worker_per_step": None, "bytes_by_mesh_dim_per_worker_per_step": None,
+        "parallel": spec.parallel, "peak_memory_bytes": None, "peak_memory_per_rank": None,
+        "peak_memory_kind": None, "start_memory_bytes": None,
     }
 
 

@@ -14,11 +14,14 @@ import torch.distributed as dist
 from torch.distributed.algorithms.ddp_comm_hooks import default_hooks, powerSGD_hook, quantization_hooks
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from pycomm.bench.config import SPSA_EPS, BenchConfig
+from pycomm.bench.config import PARALLELS, SPSA_EPS, BenchConfig
+from pycomm.bench.parallel import (attach_fsdp, attach_fsdp_quant, attach_hsdp, attach_hsdp_quant,
+                                   hsdp_unavailable_reason)
 
 __all__ = ["OPTIMIZERS", "MethodSpec", "torch_hook", "powersgd_method", "pycomm_method", "spsa_method",
            "bf16_hook_unavailable_reason", "single_bucket_cap_mb", "POWERSGD_NOTE", "PROJECTION_DIRECTIONS",
-           "DGC_WARMUP_FRACTION", "dgc_warmup_stage_steps", "METHODS", "DEFAULT_METHODS"]
+           "DGC_WARMUP_FRACTION", "dgc_warmup_stage_steps", "fsdp_method", "hsdp_method", "METHODS",
+           "DEFAULT_METHODS", "DEFAULT_METHODS_BY_PARALLEL", "check_parallel"]
 
 
 #: Optimizer names a :class:`MethodSpec` may choose (weight decay ``BenchConfig.weight_decay``, applied locally):
@@ -39,7 +42,10 @@ class MethodSpec:
             construction; registers the communication hook and returns its
             state (kept alive for the run) or None. Picklable (a module-level
             function or a :func:`functools.partial` of one). None for the
-            ``"spsa"`` optimizer, which trains without DDP.
+            ``"spsa"`` optimizer, which trains without DDP. For a sharded method
+            (:attr:`parallel` ``"fsdp"`` or ``"hsdp"``) it is ``attach(model, mesh, config)``
+            instead, on the plain model and the run's device mesh: it applies ``fully_shard``
+            itself (see :mod:`pycomm.bench.parallel`).
         description: one line for reports.
         needs_pycomm: whether it needs ``pycomm.register``.
         pycomm_name: the :func:`pycomm.available_methods` name it needs, if any;
@@ -57,6 +63,8 @@ class MethodSpec:
         unavailable: a picklable ``unavailable() -> reason or None``, asked before the run: a
             reason reports the method as unavailable instead of running it.
         note: a line the report prints under the table (the configuration a reader must know).
+        parallel: the run kind it belongs to (:data:`~pycomm.bench.config.PARALLELS`): ``"ddp"``,
+            ``"fsdp"`` or ``"hsdp"``; a run (``BenchConfig.parallel``) takes only its own kind.
     """
 
     attach: Optional[Callable[[DDP, "BenchConfig"], Any]]
@@ -70,8 +78,14 @@ class MethodSpec:
     single_bucket: bool = False
     unavailable: Optional[Callable[[], Optional[str]]] = None
     note: Optional[str] = None
+    parallel: str = "ddp"
 
     def __post_init__(self) -> None:
+        if self.parallel not in PARALLELS:
+            raise ValueError(f"parallel must be one of {PARALLELS}, got {self.parallel!r}")
+        if self.parallel != "ddp" and (self.zeroth_order or self.single_bucket):
+            raise ValueError("a sharded method (parallel 'fsdp' or 'hsdp') has a backward pass and no DDP bucket: "
+                             "optimizer 'spsa' and single_bucket are for DDP methods")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.lr is not None and not self.lr > 0:
@@ -296,6 +310,30 @@ def _lgreco_topk_options(cfg: "BenchConfig") -> dict[str, Any]:
     return {**_dgc_options(cfg), **_lgreco_options(cfg)}
 
 
+def fsdp_method(bits: Optional[int] = None) -> MethodSpec:
+    """FSDP2 over all workers: uncompressed (``bits=None``), or with :func:`pycomm.fsdp.compress` at ``bits`` bits
+    (stochastic rounding, worker error feedback); AdamW, clipped after the backward pass like the DDP rows."""
+    if bits is None:
+        return MethodSpec(attach=attach_fsdp, parallel="fsdp",
+                          description="FSDP2 fully_shard (per block and root), PyTorch's reduce-scatter, fp32")
+    return MethodSpec(attach=functools.partial(attach_fsdp_quant, bits), parallel="fsdp", needs_pycomm=True,
+                      pycomm_name="quant",
+                      description=f"FSDP2 + pycomm.fsdp.compress(bits={bits}, error_feedback=True): quantized "
+                      "reduce-scatter (all_to_all_single of the peers' chunks)")
+
+
+def hsdp_method(bits: Optional[int] = None) -> MethodSpec:
+    """HSDP: PyTorch's own on a 2-D mesh (``bits=None``), or FSDP2 on the shard groups with
+    ``pycomm.hsdp.compress_replicas`` at ``bits`` bits (error feedback) across the replicas; AdamW."""
+    if bits is None:
+        return MethodSpec(attach=attach_hsdp, parallel="hsdp",
+                          description="PyTorch HSDP (fully_shard on a 2-D replicate x shard mesh), uncompressed")
+    return MethodSpec(attach=functools.partial(attach_hsdp_quant, bits), parallel="hsdp", needs_pycomm=True,
+                      unavailable=hsdp_unavailable_reason,
+                      description=f"FSDP2 on each shard group + pycomm.hsdp.compress_replicas(bits={bits}, "
+                      "error_feedback=True) across replicas")
+
+
 #: Method name -> :class:`MethodSpec`: the one table behind ``pycomm bench e2e`` and ``pycomm demo``.
 METHODS: Mapping[str, MethodSpec] = MappingProxyType(
     {
@@ -338,6 +376,15 @@ METHODS: Mapping[str, MethodSpec] = MappingProxyType(
                                          description=f"pycomm spsa-projection(num_directions={PROJECTION_DIRECTIONS}),"
                                          " no error feedback (the hook's default); AdamW"),
         "spsa": spsa_method(SPSA_EPS),
+        # sharded runs (--parallel fsdp / hsdp): uncompressed, then pycomm at 8, 4 and 2 bits with error feedback
+        "fsdp": fsdp_method(),
+        "fsdp-quant8": fsdp_method(8),
+        "fsdp-quant4": fsdp_method(4),
+        "fsdp-quant2": fsdp_method(2),
+        "hsdp": hsdp_method(),
+        "hsdp-quant8": hsdp_method(8),
+        "hsdp-quant4": hsdp_method(4),
+        "hsdp-quant2": hsdp_method(2),
     }
 )
 
@@ -346,3 +393,19 @@ DEFAULT_METHODS: tuple[str, ...] = (
     "allreduce", "fp16", "bf16", "powersgd1", "powersgd2", "powersgd4", "torch-quant", "quant8", "quant4", "quant2", "dgc",
     "topk-ef-adamw", "lgreco-quant", "lgreco-topk", "spsa-projection",
 )
+
+#: Methods when none are named, per ``BenchConfig.parallel`` (``"ddp"``: :data:`DEFAULT_METHODS`).
+DEFAULT_METHODS_BY_PARALLEL: Mapping[str, tuple[str, ...]] = MappingProxyType({
+    "ddp": DEFAULT_METHODS,
+    "fsdp": ("fsdp", "fsdp-quant8", "fsdp-quant4", "fsdp-quant2"),
+    "hsdp": ("hsdp", "hsdp-quant8", "hsdp-quant4", "hsdp-quant2"),
+})
+
+
+def check_parallel(methods: Iterable[tuple[str, MethodSpec]], parallel: str) -> None:
+    """Raise ValueError, naming them and the run's kind, when some ``(name, spec)`` is not a ``parallel`` method."""
+    wrong = [f"{name} ({spec.parallel})" for name, spec in methods if spec.parallel != parallel]
+    if wrong:
+        right = ", ".join(name for name, spec in METHODS.items() if spec.parallel == parallel)
+        raise ValueError(f"method(s) {', '.join(wrong)} cannot run with --parallel {parallel}: a run trains one "
+                         f"kind; {parallel} methods: {right}")

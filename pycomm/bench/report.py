@@ -15,6 +15,14 @@ def _format_bytes(value: Optional[float]) -> str:
     return "-" if value is None else f"{value:,.0f}"
 
 
+def _format_mib(value: Optional[float]) -> str:
+    return "-" if value is None else f"{value / 2**20:,.0f}"
+
+
+#: The row each run kind's speed column compares with.
+_BASELINES = {"ddp": "allreduce", "fsdp": "fsdp", "hsdp": "hsdp"}
+
+
 def _format_ratio(ratio: Optional[float]) -> str:
     if ratio is None:
         return "-"
@@ -49,9 +57,10 @@ def format_table(results: Sequence[Mapping[str, Any]], network: Optional[Mapping
     """The results as a Markdown table, under a line that says how the network was set up.
 
     Columns: method | optimizer | final loss | eval loss | eval acc | s/step |
-    speed vs allreduce | bytes/worker/step (counted) | wire bytes/worker/step
-    (shaped runs) | compression vs fp32 | est. link s/step (when a bandwidth
-    was requested). Failed and unavailable methods get a row with the reason.
+    speed vs allreduce (``fsdp`` or ``hsdp`` in sharded runs) | bytes/worker/step (counted) |
+    wire bytes/worker/step (shaped runs) | compression vs fp32 | est. link s/step (when a bandwidth
+    was requested) | peak mem/rank (MiB; a line under the table says of what, see
+    :mod:`pycomm.bench.memory`). Failed and unavailable methods get a row with the reason.
 
     Args:
         results: rows as :func:`run_e2e` returns them.
@@ -63,13 +72,17 @@ def format_table(results: Sequence[Mapping[str, Any]], network: Optional[Mapping
     # on emulated nodes, the bytes that crossed each node's uplink go next to the counted bytes per rank
     inter = bool(network and network.get("emulated_nodes")) or any(
         r.get("inter_node_bytes_per_node_per_step") is not None for r in results)
+    parallel = (network or {}).get("parallel") or next((r.get("parallel") for r in results if r.get("parallel")),
+                                                       "ddp")
+    baseline_name = _BASELINES.get(parallel, "allreduce")
     lines += [
-        "| method | optimizer | final loss | eval loss | eval acc | s/step | speed vs allreduce | "
+        f"| method | optimizer | final loss | eval loss | eval acc | s/step | speed vs {baseline_name} | "
         f"bytes/worker/step | {'inter-node bytes/node/step | ' if inter else ''}wire bytes/worker/step | "
-        "compression vs fp32 | est. link s/step |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if inter else ""),
+        "compression vs fp32 | est. link s/step | peak mem/rank (MiB) |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|" + ("---:|" if inter else ""),
     ]
-    baseline = next((r["step_time_s"] for r in results if r["method"] == "allreduce" and r["status"] == "ok"), None)
+    baseline = next((r["step_time_s"] for r in results if r["method"] == baseline_name and r["status"] == "ok"),
+                    None)
     used: list[str] = []
     for r in results:
         optimizer = r.get("optimizer", "adamw")
@@ -78,7 +91,7 @@ def format_table(results: Sequence[Mapping[str, Any]], network: Optional[Mapping
         if r["status"] != "ok":
             reason = " ".join(str(r["reason"]).split()).replace("|", "\\|")
             lines.append(f"| {r['method']} | {optimizer}{lr}{eps} | {r['status']}: {reason} "
-                         "| | | | | | | | |" + (" |" if inter else ""))
+                         "| | | | | | | | | |" + (" |" if inter else ""))
             continue
         if optimizer not in used:
             used.append(optimizer)
@@ -90,11 +103,18 @@ def format_table(results: Sequence[Mapping[str, Any]], network: Optional[Mapping
             f"{_format_bytes(r['bytes_per_worker_per_step'])} | "
             + (f"{_format_bytes(r.get('inter_node_bytes_per_node_per_step'))} | " if inter else "")
             + f"{_format_bytes(r.get('wire_bytes_per_worker_per_step'))} | "
-            f"{_format_ratio(r['compression_ratio'])} | {'-' if link is None else f'{link:.3f}'} |"
+            f"{_format_ratio(r['compression_ratio'])} | {'-' if link is None else f'{link:.3f}'} | "
+            f"{_format_mib(r.get('peak_memory_bytes'))} |"
         )
     if len(used) > 1:
         lines.append("\nOptimizers: " + "; ".join(_OPTIMIZER_NOTES.get(o, o) for o in used)
                      + ". Peak lr as shown, on the same warm-up/cosine schedule.")
+    from pycomm.bench.memory import MEMORY_KINDS
+
+    kinds = list(dict.fromkeys(r.get("peak_memory_kind") for r in results if r.get("peak_memory_kind")))
+    if kinds:
+        lines.append("\nPeak mem/rank: " + "; ".join(f"{kind}: {MEMORY_KINDS.get(kind, kind)}" for kind in kinds)
+                     + ", max over ranks.")
     notes = _method_notes(r["method"] for r in results)
     if notes:
         lines.append("\n" + "\n".join(f"Note: {note}." for note in notes))
@@ -115,6 +135,12 @@ def network_line(network: Mapping[str, Any]) -> str:
            f"({network['backend']}), {network['steps']} steps, batch {network['batch_size']}/worker")
     if network.get("hierarchy"):
         run += f", hierarchy={network['hierarchy']} for every pycomm method"
+    if network.get("parallel") == "fsdp":
+        run += f", FSDP2 (fully_shard per block or layer, and the root) over all {network['workers']} workers"
+    elif network.get("parallel") == "hsdp":
+        replicas = network["replicas"]
+        run += (f", HSDP: {replicas} replicas x {network['workers'] // replicas} shards (FSDP2 inside a replica of "
+                "consecutive ranks, all-reduce across replicas)")
     if network.get("emulated_nodes"):
         topology = network["topology"]
         if network["shaped"]:

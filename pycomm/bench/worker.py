@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from pycomm.bench.config import BenchConfig
 from pycomm.bench.data import Corpus, eval_batches, load_corpus, train_batch, train_generator
+from pycomm.bench.memory import PeakMemory
 from pycomm.bench.methods import MethodSpec
 from pycomm.bench.netns import read_tx_bytes
 from pycomm.bench.node_network import NODE_INTERFACE
@@ -52,8 +53,13 @@ def free_port() -> int:
 
 
 def _param_checksum(model: torch.nn.Module) -> float:
+    """A checksum of the parameters; of the full ones where they are sharded (DTensors: all-gathered over the
+    shard group, so under HSDP each replica's own parameters, and a collective)."""
+    from torch.distributed.tensor import DTensor
+
     with torch.no_grad():
-        return float(sum(p.double().abs().sum() + p.double().sum() for p in model.parameters()))
+        params = [p.full_tensor() if isinstance(p, DTensor) else p for p in model.parameters()]
+        return float(sum(p.double().abs().sum() + p.double().sum() for p in params))
 
 
 def _write_atomic(path: str, text: str) -> None:
@@ -74,13 +80,28 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
     of each emulated node reads its ``lo`` and :data:`NODE_INTERFACE`). ``node``: the emulated node this rank
     runs on (None on one machine).
     """
+    if spec.parallel != cfg.parallel:
+        raise ValueError(f"method {name} is a {spec.parallel} method but the run is parallel={cfg.parallel!r}")
+    sharded = spec.parallel != "ddp"
+    memory = PeakMemory(device)
+    memory.reset()
     torch.manual_seed(cfg.seed)
     model = cfg.model_spec.build().to(device)
     fp32_bytes = fp32_allreduce_bytes(model, world)
+    mesh_groups: dict[tuple[int, ...], str] = {}
     if spec.zeroth_order:
         ddp, state = None, None
         optimizer = spec.make_optimizer(model, cfg)
         optimizer.sync(src=0)  # same weights everywhere (they already are: same seed), outside the counter
+    elif sharded:
+        from pycomm.bench.parallel import build_mesh
+
+        mesh = build_mesh(cfg, world, device)
+        for dim, dim_name in enumerate(mesh.mesh_dim_names or ("shard",)):
+            mesh_groups[tuple(dist.get_process_group_ranks(mesh.get_group(dim)))] = dim_name
+        state = spec.attach(model, mesh, cfg)  # fully_shard, then the method's compression
+        ddp = model  # the FSDP module runs the forward itself
+        optimizer = spec.make_optimizer(model.parameters(), cfg)
     else:
         ddp = DDP(model, bucket_cap_mb=spec.ddp_bucket_cap_mb(cfg, model))
         state = spec.attach(ddp, cfg)
@@ -92,6 +113,8 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
     losses: list[float] = []
     step_bytes: list[int] = []
     step_calls: list[int] = []
+    step_by_collective: list[dict[str, int]] = []
+    step_by_dim: list[dict[str, int]] = []
     step_times: list[float] = []
     dist.barrier()
     tx_marks = [_read_tx(tx_interfaces)] if tx_interfaces else []
@@ -105,6 +128,19 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
             counter.reset()
             with counter:  # two perturbed forwards (no_grad) and one all_gather of one byte
                 loss_value = optimizer.step(functools.partial(model.loss, inputs, targets))
+        elif sharded:
+            for group in optimizer.param_groups:
+                group["lr"] = spec.lr_at(cfg, step)
+            start = time.perf_counter()
+            counter.reset()
+            with counter:  # FSDP all-gathers the parameters in the forward too
+                loss = model.loss_from_logits(model(inputs), targets)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                if clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+                optimizer.step()
+            loss_value = float(loss.detach())
         else:
             for group in optimizer.param_groups:
                 group["lr"] = spec.lr_at(cfg, step)
@@ -123,6 +159,13 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
         step_times.append(time.perf_counter() - start)
         step_bytes.append(counter.bytes_sent)
         step_calls.append(sum(counter.calls.values()))
+        step_by_collective.append(dict(counter.bytes_by_collective))
+        if sharded:
+            by_dim: dict[str, int] = {}
+            for ranks, sent in counter.bytes_by_group.items():
+                label = mesh_groups.get(ranks, "world" if len(ranks) == world else "other")
+                by_dim[label] = by_dim.get(label, 0) + sent
+            step_by_dim.append(by_dim)
         losses.append(loss_value)
         if tx_marks:  # after the step's last collective: its traffic (nearly all ranks' of it) has crossed lo
             tx_marks.append(_read_tx(tx_interfaces))
@@ -132,12 +175,20 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
             logger.warning("%s: rank %d loss is %s at step %d", name, rank, loss_value, step)
     dist.barrier()
     wall = time.perf_counter() - wall_start
+    peak_memory = memory.peak_bytes()
     tx = {"interfaces": list(tx_interfaces), "marks": tx_marks, "end": _read_tx(tx_interfaces) if tx_marks else None}
 
     model.eval()
     eval_sum, eval_count, eval_hits, eval_predictions = 0.0, 0, 0, 0
+    own_batches = eval_set[rank::world]
+    # a sharded forward is a collective: every rank runs as many as the rank with the most batches
+    rounds = -(-len(eval_set) // world) if sharded else len(own_batches)
     with torch.no_grad():
-        for inputs, targets in eval_set[rank::world]:
+        for index in range(rounds):
+            if index >= len(own_batches):
+                model(eval_set[0][0].to(device))  # joins the other ranks' all-gathers, not scored
+                continue
+            inputs, targets = own_batches[index]
             inputs, targets = inputs.to(device), targets.to(device)
             logits = model(inputs)
             hits, predictions = model.correct(logits, targets)
@@ -148,7 +199,9 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
 
     local = {"losses": losses, "bytes": step_bytes, "calls": step_calls, "times": step_times, "wall": wall,
              "eval_sum": eval_sum, "eval_count": eval_count, "eval_hits": eval_hits,
-             "checksum": _param_checksum(model), "tx": tx, "node": node}
+             "checksum": _param_checksum(model), "tx": tx, "node": node, "by_collective": step_by_collective,
+             "by_dim": step_by_dim, "peak_memory": peak_memory, "start_memory": memory.start_bytes,
+             "memory_kind": memory.kind}
     gathered: list[Any] = [None] * world
     dist.all_gather_object(gathered, local)
     del ddp, state, optimizer
@@ -166,6 +219,7 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
     eval_count_total = sum(g["eval_count"] for g in gathered)
     wire_median, wire_mean, inter_node, inter_node_mean = _wire_bytes([g["tx"] for g in gathered], world, steps)
     window = mean_loss[-cfg.window:]
+    start_memory = [g["start_memory"] for g in gathered]
     return {
         "method": name,
         "description": spec.description,
@@ -192,12 +246,28 @@ def _train_one(name: str, spec: MethodSpec, cfg: BenchConfig, corpus: Corpus,
         "eval_loss": sum(g["eval_sum"] for g in gathered) / max(1, eval_count_total),
         "eval_accuracy": sum(g["eval_hits"] for g in gathered) / max(1, eval_count_total),
         "collective_calls_per_step": sum(sum(g["calls"]) for g in gathered) / (world * steps),
+        "bytes_by_collective_per_worker_per_step": _median_of_rank_means([g["by_collective"] for g in gathered]),
+        "bytes_by_mesh_dim_per_worker_per_step": (_median_of_rank_means([g["by_dim"] for g in gathered])
+                                                  if sharded else None),
+        "parallel": spec.parallel,
+        "peak_memory_bytes": max(g["peak_memory"] for g in gathered),
+        "peak_memory_per_rank": [g["peak_memory"] for g in gathered],
+        "peak_memory_kind": gathered[0]["memory_kind"],
+        "start_memory_bytes": None if None in start_memory else max(start_memory),
         "wall_s": max(g["wall"] for g in gathered),
         "replicas_in_sync": max(checksums) - min(checksums) <= 1e-9 * max(1.0, abs(checksums[0])),
         "loss_curve": mean_loss,
         "step_time_curve_s": step_s,
         "bytes_curve": rank_mean_bytes,
     }
+
+
+def _median_of_rank_means(per_rank: list[list[dict[str, int]]]) -> dict[str, float]:
+    """Per key (a collective, a mesh dimension): median over steps of the mean over ranks of each step's bytes."""
+    keys = sorted({key for steps in per_rank for step in steps for key in step})
+    steps = len(per_rank[0]) if per_rank else 0
+    return {key: statistics.median(sum(r[s].get(key, 0) for r in per_rank) / len(per_rank) for s in range(steps))
+            for key in keys} if steps else {}
 
 
 def worker_main(rank: int, world: int, port: int, cfg: BenchConfig, methods: list[tuple[int, str, MethodSpec]],

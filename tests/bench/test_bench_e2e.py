@@ -158,6 +158,7 @@ def test_tiny_unshaped_run(tmp_path, capsys):
         assert REQUIRED_KEYS <= set(r) and r["status"] == "ok" and r["shaped"] is False
         assert r["wire_bytes_per_worker_per_step"] is None
         assert r["step_time_s"] > 0 and math.isfinite(r["final_loss"]) and r["replicas_in_sync"]
+        assert r["parallel"] == "ddp" and r["peak_memory_bytes"] == max(r["peak_memory_per_rank"]) > 0
         assert abs(r["initial_loss"] - math.log(256)) < 0.1 and r["final_loss"] < r["initial_loss"]
         # the estimate is the counted bytes of both workers on one 100 Mbit link
         assert r["estimated_link_s_per_step"] == pytest.approx(2 * r["bytes_per_worker_per_step"] * 8 / 1e8)
