@@ -174,7 +174,7 @@ def test_checkpoint_resume_needs_the_compression_state(saved_run):
 
 # -- training on a real task ------------------------------------------------------------------------
 
-TRAIN_STEPS = 150
+TRAIN_STEPS = 60
 
 
 def _train_char(rank, world, bits, error_feedback):
@@ -218,8 +218,8 @@ def test_fsdp2_quant_trains_like_uncompressed_on_the_char_task():
             assert torch.equal(p, q)  # every rank gathers the same parameters
     plain = runs[0]["plain"]["eval_loss"]
     assert plain < math.log(256) - 2.0, plain  # the task really trains (from ln 256 = 5.55 nats)
-    # Stated tolerance, as for the DDP quant hook: within 0.1 nats of uncompressed FSDP2 after 150 steps
-    # (AdamW, lr 3e-3). 8 bits' error is ~1/255 of a bucket's range per element; 4 bits' is 17x larger and
-    # error feedback sends it on the next step.
+    # Stated tolerance: within 0.05 nats of uncompressed FSDP2 after 60 steps (AdamW, lr 3e-3), 1/60 of
+    # the loss drop. Measured (torch 2.13, CPU): plain 2.442, 8 bits +0.001, 4 bits with error feedback
+    # +0.010; the margin covers other seeds and BLAS builds, not a broken reduce-scatter.
     for name in ("q8", "q4ef"):
-        assert runs[0][name]["eval_loss"] <= plain + 0.1, (name, runs[0][name]["eval_loss"], plain)
+        assert runs[0][name]["eval_loss"] <= plain + 0.05, (name, runs[0][name]["eval_loss"], plain)
