@@ -50,19 +50,53 @@ again uncompressed (exactly as FSDP would have), so the overflow reaches the opt
 CUDA, where that decision would wait for the device, the whole shard of every rank is set to NaN
 instead (not yet run on a GPU).
 
-Worker error feedback (``error_feedback=True``) keeps one float32 residual per module over the whole
-reduce-scatter input, so it costs as much memory as the module's unsharded gradient on every rank.
-Its state is keyed by module name, with the residual in the input's ``[W, S]`` layout.
+Worker error feedback (``error_feedback=True``) keeps a float32 residual of every input element this
+rank sends to a peer and adds it before quantizing, so the quantization error is sent on the next step
+instead of lost. It costs as much memory as the module's unsharded (padded) gradient on every rank.
+With feedback every parameter that requires a gradient must reach the reduce-scatter every step
+(FSDP leaves a parameter without a gradient out of the input, which would shift the others): call
+``model.set_reduce_scatter_unused_params(True)`` if some parameters can go unused; a call whose
+input does not match raises a ValueError.
 
-Not yet done (issue 16): residuals keyed by parameter name (the hooks' state format), HSDP's replica
-all-reduce, checkpoint resume tests, and ``pycomm bench e2e --parallel fsdp``.
+State (``FSDPCompressionState.state_dict()``, this rank's own, format 1): residuals are keyed by
+fully-qualified parameter name (``model.named_parameters()``), like the DDP hooks' state::
+
+    {"method": "quant", "format": 1, "world_size": W,
+     "config": {"bits": .., "bucket_size": .., "stochastic": .., "seed": .., "error_feedback": ..},
+     "calls": {module_name: int},                 # reduce-scatter calls; they seed the rounding
+     "params": {param_name: {"residual": Tensor}}}  # only with error feedback
+
+``params[name]["residual"]`` is float32 with shape ``[W, *padded_sharded_size]``: entry ``r`` is what
+this rank has not yet sent of rank ``r``'s shard of that parameter's gradient (FSDP's dim-0-padded
+shard, ``FSDPParam.padded_sharded_param_size``; rows past the parameter's end hold the error of the
+padding, which FSDP discards), and entry ``rank`` is zero (a rank's own chunk is never quantized). The layout depends on the world size, so a
+checkpoint resumes on the same world size (and the same ``fully_shard`` wrapping) only; loading
+checks the method, format, world size, settings, module and parameter names and shapes, and raises a
+ValueError that lists what differs. The state differs from rank to rank: with
+``torch.distributed.checkpoint`` put it under a per-rank key, for example::
+
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    import torch.distributed.checkpoint as dcp
+
+    key = f"pycomm_rank{dist.get_rank()}"      # DCP keeps one copy of a key that all ranks share
+    msd, osd = get_state_dict(model, optimizer)
+    dcp.save({"model": msd, "optim": osd, key: state.state_dict()}, checkpoint_id=path)
+
+    # resume, in fresh processes after fully_shard and compress()/register() of the same model:
+    msd, osd = get_state_dict(model, optimizer)
+    saved = {"model": msd, "optim": osd, key: state.state_dict()}  # a template of the right shapes
+    dcp.load(saved, checkpoint_id=path)                            # loads in place
+    set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
+    state.load_state_dict(saved[key])
+
+Not yet done (issue 16): HSDP's replica all-reduce and ``pycomm bench e2e --parallel fsdp``.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -74,9 +108,13 @@ from pycomm.distributed import mix_seed
 from pycomm.ops.quantization import dequantize_sum_records, quantize_records
 from pycomm.ops.validation import check_bits_bucket
 
-__all__ = ["QuantizedReduceScatter", "FSDPCompressionState", "compress", "reduce_scale"]
+__all__ = ["QuantizedReduceScatter", "FSDPCompressionState", "compress", "reduce_scale", "contains_fsdp",
+           "STATE_FORMAT"]
 
 _FLAG_BYTES = 1
+
+#: Version of :meth:`FSDPCompressionState.state_dict`'s layout (``state_dict()["format"]``).
+STATE_FORMAT = 1
 
 
 def reduce_scale(op: Union[dist.ReduceOp, "dist.ReduceOp.RedOpType"], world: int) -> float:
@@ -105,11 +143,19 @@ class QuantizedReduceScatter(ReduceScatter):
             chunk) and add it before quantizing, so the quantization error is sent on the next step
             instead of lost. It costs ``4 * W * S`` bytes per module per rank: the size of the module's
             unsharded gradient, which FSDP otherwise never keeps. Reset to zero after a non-finite call.
+        params: the module's parameters in the order FSDP lays them out in the input, as
+            ``(fully-qualified name, padded shard shape)`` pairs (what :func:`compress` passes). The
+            state's residuals are keyed by these names. None (a comm used on its own): one residual
+            named ``""`` over the whole ``[W, S]`` input.
     """
 
     def __init__(self, bits: int = 4, bucket_size: int = 512, stochastic: bool = True, seed: int = 0,
-                 name: str = "", error_feedback: bool = False) -> None:
+                 name: str = "", error_feedback: bool = False,
+                 params: Optional[Sequence[tuple[str, Sequence[int]]]] = None) -> None:
         check_bits_bucket(bits, bucket_size)
+        self.params: Optional[list[tuple[str, tuple[int, ...]]]] = (
+            None if params is None else [(n, tuple(int(d) for d in shape)) for n, shape in params])
+        self.world_size: Optional[int] = None  # the shard group's size, known at the first call
         self.bits = bits
         self.bucket_size = bucket_size
         self.stochastic = stochastic
@@ -144,6 +190,7 @@ class QuantizedReduceScatter(ReduceScatter):
                              f"with world size * output numel elements ({world} * {shard}), got "
                              f"{input_tensor.numel()}")
         scale = reduce_scale(op, world)
+        self.world_size = world
         self.calls += 1
         flat = input_tensor.view(-1)
         if world > 1 and shard > 0:
@@ -162,7 +209,7 @@ class QuantizedReduceScatter(ReduceScatter):
         table = self._table(shard, world, flat.device)
         per_chunk = table.shape[0] // world
         first = rank * per_chunk
-        residual = self._residual_for(flat) if self.error_feedback else None
+        residual = self._residual_for(flat, world) if self.error_feedback else None
         send = quantize_records(flat, bits=self.bits, bucket_size=self.bucket_size, stochastic=self.stochastic,
                                 seed=mix_seed(self.seed, self.calls, rank, 1), residual=residual, bucket_table=table,
                                 num_buckets=table.shape[0], skip_begin=first, skip_end=first + per_chunk)
@@ -194,65 +241,197 @@ class QuantizedReduceScatter(ReduceScatter):
             reduced = torch.where(any_bad, torch.full_like(reduced, math.nan), reduced)
         out.copy_(reduced)
 
-    def _residual_for(self, flat: torch.Tensor) -> torch.Tensor:
+    def _residual_for(self, flat: torch.Tensor, world: int) -> torch.Tensor:
+        if self.params is not None:
+            expected = sum(math.prod(shape) for _, shape in self.params)
+            if flat.numel() != world * expected:
+                raise ValueError(
+                    f"reduce-scatter of {self.name or 'the root module'}: the input has {flat.numel()} elements, "
+                    f"not {world} * {expected} (the padded shards of {[n for n, _ in self.params]}); "
+                    "with error feedback every parameter that requires a gradient must get one each step "
+                    "(call model.set_reduce_scatter_unused_params(True) if some can go unused), and "
+                    "requires_grad must not change after compress()")
         if self.residual is None:
             self.residual = torch.zeros(flat.numel(), dtype=torch.float32, device=flat.device)
         elif self.residual.numel() != flat.numel():
             raise ValueError(f"reduce-scatter{' of ' + self.name if self.name else ''}: the input has "
                              f"{flat.numel()} elements but the error-feedback residual {self.residual.numel()}; "
-                             f"one comm serves one FSDP module (same world size as when it was saved)")
+                             f"one comm serves one FSDP module (same world size as when it was saved, and every "
+                             f"parameter that requires a gradient gets one each step)")
         elif self.residual.device != flat.device:  # loaded from a checkpoint on another device
             self.residual = self.residual.to(flat.device)
         return self.residual
 
-    def state_dict(self) -> dict[str, object]:
-        """The call count (it seeds the rounding) and the residual (None before the first call)."""
-        return {"calls": self.calls, "residual": None if self.residual is None else self.residual.clone()}
+    def residuals(self) -> dict[str, torch.Tensor]:
+        """Each parameter's residual as a ``[W, *padded shard shape]`` copy (see the module docstring).
 
-    def load_state_dict(self, state: dict[str, object]) -> None:
+        Empty without error feedback. Before the first call: zeros (so that the state is a template
+        for ``torch.distributed.checkpoint.load``), or nothing for a comm without a parameter layout.
+        """
+        if not self.error_feedback or self.world_size is None:
+            return {}
+        world = self.world_size
+        if self.residual is None:
+            return {} if self.params is None else {name: torch.zeros((world, *shape)) for name, shape in self.params}
+        rows = self.residual.view(world, -1)
+        layout = [("", (rows.shape[1],))] if self.params is None else self.params
+        out, offset = {}, 0
+        for name, shape in layout:
+            numel = math.prod(shape)
+            out[name] = rows[:, offset:offset + numel].reshape(world, *shape).clone()
+            offset += numel
+        return out
+
+    def load_residuals(self, residuals: Mapping[str, torch.Tensor]) -> None:
+        """Restore :meth:`residuals` (ValueError that names what differs: names, shapes, world size)."""
+        if not self.error_feedback:
+            if residuals:
+                raise ValueError(f"the checkpoint has error-feedback residuals for {sorted(residuals)} but this "
+                                 f"comm{' of ' + self.name if self.name else ''} runs without error feedback")
+            return
+        if self.params is None:
+            if set(residuals) != {""}:
+                raise ValueError(f"a comm without a parameter layout keeps one residual named '', the checkpoint "
+                                 f"has {sorted(residuals)}")
+            saved = residuals[""]
+            if saved.dim() != 2 or (self.world_size is not None and saved.shape[0] != self.world_size):
+                raise ValueError(f"the residual must be [world size ({self.world_size}), shard numel], got "
+                                 f"{tuple(saved.shape)}")
+            self.world_size = saved.shape[0]
+            self.residual = saved.detach().to(torch.float32).reshape(-1).clone()
+            return
+        expected = {name: shape for name, shape in self.params}
+        missing, unexpected = sorted(set(expected) - set(residuals)), sorted(set(residuals) - set(expected))
+        if missing or unexpected:
+            raise ValueError(f"residuals of module {self.name!r}: the checkpoint lacks {missing} and has "
+                             f"parameters the module does not have {unexpected}")
+        world = self.world_size if self.world_size is not None else \
+            next(iter(residuals.values())).shape[0] if residuals else 1
+        wrong = [f"{name}: checkpoint {tuple(residuals[name].shape)}, model {(world, *shape)}"
+                 for name, shape in self.params if tuple(residuals[name].shape) != (world, *shape)]
+        if wrong:
+            raise ValueError(f"residuals of module {self.name!r} have other shapes ([world size, *padded shard "
+                             f"shape]): {'; '.join(wrong)}")
+        if not self.params:
+            self.residual = None
+            return
+        device = self.residual.device if self.residual is not None else residuals[self.params[0][0]].device
+        self.residual = torch.cat([residuals[name].detach().to(device, torch.float32).reshape(world, -1)
+                                   for name, _ in self.params], dim=1).reshape(-1)
+
+    def state_dict(self) -> dict[str, object]:
+        """The call count (it seeds the rounding) and the residuals by parameter name (:meth:`residuals`)."""
+        return {"calls": self.calls, "residuals": self.residuals()}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Restore what :meth:`state_dict` returned (the same module layout and world size)."""
+        self.load_residuals(state["residuals"])
         self.calls = int(state["calls"])
-        residual = state["residual"]
-        self.residual = None if residual is None else torch.as_tensor(residual, dtype=torch.float32).clone()
 
 
 @dataclass
 class FSDPCompressionState:
-    """What :func:`compress` installed: one comm per FSDP module, by the module's name."""
+    """What :func:`compress` installed: one comm per FSDP module, by the module's name.
+
+    ``state_dict()`` keys the error-feedback residuals by parameter name (format in the module docstring).
+    """
 
     comms: dict[str, QuantizedReduceScatter] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    world_size: int = 1
 
     @property
     def uncompressed_calls(self) -> int:
         """Reduce-scatters that fell back to uncompressed because of a NaN or Inf on some rank."""
         return sum(c.uncompressed_calls for c in self.comms.values())
 
-    def state_dict(self) -> dict[str, dict[str, object]]:
-        """Each comm's :meth:`QuantizedReduceScatter.state_dict`, by module name (this rank's own)."""
-        return {name: comm.state_dict() for name, comm in self.comms.items()}
+    def state_dict(self) -> dict[str, Any]:
+        """This rank's state: settings, each module's call count, each parameter's residual by name."""
+        params: dict[str, dict[str, torch.Tensor]] = {}
+        for comm in self.comms.values():
+            params.update({name: {"residual": r} for name, r in comm.residuals().items()})
+        return {"method": "quant", "format": STATE_FORMAT, "world_size": self.world_size, "config": dict(self.config),
+                "calls": {name: comm.calls for name, comm in self.comms.items()}, "params": dict(sorted(params.items()))}
 
-    def load_state_dict(self, state: dict[str, dict[str, object]]) -> None:
-        """Restore :meth:`state_dict` into a model compressed the same way (ValueError if modules differ)."""
-        if set(state) != set(self.comms):
-            raise ValueError(f"state has modules {sorted(state)} but the model has {sorted(self.comms)}")
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Restore :meth:`state_dict` into a model sharded and compressed the same way.
+
+        Raises:
+            ValueError: not this format, another world size or setting, other modules, or other
+                parameter names or shapes; the message lists what differs.
+        """
+        expected_keys = {"method", "format", "world_size", "config", "calls", "params"}
+        if not isinstance(state, Mapping) or not expected_keys <= set(state):
+            keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
+            raise ValueError(f"not a pycomm FSDP state dict (expected keys {sorted(expected_keys)}), got {keys}")
+        if state["method"] != "quant" or state["format"] != STATE_FORMAT:
+            raise ValueError(f"the checkpoint has method {state['method']!r} format {state['format']!r}; this state "
+                             f"reads method 'quant' format {STATE_FORMAT}")
+        if state["world_size"] != self.world_size:
+            raise ValueError(f"the checkpoint was taken on {state['world_size']} ranks, this run shards over "
+                             f"{self.world_size}: the residuals' layout depends on the world size")
+        differ = [f"{k}: checkpoint {state['config'].get(k)!r}, this state {v!r}"
+                  for k, v in self.config.items() if state["config"].get(k) != v]
+        if differ:
+            raise ValueError(f"the checkpoint's settings differ: {'; '.join(differ)}")
+        if set(state["calls"]) != set(self.comms):
+            raise ValueError(f"the checkpoint has FSDP modules {sorted(state['calls'])}, the model has "
+                             f"{sorted(self.comms)}")
+        saved = state["params"]
+        expected = {n for comm in self.comms.values() for n, _ in (comm.params or []) if comm.error_feedback}
+        missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
+        if missing or unexpected:
+            raise ValueError(f"the checkpoint lacks residuals of the parameters {missing} and has residuals of "
+                             f"parameters the model does not have {unexpected}")
+        shapes = {n: (self.world_size, *shape) for comm in self.comms.values() if comm.error_feedback
+                  for n, shape in comm.params or []}
+        wrong = [f"{n}: checkpoint {tuple(saved[n]['residual'].shape)}, model {shape}"
+                 for n, shape in shapes.items() if tuple(saved[n]["residual"].shape) != shape]
+        if wrong:
+            raise ValueError(f"residuals of other shapes ([world size, *padded shard shape]): {'; '.join(wrong)}")
         for name, comm in self.comms.items():
-            comm.load_state_dict(state[name])
+            names = [n for n, _ in comm.params or []] if comm.error_feedback else []
+            comm.load_state_dict({"calls": state["calls"][name],
+                                  "residuals": {n: saved[n]["residual"] for n in names}})
+
+
+def contains_fsdp(model: Any) -> bool:
+    """Whether ``model`` is or contains a ``fully_shard`` module (an ``FSDPModule``)."""
+    return isinstance(model, torch.nn.Module) and any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _param_layout(model: torch.nn.Module, module: FSDPModule) -> tuple[list[tuple[str, tuple[int, ...]]], int]:
+    """The module's parameters as FSDP lays them out in its reduce-scatter input, and its shard group's size."""
+    group = module._get_fsdp_state()._fsdp_param_group
+    if group is None:  # no parameters of its own
+        return [], 1
+    names = {id(p): n for n, p in model.named_parameters()}
+    layout = [(names[id(fp.sharded_param)], tuple(fp.padded_sharded_param_size))
+              for fp in group.fsdp_params if fp.sharded_param.requires_grad]
+    return layout, group.mesh_info.shard_mesh_size
 
 
 def compress(model: torch.nn.Module, method: str = "quant", bits: int = 4, bucket_size: int = 512,
              stochastic: bool = True, seed: int = 0, error_feedback: bool = False) -> FSDPCompressionState:
     """Install a :class:`QuantizedReduceScatter` on every ``FSDPModule`` of ``model`` (``fully_shard`` first).
 
-    Returns the state that holds the comms, keyed by module name ("" for the root).
+    Returns the state that holds the comms, keyed by module name ("" for the root); its
+    ``state_dict`` keys the residuals by ``model.named_parameters()`` names.
     """
     if method != "quant":
-        raise ValueError(f"method must be 'quant' (the only FSDP method so far), got {method!r}")
+        raise ValueError(f"method must be 'quant' under FSDP2, got {method!r}: DGC's momentum correction needs a "
+                         "full-size accumulator on every rank, which undoes FSDP's memory savings")
     check_bits_bucket(bits, bucket_size)
-    state = FSDPCompressionState()
+    state = FSDPCompressionState(config={"bits": bits, "bucket_size": bucket_size, "stochastic": stochastic,
+                                         "seed": seed, "error_feedback": error_feedback})
     for name, module in model.named_modules():
         if isinstance(module, FSDPModule):
+            params, world = _param_layout(model, module)
             comm = QuantizedReduceScatter(bits, bucket_size, stochastic, mix_seed(seed, len(state.comms)), name,
-                                          error_feedback)
+                                          error_feedback, params=params)
+            if params:
+                comm.world_size = world
+                state.world_size = world
             module.set_custom_reduce_scatter(comm)
             state.comms[name] = comm
     if not state.comms:

@@ -45,6 +45,11 @@ def register(ddp_model: Any, method: str, process_group: Optional[dist.ProcessGr
         model = torch.nn.parallel.DistributedDataParallel(net)
         state = pycomm.register(model, "quant", bits=4)
 
+    A model sharded with FSDP2 (``fully_shard``: it is or contains an ``FSDPModule``) gets
+    :func:`pycomm.fsdp.compress` instead, a quantized reduce-scatter on every sharded module, and
+    its :class:`~pycomm.fsdp.FSDPCompressionState`; only ``"quant"`` works there (options
+    ``bits``, ``bucket_size``, ``stochastic``, ``seed``, ``error_feedback``), over FSDP's own groups.
+
     Args:
         ddp_model: a ``torch.nn.parallel.DistributedDataParallel`` model, before its first backward. The
             state is bound to its parameter names (``state.bind(ddp_model)``): per-parameter state and
@@ -56,6 +61,10 @@ def register(ddp_model: Any, method: str, process_group: Optional[dist.ProcessGr
     if method not in _METHODS:
         raise ValueError(f"unknown method {method!r}; available: {', '.join(sorted(_METHODS))}")
     if not hasattr(ddp_model, "register_comm_hook"):
+        from pycomm import fsdp  # lazily: torch's FSDP2 modules are only needed for sharded models
+
+        if fsdp.contains_fsdp(ddp_model):
+            return _register_fsdp(fsdp, ddp_model, method, process_group, kwargs)
         raise ValueError(f"register needs a DistributedDataParallel model, got {type(ddp_model).__name__}")
     entry = _METHODS[method]
     try:
@@ -67,3 +76,18 @@ def register(ddp_model: Any, method: str, process_group: Optional[dist.ProcessGr
         bind(ddp_model)
     ddp_model.register_comm_hook(state, entry.hook)
     return state
+
+
+def _register_fsdp(fsdp: Any, model: Any, method: str, process_group: Optional[dist.ProcessGroup],
+                   kwargs: dict[str, Any]) -> Any:
+    if method != "quant":
+        raise ValueError(f"under FSDP2 only method 'quant' (a quantized reduce-scatter) is implemented, got "
+                         f"{method!r}: DGC's momentum correction needs a full-size accumulator on every rank, which "
+                         "undoes FSDP's memory savings; the other methods are DDP all-reduce hooks")
+    if process_group is not None:
+        raise ValueError("under FSDP2 the reduce-scatter runs over fully_shard's own mesh; pass process_group=None")
+    try:
+        return fsdp.compress(model, method, **kwargs)
+    except TypeError as e:
+        raise ValueError(f"bad options for method 'quant' under FSDP2 (it takes bits, bucket_size, stochastic, "
+                         f"seed, error_feedback): {e}") from e

@@ -247,17 +247,20 @@ def test_fsdp_params_identical_across_ranks_and_close_to_uncompressed(runs):
 
 
 
-def test_fsdp_error_feedback_state_by_module(runs):
+def test_fsdp_error_feedback_state_by_parameter_name(runs):
     world, results = runs
     for rank in range(world):
         state = results[rank]["q2efx3"]["state"]
-        assert set(state) == {"", "0", "2"}
-        assert state[""] == {"calls": 0, "residual": None}  # the root has no parameters of its own
-        for name in ("0", "2"):
-            assert state[name]["calls"] == 3
-            residual = state[name]["residual"].view(world, -1)
+        assert state["world_size"] == world and state["config"]["error_feedback"] is True
+        assert state["calls"] == {"": 0, "0": 3, "2": 3}  # the root has no parameters of its own
+        # One residual per parameter, [W, *padded shard shape]: rows ceil(rows / W) of the parameter.
+        shapes = {"0.weight": (256, 127), "0.bias": (256,), "2.weight": (128, 256), "2.bias": (128,)}
+        assert set(state["params"]) == set(shapes)
+        for name, shape in shapes.items():
+            residual = state["params"][name]["residual"]
+            assert residual.shape == (world, -(-shape[0] // world), *shape[1:])
             assert torch.isfinite(residual).all() and residual.abs().max() > 0
-            assert torch.equal(residual[rank], torch.zeros_like(residual[rank]))
+            assert torch.equal(residual[rank], torch.zeros_like(residual[rank]))  # own shard: never quantized
         for name, p0 in results[0]["q2efx3"]["full"].items():
             assert torch.equal(results[rank]["q2efx3"]["full"][name], p0)
 
@@ -292,7 +295,8 @@ def test_error_feedback_cancels_the_rounding_bias_over_steps():
         assert (err_ef <= unit / repeats + 1e-5).all()
         assert err_plain.max() > 4 * err_ef.max()
         state = with_ef[rank]["state"]
-        assert state["calls"] == repeats and state["residual"].numel() == world * 700
-        assert torch.equal(state["residual"].view(world, 700)[rank], torch.zeros(700))  # own chunk: never quantized
-        assert torch.equal(with_ef[rank]["restored"]["residual"], state["residual"])
-        assert without[rank]["state"]["residual"] is None
+        # A comm used on its own (no parameter layout) keeps one residual named "" over the [W, S] input.
+        assert state["calls"] == repeats and state["residuals"][""].shape == (world, 700)
+        assert torch.equal(state["residuals"][""][rank], torch.zeros(700))  # own chunk: never quantized
+        assert torch.equal(with_ef[rank]["restored"]["residuals"][""], state["residuals"][""])
+        assert without[rank]["state"]["residuals"] == {}
