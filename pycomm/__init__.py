@@ -9,8 +9,8 @@ DDP hooks in :mod:`pycomm.hooks`.
 """
 
 from pycomm import ops  # noqa: F401  (loads the kernels)
-from pycomm import (checkpoint, codec, compressors, distributed, fsdp, hooks, kernels, lgreco,  # noqa: F401
-                    topology, traffic, zo)
+from pycomm import (checkpoint, codec, compressors, distributed, fsdp, hooks, hsdp, kernels,  # noqa: F401
+                    lgreco, topology, traffic, zo)
 from pycomm.registry import available_methods, register, register_method
 from pycomm.version import __version__
 
@@ -24,4 +24,4 @@ register_method("spsa-projection", hooks.ProjectionState, hooks.projection_hook,
 register_method("lgreco", hooks.LGreCoState, hooks.lgreco_hook,
                 "L-GreCo: per-layer bits (family='quant') or top-k densities (family='topk') by an optimal DP solver")
 
-__all__ = ["register", "register_method", "available_methods", "ops", "checkpoint", "codec", "compressors", "distributed", "fsdp", "hooks", "kernels", "lgreco", "topology", "traffic", "zo"]
+__all__ = ["register", "register_method", "available_methods", "ops", "checkpoint", "codec", "compressors", "distributed", "fsdp", "hooks", "hsdp", "kernels", "lgreco", "topology", "traffic", "zo"]
