@@ -226,6 +226,23 @@ def test_projection_and_lgreco_node_mode():
     assert sorted(choices[0]) == ["conv2.weight", "fc1.weight", "fc2.weight"]
 
 
+def _check_element_shards(saved: list, *fields: str) -> None:
+    """Each rank's state dict of a 2x2 node-mode run holds, per parameter its shard cuts, a tensor
+    shaped like the parameter that is zero outside its piece: the local ranks of a node cover every
+    parameter, hold disjoint element ranges (one parameter is cut between them: SmallNet's one bucket
+    is split by elements), and the same local rank holds the same parameters on both nodes."""
+    owned = [set(sd["params"]) for sd in saved]
+    assert owned[0] == owned[2] and owned[1] == owned[3]  # shards by local rank
+    assert owned[0] | owned[1] == {n for n, _ in SmallNet().named_parameters()}
+    cut = owned[0] & owned[1]
+    assert len(cut) == 1, cut  # one parameter holds the cut between the two halves of the bucket
+    for node in ((0, 1), (2, 3)):
+        for name in cut:
+            for field in fields:
+                held = [saved[r]["params"][name][field] != 0 for r in node]
+                assert held[0].any() and held[1].any() and not (held[0] & held[1]).any(), (name, field)
+
+
 def _resume_on_nodes(rank: int, world: int, per_node: int, *args) -> dict:
     _as_nodes(rank, per_node)
     out = resume_task.run(rank, world, *args)
@@ -242,9 +259,7 @@ def test_node_mode_resumes_exactly():
     method, options, momentum = "dgc", {"density": 0.05, "min_numel": 256, "hierarchy": "node"}, 0.0
     full = run_distributed(_resume_on_nodes, 4, 2, method, options, 25.0, momentum, None, None)
     saved = torch.load(io.BytesIO(full[0]["checkpoint"]), weights_only=True)["pycomm"]
-    owned = [set(sd["params"]) for sd in saved]
-    assert owned[0] == owned[2] and owned[1] == owned[3] and not owned[0] & owned[1]  # shards by local rank
-    assert owned[0] | owned[1] == {n for n, _ in SmallNet().named_parameters()}
+    _check_element_shards(saved, "u", "v")
     resumed = run_distributed(_resume_on_nodes, 4, 2, method, options, 25.0, momentum, full[0]["checkpoint"], None)
     assert _identical(full) and _identical(resumed)
     assert all(torch.equal(full[0]["params"][n], resumed[0]["params"][n]) for n in full[0]["params"])
