@@ -4,12 +4,13 @@ With ``hierarchy="node"`` on N nodes of M ranks each, every hook runs one DDP bu
 
 1. **reduce-scatter inside the node**, uncompressed: the bucket's buffer is cut into M contiguous
    element ranges of about ``ceil(numel / M)`` elements (:func:`shard_spans`; a range may cut a
-   parameter into pieces, and the last ranges may be shorter or empty); local rank j receives the
+   parameter into pieces, at a multiple of the method's alignment from the parameter's start: 1,
+   or quant's bucket size; the last ranges may be shorter or empty); local rank j receives the
    sum of range j over its node and divides it by M (the node's average gradient of its shard);
 2. **the method's own (flat) algorithm on that shard**, among the N ranks that hold the same shard
    on the other nodes (the *inter-node group*): quantization, top-k, projection, with the state
-   of the shard's pieces of parameters. Their result is identical on those N ranks and is the average over
-   all W = N*M ranks;
+   of the shard's pieces of parameters. Their result is identical on those N ranks and is the
+   average over all W = N*M ranks;
 3. **all-gather inside the node**, uncompressed, of every local rank's shard back into the bucket,
    so all W ranks end bit-identical.
 
@@ -64,13 +65,18 @@ big parameter (common: a large layer fills a DDP bucket alone) went whole to one
 others owned nothing, the intra-node collectives moved M times the bucket padded, and one rank per
 node compressed everything. Equal element ranges give every local rank 1/M of every bucket to
 compress and make the reduce-scatter and the all-gather move (M-1)/M of the bucket per rank each
-way, with no padding when M divides the bucket (the collectives then work in the bucket's buffer).
-The bytes that cross nodes do not depend on the cut.
+way, with no padding when the ranges come out equal (M divides the bucket and, for quant, the cuts
+fall on its bucket size; the collectives then work in the bucket's buffer). The bytes that cross
+nodes do not depend on the cut. The price: a method's result may depend on where a parameter is cut
+(DGC's per-piece top-k), so a resume whose first step runs under DDP's first bucket layout, cut
+elsewhere, is exact only where the result does not depend on the cut (DGC at density 1, say); the
+state itself is handed over exactly.
 
 Costs besides the compressed payload: the intra-node reduce-scatter and all-gather of the bucket
-(uncompressed, inside the node, padded to M equal ranges where they are not), the wait for the shard's result before the all-gather (on
-CPU; on CUDA it only orders streams), at each layout change one intra-node all-reduce of the
-bucket's state, and once, at ``bind``, one ``all_gather_object`` of every rank's node.
+(uncompressed, inside the node, padded to M equal ranges where they are not), the wait for the
+shard's result before the all-gather (on CPU; on CUDA it only orders streams), at each layout change
+one intra-node all-reduce of the bucket's state, and once, at ``bind``, one ``all_gather_object`` of
+every rank's node.
 
 Non-finite gradients: the intra-node sum carries a NaN/Inf into its shard, the method's flat path
 handles it there as it does in flat mode (on CPU an uncompressed all-reduce of that shard among the
