@@ -15,8 +15,9 @@ from pycomm import ops
 from pycomm.hooks import agreement
 from pycomm.hooks import hierarchy as _hierarchy
 from pycomm.hooks.hook_state import (BucketPlan, HookState, Layer, advance_step, allreduce_dense, average_,
-                                     completed_future, compressible, log_skipped, parameter_slices,
-                                     put_dense, same_layout_plan, split_layers, take_dense, validated_layer_params)
+                                     bucket_pieces, completed_future, compressible, log_skipped,
+                                     piece_slices, put_dense, same_layout_plan, split_pieces, take_dense,
+                                     validated_layer_params)
 from pycomm.hooks.param_state import ParamStore, export_slices, load_slices, report_mismatch
 from pycomm.compressors import DGC
 from pycomm.hooks.index_errors import IndexErrors as _IndexErrors
@@ -33,7 +34,7 @@ PAPER_WARMUP_DENSITIES = (0.25, 0.0625, 0.015625, 0.004)
 @dataclass
 class _DGCPlan(BucketPlan):
     compressor: DGC                 # u and v over the whole buffer (u of dense layers is their momentum)
-    where: dict = field(default_factory=dict)  # parameter name -> (offset, length) in the buffer
+    where: dict = field(default_factory=dict)  # parameter name -> its piece (hook_state.piece_slices)
     segments: Optional[torch.Tensor] = None  # segment table of the compressed layers (on the buffer's device)
     host_segments: Optional[torch.Tensor] = None  # its CPU copy: the CUDA top-k sizes its output without waiting
     counts: dict = field(default_factory=dict)  # density -> k of the whole bucket
@@ -47,7 +48,7 @@ class _DGCPlan(BucketPlan):
     compressed: list[tuple[int, int]] = field(init=False)  # the compressed layers' (offset, length)
 
     def __post_init__(self) -> None:
-        self.compressed = [(o, n) for _, o, n in self.layers]
+        self.compressed = [(o, n) for _, o, n, _ in self.layers]
 
     def export(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         """u and v of ``names`` as standalone tensors."""
@@ -100,7 +101,8 @@ class DGCState(HookState):
     ``observer``, when set, is called as ``observer(v, layers)`` once per bucket per step with
     compressed layers, after momentum correction and before top-k: ``v`` is the float32
     accumulated velocity of the whole bucket (reused: copy what you keep), ``layers`` the
-    compressed layers as ``(name, offset, length)``. A rank that skips compression of a bucket for
+    compressed layers as ``(name, offset, length, offset in the parameter)`` (in node mode a layer
+    may be a piece of its parameter; in flat mode the last is 0). A rank that skips compression of a bucket for
     NaN/Inf does not call it for that bucket. The observer is not pickled and not in
     :meth:`state_dict`.
 
@@ -232,7 +234,7 @@ class DGCState(HookState):
         """Elements kept per compressed layer at ``step``, or None when no layer of the bucket has its own
         density (then the whole bucket uses :meth:`density_at`, exactly as without overrides)."""
         if plan.layer_version != self._layer_version:
-            plan.layer_densities = [self._layer_params.get(name) for name, _, _ in plan.layers]
+            plan.layer_densities = [self._layer_params.get(name) for name, _, _, _ in plan.layers]
             plan.has_layer_densities = any(d is not None for d in plan.layer_densities)
             plan.layer_tables.clear()  # tables of earlier settings are not needed again
             plan.layer_version = self._layer_version
@@ -295,11 +297,11 @@ class DGCState(HookState):
         plan, signature = same_layout_plan(self, bucket)
         if plan is not None:
             return plan
-        buffer, params = bucket.buffer(), bucket.parameters()
-        names = self._require_names().names_of(params)
-        layers, dense = split_layers(params, names, self.min_numel)
-        where = parameter_slices(names, params)
-        compressed = [(o, n) for _, o, n in layers]
+        buffer, pieces = bucket.buffer(), bucket_pieces(bucket)
+        names = self._require_names().names_of(p for p, _, _, _ in pieces)
+        layers, dense = split_pieces(pieces, names, self.min_numel)
+        where = piece_slices(names, pieces)
+        compressed = [(o, n) for _, o, n, _ in layers]
         compressor = DGC(self.density, self.momentum, self.nesterov, self.clip_norm, self.momentum_masking,
                          self.exact, self.sample_ratio, self.seed)
         compressor.u = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)

@@ -2,14 +2,15 @@
 
 With ``hierarchy="node"`` on N nodes of M ranks each, every hook runs one DDP bucket as:
 
-1. **reduce-scatter inside the node**, uncompressed: the bucket's parameters are cut into M
-   contiguous runs of whole parameters (balanced by element count; a run may be empty when the
-   bucket has fewer parameters than M), padded to equal length; local rank j receives the sum of
-   run j over its node and divides it by M (the node's average gradient of its shard);
+1. **reduce-scatter inside the node**, uncompressed: the bucket's buffer is cut into M contiguous
+   element ranges of about ``ceil(numel / M)`` elements (:func:`shard_spans`; a range may cut a
+   parameter into pieces, at a multiple of the method's alignment from the parameter's start: 1,
+   or quant's bucket size; the last ranges may be shorter or empty); local rank j receives the
+   sum of range j over its node and divides it by M (the node's average gradient of its shard);
 2. **the method's own (flat) algorithm on that shard**, among the N ranks that hold the same shard
    on the other nodes (the *inter-node group*): quantization, top-k, projection, with the state
-   of the shard's parameters. Their result is identical on those N ranks and is the average over
-   all W = N*M ranks;
+   of the shard's pieces of parameters. Their result is identical on those N ranks and is the
+   average over all W = N*M ranks;
 3. **all-gather inside the node**, uncompressed, of every local rank's shard back into the bucket,
    so all W ranks end bit-identical.
 
@@ -32,25 +33,50 @@ Per method, step 2 is the method's flat hook with the node as one worker:
   inter-node group, gathered inside the node and solved as one table, so every rank applies the
   same per-layer choice.
 
-Per-parameter state (error feedback, DGC's u and v, L-GreCo's accumulated window) belongs to the
-local rank that owns the parameter's shard: each rank's ``state_dict()`` holds only its own
-shard's parameters, as they are among the N ranks of its inter-node group. Save every rank's
+Shards hold pieces of parameters: each hook plans its shard as a bucket of pieces, each layer an
+entry ``(name, offset in the shard, length, offset in the parameter)``
+(:func:`pycomm.hooks.hook_state.bucket_pieces`). Whether a piece is compressed is decided by its
+whole parameter. What a piece draws and how it is cut follows its place in the parameter: quant's
+stochastic rounding draws at (parameter, offset in the parameter) and a shard cuts a parameter only
+at a multiple of the quantization bucket size from its start, so a piece quantizes in the buckets
+of flat mode; spsa-projection draws each piece's directions at its elements' places in the model,
+as in flat mode. Per-layer settings are per parameter and apply to each of its pieces, identically
+on every rank that holds one: DGC keeps ``topk_count(piece length, the parameter's density)``
+elements of each piece (per-piece top-k: the sum over a parameter's pieces is its flat count up to
+rounding, one element per piece at most); L-GreCo measures each piece on the rank that holds it,
+merges a parameter's rows inside the node (norms combined as the square root of the sum of
+squares, bytes summed over its pieces, each sent as a layer of its own) and solves one setting per
+parameter.
+
+Per-parameter state (error feedback, DGC's u and v, L-GreCo's accumulated window) is kept per
+parameter name, shaped like the parameter, on every local rank whose shard holds a piece of it,
+and is zero outside that rank's piece: each rank's ``state_dict()`` has the format of flat mode
+and holds the parameters its shard cuts, as they are among the N ranks of its inter-node group
+(the pieces of one parameter on the M ranks of a node add up to its state). Save every rank's
 state dict (:func:`pycomm.checkpoint.gather_state_dicts`) and load rank r's entry on rank r of a
-run with the same nodes and ranks per node. When the owner of a parameter changes (DDP rebuilds
-its buckets after the first iteration, a resumed run starts from another bucket layout or another
-``bucket_cap_mb``), the ranks of each node hand the parameter's state to its new owner once, at
-that layout change: each contributes what it holds and zeros elsewhere to one all-reduce inside
-the node (exact: only one rank holds a non-zero value).
+run with the same nodes and ranks per node. When the cut changes (DDP rebuilds its buckets after
+the first iteration, a resumed run starts from another bucket layout or another
+``bucket_cap_mb``), the ranks of each node hand the state over once, at that layout change: each
+contributes what it holds (zeros elsewhere) to one all-reduce inside the node, and each keeps the
+part of its new piece. The sum is exact: at every element only one rank holds a non-zero value.
 
-Why whole parameters and not equal element ranges: every method keys its state and its random
-draws by parameter name; a shard of whole parameters lets each method's per-bucket plans work on
-the shard unchanged. The cost is padding (the longest run sets the length of the intra-node
-collectives) and shards of unequal size; the bytes that cross nodes do not depend on the cut.
+Why element ranges and not whole parameters: with runs of whole parameters a bucket holding one
+big parameter (common: a large layer fills a DDP bucket alone) went whole to one local rank, the
+others owned nothing, the intra-node collectives moved M times the bucket padded, and one rank per
+node compressed everything. Equal element ranges give every local rank 1/M of every bucket to
+compress and make the reduce-scatter and the all-gather move (M-1)/M of the bucket per rank each
+way, with no padding when the ranges come out equal (M divides the bucket and, for quant, the cuts
+fall on its bucket size; the collectives then work in the bucket's buffer). The bytes that cross
+nodes do not depend on the cut. The price: a method's result may depend on where a parameter is cut
+(DGC's per-piece top-k), so a resume whose first step runs under DDP's first bucket layout, cut
+elsewhere, is exact only where the result does not depend on the cut (DGC at density 1, say); the
+state itself is handed over exactly.
 
-Costs besides the compressed payload: the intra-node reduce-scatter and all-gather of the padded
-bucket (uncompressed, inside the node), the wait for the shard's result before the all-gather (on
-CPU; on CUDA it only orders streams), at each layout change one intra-node all-reduce of the
-bucket's state, and once, at ``bind``, one ``all_gather_object`` of every rank's node.
+Costs besides the compressed payload: the intra-node reduce-scatter and all-gather of the bucket
+(uncompressed, inside the node, padded to M equal ranges where they are not), the wait for the
+shard's result before the all-gather (on CPU; on CUDA it only orders streams), at each layout change
+one intra-node all-reduce of the bucket's state, and once, at ``bind``, one ``all_gather_object`` of
+every rank's node.
 
 Non-finite gradients: the intra-node sum carries a NaN/Inf into its shard, the method's flat path
 handles it there as it does in flat mode (on CPU an uncompressed all-reduce of that shard among the
@@ -59,6 +85,7 @@ inter-node group; on CUDA a NaN shard), and the all-gather gives it to every ran
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import itertools
 import logging
@@ -72,7 +99,7 @@ from pycomm.distributed import all_gather_into_tensor
 from pycomm.topology import NodeMap, TopologyError, discover
 
 __all__ = ["HIERARCHIES", "validated_hierarchy", "NodeGroups", "settle", "node_groups", "route", "node_step",
-           "shard_cut"]
+           "shard_spans"]
 
 logger = logging.getLogger(__name__)
 
@@ -170,37 +197,68 @@ class _Layout:
     """How one DDP bucket layout is cut into the M shards."""
 
     signature: tuple
-    bounds: list[tuple[int, int]]  # per local rank: (first parameter, end parameter) of its run
-    spans: list[tuple[int, int]]   # per local rank: (offset, length) of its run in the bucket buffer
-    padded: int                    # L: the length of every shard in the intra-node collectives
+    spans: list[tuple[int, int]]   # per local rank: (offset, length) of its element range in the bucket buffer
+    chunk: int                     # L: the longest range, the length of every shard in the intra-node collectives
+    # per local rank: what its range holds of each parameter it cuts, as (index of the parameter in
+    # the bucket, offset in the shard, length, offset in the parameter), in bucket order
+    pieces: list[list[tuple[int, int, int, int]]]
 
 
-def shard_cut(numels: list[int], parts: int) -> list[tuple[int, int]]:
-    """Cut parameters of ``numels`` elements (in bucket order) into ``parts`` contiguous runs of
-    about equal element counts: the run boundaries are the parameter boundaries nearest to
-    ``j * total / parts``. Returns ``(first, end)`` parameter indices per run (possibly empty)."""
+def shard_spans(numels: list[int], parts: int, alignment: int = 1) -> list[tuple[int, int]]:
+    """Cut a bucket of parameters of ``numels`` elements (bucket order) into ``parts`` contiguous
+    element ranges of about ``ceil(total / parts)`` elements. A cut inside a parameter falls at a
+    multiple of ``alignment`` from the parameter's start (the quantization hook's bucket size: the
+    pieces of a parameter then quantize in the same buckets, and draw at the same places, as the
+    whole parameter in flat mode), the nearest to its target ``j * ceil(total / parts)``; with
+    ``alignment`` 1 every range but the last ones has exactly that length. Ranges may be empty.
+    Returns ``(offset, length)`` per range."""
     prefix = list(itertools.accumulate(numels, initial=0))
     total = prefix[-1]
+    chunk = -(-total // parts)
     cuts = [0]
     for j in range(1, parts):
-        target = j * total / parts
-        best = min(range(cuts[-1], len(numels) + 1), key=lambda i: (abs(prefix[i] - target), i))
-        cuts.append(best)
-    cuts.append(len(numels))
-    return list(zip(cuts[:-1], cuts[1:]))
+        target = min(j * chunk, total)
+        i = bisect.bisect_right(prefix, target) - 1  # the parameter that holds element `target`
+        cut = target
+        if i < len(numels) and prefix[i] < target:
+            cut = min(prefix[i] + alignment * round((target - prefix[i]) / alignment), prefix[i + 1])
+        cuts.append(max(cuts[-1], cut))
+    cuts.append(total)
+    return [(a, b - a) for a, b in zip(cuts[:-1], cuts[1:])]
+
+
+def _pieces_in(numels: list[int], span: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+    """The pieces of the parameters of ``numels`` (bucket order) that the element range ``span`` holds:
+    ``(parameter index, offset in the range, length, offset in the parameter)``, empty ones left out."""
+    first, length = span
+    pieces = []
+    offset = 0
+    for i, n in enumerate(numels):
+        lo, hi = max(offset, first), min(offset + n, first + length)
+        if hi > lo:
+            pieces.append((i, lo - first, hi - lo, lo - offset))
+        offset += n
+    return pieces
 
 
 class _ShardBucket:
-    """What a hook reads of a ``dist.GradBucket``, for this rank's shard of a bucket."""
+    """What a hook reads of a ``dist.GradBucket``, for this rank's shard of a bucket: its buffer is
+    the shard, and :meth:`pieces` says what it holds of each parameter (read by
+    :func:`pycomm.hooks.hook_state.bucket_pieces`)."""
 
-    def __init__(self, buffer: torch.Tensor, params: list[torch.Tensor], index: int, last: bool) -> None:
-        self._buffer, self._params, self._index, self._last = buffer, params, index, last
+    def __init__(self, buffer: torch.Tensor, pieces: list[tuple[torch.Tensor, int, int, int]], index: int,
+                 last: bool) -> None:
+        self._buffer, self._pieces, self._index, self._last = buffer, pieces, index, last
 
     def buffer(self) -> torch.Tensor:
         return self._buffer
 
     def parameters(self) -> list[torch.Tensor]:
-        return self._params
+        return [p for p, _, _, _ in self._pieces]
+
+    def pieces(self) -> list[tuple[torch.Tensor, int, int, int]]:
+        """``(parameter, offset in the shard, length, offset in the parameter)`` in shard order."""
+        return self._pieces
 
     def index(self) -> int:
         return self._index
@@ -239,10 +297,9 @@ def _layout(state: Any, bucket: Any, groups: NodeGroups) -> _Layout:
     layout = layouts.get(bucket.index())
     if layout is not None and layout.signature == signature:
         return layout
-    bounds = shard_cut([p.numel() for p in params], groups.per_node)
-    offsets = list(itertools.accumulate((p.numel() for p in params), initial=0))
-    spans = [(offsets[a], offsets[b] - offsets[a]) for a, b in bounds]
-    layout = _Layout(signature, bounds, spans, max(1, max(n for _, n in spans)))
+    numels = [p.numel() for p in params]
+    spans = shard_spans(numels, groups.per_node, owner._shard_alignment())
+    layout = _Layout(signature, spans, max(1, max(n for _, n in spans)), [_pieces_in(numels, span) for span in spans])
     _hand_over(state, bucket.index(), params, layout, groups)
     layouts[bucket.index()] = layout
     return layout
@@ -282,14 +339,23 @@ def _hand_over(state: Any, index: int, params: list[torch.Tensor], layout: _Layo
             values[len(fields) * numel + o:len(fields) * numel + o + n].copy_(accumulators.pop(name).reshape(-1))
     dist.all_reduce(values, group=groups.intra)
     present = presence.cpu()
-    first, end = layout.bounds[groups.local_index]
-    for i in range(first, end):
+    for i, _, length, start in layout.pieces[groups.local_index]:
         name, o, n = names[i], offsets[i], params[i].numel()
         if present[0, i] > 0:
-            owner._store.loose[name] = {field: values[f * numel + o:f * numel + o + n].clone()
+            owner._store.loose[name] = {field: _own_piece(values[f * numel + o:f * numel + o + n], start, length)
                                         for f, field in enumerate(fields)}
         if accumulators is not None and present[1, i] > 0:
-            accumulators[name] = values[len(fields) * numel + o:len(fields) * numel + o + n].clone()
+            accumulators[name] = _own_piece(values[len(fields) * numel + o:len(fields) * numel + o + n], start, length)
+
+
+def _own_piece(full: torch.Tensor, start: int, length: int) -> torch.Tensor:
+    """A parameter's state, kept for the piece ``[start, start + length)`` this rank's shard holds and
+    zero elsewhere (the other local ranks keep the rest): sums inside the node stay exact."""
+    if start == 0 and length == full.numel():
+        return full.clone()
+    out = torch.zeros_like(full)
+    out[start:start + length].copy_(full[start:start + length])
+    return out
 
 
 def route(state: Any, bucket: Any, hook: Callable[[Any, Any], torch.futures.Future]) -> Optional[torch.futures.Future]:
@@ -306,19 +372,22 @@ def node_step(state: Any, bucket: Any, groups: NodeGroups,
     the bucket's buffer, the average over every rank, bit-identical on every rank."""
     layout = _layout(state, bucket, groups)
     buffer, params = bucket.buffer(), bucket.parameters()
-    m, padded = groups.per_node, layout.padded
-    packed = buffer.new_zeros(m * padded)
-    for j, (o, n) in enumerate(layout.spans):
-        packed[j * padded:j * padded + n].copy_(buffer[o:o + n])
-    own = buffer.new_empty(padded)
+    m, chunk = groups.per_node, layout.chunk
+    # Equal ranges (the usual case): the collectives read and write the bucket's buffer itself.
+    exact = all(o == j * chunk and n == chunk for j, (o, n) in enumerate(layout.spans))
+    packed = buffer
+    if not exact:
+        packed = buffer.new_zeros(m * chunk)
+        for j, (o, n) in enumerate(layout.spans):
+            packed[j * chunk:j * chunk + n].copy_(buffer[o:o + n])
+    own = buffer.new_empty(chunk)
     reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor  # torch 2.13 renamed it
     reduce_scatter(own, packed, group=groups.intra)
     own.div_(m)
-    first, end = layout.bounds[groups.local_index]
-    own_length = layout.spans[groups.local_index][1]
-    shard = own[:own_length]
+    shard = own[:layout.spans[groups.local_index][1]]
+    pieces = [(params[i], o, n, start) for i, o, n, start in layout.pieces[groups.local_index]]
     with _over_inter_group(state, groups):
-        fut = flat_hook(state, _ShardBucket(shard, list(params[first:end]), bucket.index(), bucket.is_last()))
+        fut = flat_hook(state, _ShardBucket(shard, pieces, bucket.index(), bucket.is_last()))
     # The shard's average must be there before this bucket's intra-node all-gather is issued: every
     # rank must issue the intra-node collectives of successive buckets in the same order, and a
     # callback would issue it later, from the collective's thread (Gloo), after the next bucket's
@@ -327,12 +396,13 @@ def node_step(state: Any, bucket: Any, groups: NodeGroups,
     result = result[0] if isinstance(result, (list, tuple)) else result
     if result.data_ptr() != shard.data_ptr():
         shard.copy_(result)
-    everyone = buffer.new_empty(m * padded)
+    everyone = buffer if exact else buffer.new_empty(m * chunk)
     work = all_gather_into_tensor(everyone, own, group=groups.intra, async_op=True)
 
     def put_back(_: torch.futures.Future) -> torch.Tensor:
-        for j, (o, n) in enumerate(layout.spans):
-            buffer[o:o + n].copy_(everyone[j * padded:j * padded + n])
+        if not exact:
+            for j, (o, n) in enumerate(layout.spans):
+                buffer[o:o + n].copy_(everyone[j * chunk:j * chunk + n])
         return buffer
 
     return work.get_future().then(put_back)

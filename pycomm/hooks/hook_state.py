@@ -19,12 +19,18 @@ from pycomm.hooks.param_state import (STATE_FORMAT, CheckpointMismatch, Paramete
 logger = logging.getLogger(__name__)
 
 __all__ = ["HookState", "BucketPlan", "LayerKey", "Layer", "Dense", "advance_step", "split_layers",
-           "validated_layer_key", "validated_layer_params", "take_dense", "allreduce_dense", "put_dense", "average_",
+           "validated_layer_key", "validated_layer_params", "Piece", "bucket_pieces", "plan_signature", "split_pieces",
+           "piece_slices", "take_dense", "allreduce_dense", "put_dense", "average_",
            "average_async", "completed_future"]
 
 LayerKey = str                  # a parameter's name in the model (``model.named_parameters()``)
-Layer = tuple[str, int, int]    # a compressed layer: (name, offset, length) in the bucket buffer
+# A compressed layer, or the piece of one that a bucket (in node mode: this rank's shard of a bucket,
+# see pycomm.hooks.hierarchy) holds: (name, offset in the bucket buffer, length, offset in the parameter).
+# In flat mode every layer is whole: offset in the parameter 0, length its numel.
+Layer = tuple[str, int, int, int]
 Dense = tuple[int, int]         # a layer all-reduced uncompressed: (offset, length)
+# What a bucket holds of one parameter: (parameter, offset in the bucket buffer, length, offset in the parameter).
+Piece = tuple[torch.Tensor, int, int, int]
 
 
 @dataclass
@@ -33,7 +39,7 @@ class BucketPlan:
 
     signature: tuple      # the bucket's layout (:func:`bucket_signature`): the plan is rebuilt when it changes
     names: list[str]      # the bucket's parameters' names, in buffer order
-    layers: list[Layer]   # compressed layers: (name, offset, length)
+    layers: list[Layer]   # compressed layers: (name, offset, length, offset in the parameter)
     dense: list[Dense]    # layers all-reduced uncompressed: (offset, length)
 
 
@@ -110,6 +116,11 @@ class HookState:
     # -- per-parameter state ---------------------------------------------------------------
     _store: ParamStore
     _plans: dict
+
+    def _shard_alignment(self) -> int:
+        """Node mode (:mod:`pycomm.hooks.hierarchy`): a shard may cut a parameter only at a multiple of
+        this many elements from the parameter's start (1: anywhere)."""
+        return 1
 
     def _fields(self) -> dict[str, bool]:
         """The per-parameter tensors the method keeps now, by field name (e.g. ``{"u": True, "v": True}``)."""
@@ -204,10 +215,32 @@ def bucket_signature(buffer: torch.Tensor, params: list[torch.Tensor]) -> tuple:
     return (buffer.numel(), buffer.dtype, tuple(id(p) for p in params))
 
 
+def bucket_pieces(bucket: Any) -> list[Piece]:
+    """What ``bucket`` holds of each parameter, in buffer order: every parameter whole for a DDP bucket;
+    in node mode, for this rank's shard of a bucket, the pieces of the parameters it cuts (see
+    :mod:`pycomm.hooks.hierarchy`; the shard bucket offers them as ``pieces()``)."""
+    pieces = getattr(bucket, "pieces", None)
+    if pieces is not None:
+        return pieces()
+    out: list[Piece] = []
+    offset = 0
+    for p in bucket.parameters():
+        out.append((p, offset, p.numel(), 0))
+        offset += p.numel()
+    return out
+
+
+def plan_signature(bucket: Any) -> tuple:
+    """The layout a plan is built for: :func:`bucket_signature` with each piece's place in its
+    parameter (two shards may hold the same parameters cut elsewhere)."""
+    buffer = bucket.buffer()
+    return (buffer.numel(), buffer.dtype, tuple((id(p), start, n) for p, _, n, start in bucket_pieces(bucket)))
+
+
 def same_layout_plan(state: HookState, bucket: dist.GradBucket) -> tuple[Any, tuple]:
     """The state's plan for ``bucket`` if it was built for the bucket's current layout (else None), and
-    that layout's :func:`bucket_signature`."""
-    signature = bucket_signature(bucket.buffer(), bucket.parameters())
+    that layout's :func:`plan_signature`."""
+    signature = plan_signature(bucket)
     plan = state._plans.get(bucket.index())
     return (plan if plan is not None and plan.signature == signature else None), signature
 
@@ -218,20 +251,35 @@ def parameter_slices(names: list[str], params: list[torch.Tensor]) -> dict[str, 
     return {name: (offset, p.numel()) for name, p, offset in zip(names, params, offsets)}
 
 
+def piece_slices(names: list[str], pieces: list[Piece]) -> dict[str, tuple[int, int, int, int]]:
+    """Each piece's ``(offset in the buffer, length, offset in the parameter, numel of the parameter)``
+    by parameter name (a bucket holds at most one piece of a parameter), as
+    :func:`pycomm.hooks.param_state.export_slices` takes them."""
+    return {name: (o, n, start, p.numel()) for name, (p, o, n, start) in zip(names, pieces)}
+
+
 def split_layers(params: Iterable[torch.Tensor], names: list[str], min_numel: int) -> tuple[list[Layer], list[Dense]]:
-    """Split a bucket's parameters, in buffer order, into compressed layers ``(name, offset, length)``
+    """Split a bucket's parameters, in buffer order, into compressed layers ``(name, offset, length, 0)``
     (``dim > 1`` and at least ``min_numel`` elements) and dense ones ``(offset, length)`` (the rest,
     empty parameters left out)."""
+    pieces: list[Piece] = []
+    offset = 0
+    for p in params:
+        pieces.append((p, offset, p.numel(), 0))
+        offset += p.numel()
+    return split_pieces(pieces, names, min_numel)
+
+
+def split_pieces(pieces: list[Piece], names: list[str], min_numel: int) -> tuple[list[Layer], list[Dense]]:
+    """:func:`split_layers` for pieces of parameters (:func:`bucket_pieces`): whether a piece is
+    compressed is decided by its whole parameter, so every piece of a parameter is treated alike."""
     layers: list[Layer] = []
     dense: list[Dense] = []
-    offset = 0
-    for name, p in zip(names, params):
-        n = p.numel()
+    for name, (p, offset, n, start) in zip(names, pieces):
         if compressible(p, min_numel):
-            layers.append((name, offset, n))
+            layers.append((name, offset, n, start))
         elif n:
             dense.append((offset, n))
-        offset += n
     return layers, dense
 
 

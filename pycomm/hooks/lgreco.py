@@ -138,8 +138,12 @@ class LGreCoState(HookState):
         self.alpha = float(alpha)
         self.levels = int(levels)
         self.last_solve: Optional[dict[str, Any]] = None
-        # parameter name -> float32 sum of its observed values in the current window
+        # parameter name -> float32 sum of its observed values in the current window, parameter-sized
+        # (in node mode zero outside the piece of the parameter that this rank's shard holds)
         self._accumulators: dict[str, torch.Tensor] = {}
+        # parameter name -> (offset in the parameter, length) of the piece observed last (node mode:
+        # the piece of this rank's shard; flat mode: the whole parameter); not in state_dict
+        self._observed: dict[str, tuple[int, int]] = {}
 
     # The process group lives in the inner state; pickling drops it there.
     @property
@@ -205,13 +209,20 @@ class LGreCoState(HookState):
 
     # -- accumulation -----------------------------------------------------------------
     def _observe(self, values: torch.Tensor, layers: list[Layer]) -> None:
-        for name, offset, length in layers:
+        params = self._require_names().params
+        observed = self.__dict__.setdefault("_observed", {})
+        for name, offset, length, start in layers:
             piece = values[offset:offset + length]
             total = self._accumulators.get(name)
-            if total is None or total.numel() != length:
-                self._accumulators[name] = piece.detach().to(torch.float32, copy=True)
-            else:
-                total.add_(piece)
+            numel = params[name].numel()
+            if total is None or total.numel() != numel:
+                if start == 0 and length == numel:
+                    self._accumulators[name] = piece.detach().to(torch.float32, copy=True)
+                    observed[name] = (start, length)
+                    continue
+                total = self._accumulators[name] = torch.zeros(numel, dtype=torch.float32, device=values.device)
+            total[start:start + length].add_(piece)
+            observed[name] = (start, length)
 
     # -- solving ------------------------------------------------------------------------
     def _tables(self) -> tuple[list[LayerKey], list[int], torch.Tensor, list[list[int]]]:
@@ -219,10 +230,14 @@ class LGreCoState(HookState):
         errors of every layer are measured in one launch per candidate over their concatenation."""
         names = self._require_names()
         keys = [name for name in names.params if name in self._accumulators]
-        lengths = [self._accumulators[name].numel() for name in keys]
+        observed = self.__dict__.get("_observed", {})
+        places = [observed.get(name, (0, self._accumulators[name].numel())) for name in keys]
+        lengths = [length for _, length in places]
         if not keys:
             return keys, lengths, torch.zeros(0, len(self.candidates), dtype=torch.float64), []
-        values = torch.cat([self._accumulators[name] for name in keys])
+        # Each row is the piece this rank observed (node mode: its shard's piece of the parameter)
+        values = torch.cat([self._accumulators[name][start:start + length]
+                            for name, (start, length) in zip(keys, places)])
         slices = list(zip(itertools.accumulate(lengths[:-1], initial=0), lengths))
         seed = mix_seed(self.inner.seed, self.inner.iter, 0x1C)
         if self.family == "quant":
@@ -240,6 +255,7 @@ class LGreCoState(HookState):
     def _solve(self, step: int) -> None:
         keys, lengths, errors, sizes = self._tables()
         self._accumulators.clear()
+        self.__dict__.get("_observed", {}).clear()
         group = self.process_group  # in node mode: the inter-node group of this rank's shard
         agreed = True
         if keys and dist.get_world_size(group) > 1:
@@ -305,13 +321,25 @@ class LGreCoState(HookState):
         dist.all_gather_object(everyone, own, group=groups.intra)
         if not all(entry[0] for entry in everyone):
             return False, [], [], errors, []
+        # A parameter cut by the shards has one row per piece (each on the local rank that holds it):
+        # merged into one row per parameter, its norms combined as sqrt(sum of squares) and its
+        # bytes and lengths summed (each piece is sent as a layer of its own), so the solve picks
+        # one setting per parameter, the same on every rank, which then applies to each piece.
+        merged: dict[LayerKey, list[Any]] = {}
+        for _, ks, ls, table, ss in everyone:
+            for key, length, row, size in zip(ks, ls, table, ss):
+                if key in merged:
+                    entry = merged[key]
+                    entry[0] += length
+                    entry[1] = (entry[1].square() + row.square()).sqrt()
+                    entry[2] = [a + b for a, b in zip(entry[2], size)]
+                else:
+                    merged[key] = [length, row, list(size)]
         order = self._require_names().indices
-        rows = sorted(((order[key], key, length, row, size) for _, ks, ls, table, ss in everyone
-                       for key, length, row, size in zip(ks, ls, table, ss)), key=lambda item: item[0])
-        table = (torch.stack([row for _, _, _, row, _ in rows]) if rows
+        keys = sorted(merged, key=lambda key: order[key])
+        table = (torch.stack([merged[key][1] for key in keys]) if keys
                  else torch.zeros(0, len(self.candidates), dtype=torch.float64))
-        return (True, [key for _, key, _, _, _ in rows], [length for _, _, length, _, _ in rows], table,
-                [size for _, _, _, _, size in rows])
+        return True, keys, [merged[key][0] for key in keys], table, [merged[key][2] for key in keys]
 
     # -- persistence ---------------------------------------------------------------------
     _METHOD = "lgreco"
@@ -336,6 +364,7 @@ class LGreCoState(HookState):
         kept = param_tensors_for_load(state_dict.get("params", {}), self._names, {"accumulated": True}, strict,
                                       skipped)
         self._accumulators = {name: fields["accumulated"].reshape(-1) for name, fields in kept.items()}
+        self.__dict__.get("_observed", {}).clear()
         log_skipped(self, skipped)
         agreement.settings_changed(self)
 

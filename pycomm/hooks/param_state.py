@@ -149,23 +149,39 @@ class ParamStore:
         self.loose.clear()
 
 
-def export_slices(where: Mapping[str, tuple[int, int]], flats: Mapping[str, torch.Tensor],
+def export_slices(where: Mapping[str, tuple[int, ...]], flats: Mapping[str, torch.Tensor],
                   names: Iterable[str]) -> dict[str, dict[str, torch.Tensor]]:
     """``{name: {field: copy of flats[field][offset:offset + length]}}`` for the ``names`` in ``where``
-    (a plan's ``export`` when its state is one flat tensor per field, laid out like the bucket)."""
-    return {name: {key: flat[o:o + n].clone() for key, flat in flats.items()}
-            for name in names if name in where for o, n in [where[name]]}
+    (a plan's ``export`` when its state is one flat tensor per field, laid out like the bucket).
+
+    ``where[name]`` is ``(offset, length)`` for a whole parameter, or ``(offset, length, offset in
+    the parameter, numel of the parameter)`` for a piece of one (node mode's element shards): the
+    export is then parameter-sized, the piece in its place and zeros elsewhere."""
+    return {name: {key: _full(flat[where[name][0]:where[name][0] + where[name][1]], where[name])
+                   for key, flat in flats.items()}
+            for name in names if name in where}
 
 
-def load_slices(where: Mapping[str, tuple[int, int]], flats: Mapping[str, torch.Tensor],
+def _full(piece: torch.Tensor, place: tuple[int, ...]) -> torch.Tensor:
+    """``piece`` as a standalone tensor of its whole parameter (zeros outside the piece)."""
+    if len(place) == 2 or (place[2] == 0 and place[3] == place[1]):
+        return piece.clone()
+    out = piece.new_zeros(place[3])
+    out[place[2]:place[2] + place[1]].copy_(piece)
+    return out
+
+
+def load_slices(where: Mapping[str, tuple[int, ...]], flats: Mapping[str, torch.Tensor],
                 taken: Mapping[str, Mapping[str, torch.Tensor]]) -> None:
-    """Copy each taken parameter's fields into its slice of ``flats`` (the inverse of :func:`export_slices`)."""
+    """Copy each taken parameter's fields (parameter-sized) into its slice of ``flats``: the piece of
+    ``where`` (the inverse of :func:`export_slices`)."""
     for name, entry in taken.items():
         if name in where:
-            o, n = where[name]
+            o, n = where[name][:2]
+            start = where[name][2] if len(where[name]) > 2 else 0
             for key, flat in flats.items():
                 if key in entry:
-                    flat[o:o + n].copy_(entry[key].reshape(-1))
+                    flat[o:o + n].copy_(entry[key].reshape(-1)[start:start + n])
 
 
 # -- checkpoints ---------------------------------------------------------------------------------

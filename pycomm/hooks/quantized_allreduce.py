@@ -3,7 +3,7 @@
 # No `from __future__ import annotations`: DDP inspects the hook's real annotations.
 
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from collections.abc import Mapping
 from typing import Any, Callable, Optional
 
@@ -15,9 +15,10 @@ from pycomm.ops.validation import check_bits_bucket
 from pycomm.hooks import agreement
 from pycomm.hooks import hierarchy as _hierarchy
 from pycomm.hooks.hook_state import (BucketPlan, Dense, HookState, Layer, advance_step, allreduce_dense,
-                                     average_async, bucket_signature, completed_future, log_skipped, split_layers,
+                                     average_async, bucket_pieces, completed_future, log_skipped, piece_slices,
+                                     plan_signature, split_pieces,
                                      take_dense, validated_layer_params)
-from pycomm.hooks.param_state import ParameterNames, ParamStore
+from pycomm.hooks.param_state import ParameterNames, ParamStore, export_slices, load_slices
 from pycomm.distributed import chunk_layout, mix_seed, quantized_all_reduce
 
 __all__ = ["QuantState", "quantized_allreduce_hook"]
@@ -42,6 +43,7 @@ class _QuantPlan(BucketPlan):
     bucket_size: int = 0
     own_positions: Optional[torch.Tensor] = None  # buffer position of each server-residual element (-1: none)
     row_streams: Optional[torch.Tensor] = None  # Philox index of each table row's first element (see _row_streams)
+    where: dict = field(default_factory=dict)  # compressed parameter name -> its piece (hook_state.piece_slices)
 
     def owned_positions(self) -> torch.Tensor:
         """For each element of the server residual, the bucket element it belongs to (-1 for the
@@ -64,10 +66,8 @@ class _QuantPlan(BucketPlan):
         elements of this rank's chunk; zero elsewhere)."""
         if self.worker_residual is None:
             return {}
-        server_full = self._server_by_position()
-        where = {name: (o, n) for name, o, n in self.layers}
-        return {name: {"worker": self.worker_residual[o:o + n].clone(), "server": server_full[o:o + n].clone()}
-                for name in names if name in where for o, n in [where[name]]}
+        return export_slices(self.where, {"worker": self.worker_residual, "server": self._server_by_position()},
+                             names)
 
     def padding_residual(self) -> torch.Tensor:
         """The server residual of the records' padding (the tail of each layer's last record): the
@@ -95,14 +95,7 @@ class _QuantPlan(BucketPlan):
             return
         worker = self.worker_residual
         server = torch.zeros_like(worker)
-        for name, o, n in self.layers:
-            entry = taken.get(name)
-            if entry is None:
-                continue
-            if "worker" in entry:
-                worker[o:o + n].copy_(entry["worker"].reshape(-1))
-            if "server" in entry:
-                server[o:o + n].copy_(entry["server"].reshape(-1))
+        load_slices(self.where, {"worker": worker, "server": server}, taken)
         positions = self.owned_positions()
         valid = positions >= 0
         owned = positions[valid]
@@ -116,10 +109,11 @@ class _QuantPlan(BucketPlan):
 def _row_streams(table: torch.Tensor, layers: list[Layer], names: ParameterNames) -> torch.Tensor:
     """Where each table row draws its stochastic rounding: Philox index ``(parameter index << 40) +
     offset of the row's first element inside its parameter``. A layer's draws then depend on the layer
-    alone, not on where DDP puts it in a bucket or which layers share the bucket. (2^40 elements per
-    parameter, 2^23 parameters.) Empty padding rows get 0 (they draw nothing)."""
-    offsets = torch.tensor([o for _, o, _ in layers], dtype=torch.int64)
-    bases = torch.tensor([names.indices[name] << 40 for name, _, _ in layers], dtype=torch.int64)
+    alone, not on where DDP puts it in a bucket or which layers share the bucket, nor (node mode) on
+    where a shard cuts it. (2^40 elements per parameter, 2^23 parameters.) Empty padding rows get 0
+    (they draw nothing)."""
+    offsets = torch.tensor([o for _, o, _, _ in layers], dtype=torch.int64)
+    bases = torch.tensor([(names.indices[name] << 40) + start for name, _, _, start in layers], dtype=torch.int64)
     row_offsets = table[:, 0].to("cpu", torch.int64).contiguous()
     layer = (torch.searchsorted(offsets, row_offsets, right=True) - 1).clamp_(min=0)
     streams = bases[layer] + row_offsets - offsets[layer]
@@ -167,7 +161,8 @@ class QuantState(HookState):
     collectives). ``observer``, when set, is called as ``observer(values, layers)`` once per
     bucket per compressed step, before compressing: ``values`` is a float32 tensor of the bucket's
     numel holding exactly what is quantized (buffer + worker residual; copy what you keep),
-    ``layers`` the compressed layers as ``(name, offset, length)``. It is not pickled and not in
+    ``layers`` the compressed layers as ``(name, offset, length, offset in the parameter)`` (in node
+    mode a layer may be a piece of its parameter; in flat mode the last is 0). It is not pickled and not in
     :meth:`state_dict`.
 
     Residuals are per rank: checkpoint each rank's :meth:`state_dict` (e.g. to
@@ -241,13 +236,18 @@ class QuantState(HookState):
     def _fields(self) -> dict[str, bool]:
         return {"worker": self.error_feedback, "server": self.error_feedback}
 
+    def _shard_alignment(self) -> int:
+        # A piece of a layer then quantizes in the buckets, and draws at the places, of flat mode.
+        return self.bucket_size
+
     # -- persistence -------------------------------------------------------
     _CONFIG = ("bits", "bucket_size", "stochastic", "error_feedback", "start_iter", "min_numel", "seed")
 
     def state_dict(self) -> dict[str, Any]:
         """This rank's state: the configuration, the step, the per-layer bits and each parameter's
         residuals by name (``params[name]["worker"]`` and ``["server"]``, shaped like the parameter)."""
-        padding = [{"names": [name for name, _, _ in plan.layers], "layer_bits": list(plan.layer_bits),
+        padding = [{"names": [name for name, _, _, _ in plan.layers], "layer_bits": list(plan.layer_bits),
+                    "pieces": [[start, n] for _, _, n, start in plan.layers],
                     "world_size": plan.world, "residual": plan.padding_residual().clone()}
                    for plan in self._plans.values() if plan.server_residual is not None]
         return {**self._header(), "layer_params": dict(self._layer_params), "params": self._params_state(),
@@ -278,21 +278,22 @@ class QuantState(HookState):
 
     # -- planning ------------------------------------------------------------
     def _plan(self, bucket: dist.GradBucket) -> _QuantPlan:
-        buffer = bucket.buffer()
         index = bucket.index()
-        params = bucket.parameters()
         plan = self._plans.get(index)
-        signature = bucket_signature(buffer, params)
+        signature = plan_signature(bucket)
         if plan is not None and plan.signature == signature and plan.params_version == self._params_version:
             return plan
-        names = self._require_names().names_of(params)
-        layers, dense = split_layers(params, names, self.min_numel)
-        layer_bits = tuple(self._layer_params.get(name, self.bits) for name, _, _ in layers)
+        pieces = bucket_pieces(bucket)
+        names = self._require_names().names_of(p for p, _, _, _ in pieces)
+        layers, dense = split_pieces(pieces, names, self.min_numel)
+        layer_bits = tuple(self._layer_params.get(name, self.bits) for name, _, _, _ in layers)
         if plan is not None and plan.signature == signature and plan.layer_bits == layer_bits:
             plan.params_version = self._params_version
             return plan
         plan = self._build_plan(bucket, signature, names, layers, dense, layer_bits)
-        compressed = [name for name, _, _ in layers]
+        where = piece_slices(names, pieces)
+        compressed = [name for name, _, _, _ in layers]
+        plan.where = {name: where[name] for name in compressed}
         plan.load(self._store.take(compressed))
         self._store.claim(compressed if plan.worker_residual is not None else [], plan)
         self._restore_padding(plan)
@@ -305,10 +306,11 @@ class QuantState(HookState):
         padding."""
         if plan.server_residual is None:
             return
-        names = [name for name, _, _ in plan.layers]
+        names = [name for name, _, _, _ in plan.layers]
+        pieces = [[start, n] for _, _, n, start in plan.layers]
         for entry in self._loaded_padding:
             if (entry.get("names") == names and list(entry.get("layer_bits", [])) == list(plan.layer_bits)
-                    and entry.get("world_size") == plan.world):
+                    and entry.get("world_size") == plan.world and entry.get("pieces", pieces) == pieces):
                 padding = plan.owned_positions() < 0
                 values = entry["residual"]
                 if isinstance(values, torch.Tensor) and values.numel() == int(padding.sum()):
@@ -323,7 +325,7 @@ class QuantState(HookState):
         rank = dist.get_rank(self.process_group)
         table, host_table, worker, server, bits = None, None, None, None, self.bits
         if layers:
-            segments = [(o, n) for _, o, n in layers]
+            segments = [(o, n) for _, o, n, _ in layers]
             if len(set(layer_bits)) == 1:
                 # One width for the whole bucket: the 2-column path, exactly as without overrides.
                 bits = layer_bits[0]

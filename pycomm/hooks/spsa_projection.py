@@ -13,8 +13,8 @@ from pycomm import ops
 from pycomm.ops.philox import philox_distribution_code
 from pycomm.hooks import agreement
 from pycomm.hooks import hierarchy as _hierarchy
-from pycomm.hooks.hook_state import (BucketPlan, HookState, advance_step, average_, completed_future, log_skipped,
-                                     parameter_slices, same_layout_plan)
+from pycomm.hooks.hook_state import (BucketPlan, HookState, advance_step, average_, bucket_pieces, completed_future,
+                                     log_skipped, piece_slices, same_layout_plan)
 from pycomm.hooks.param_state import ParamStore, export_slices, load_slices
 from pycomm.codec import NONFINITE_CODE, LogByteCodec
 from pycomm.distributed import all_gather_into_tensor, mix_seed
@@ -121,16 +121,13 @@ class ProjectionState(HookState):
         plan, signature = same_layout_plan(self, bucket)
         if plan is not None:
             return plan
-        buffer, params = bucket.buffer(), bucket.parameters()
+        buffer, held = bucket.buffer(), bucket_pieces(bucket)
         names_map = self._require_names()
-        names = names_map.names_of(params)
-        pieces = []  # (model offset, buffer offset, length), in model order
-        offset = 0
-        for name, p in zip(names, params):
-            if p.numel():
-                pieces.append((names_map.model_offsets[name], offset, p.numel()))
-            offset += p.numel()
-        pieces.sort()
+        names = names_map.names_of(p for p, _, _, _ in held)
+        # (model offset, buffer offset, length), in model order; a piece of a parameter (node mode)
+        # draws the directions of its elements' places in the model, as in flat mode
+        pieces = sorted((names_map.model_offsets[name] + start, offset, n)
+                        for name, (_, offset, n, start) in zip(names, held) if n)
         runs: list[tuple[int, list[tuple[int, int]]]] = []
         for model_offset, buffer_offset, n in pieces:
             if runs and runs[-1][0] + sum(length for _, length in runs[-1][1]) == model_offset:
@@ -141,7 +138,7 @@ class ProjectionState(HookState):
         if self.error_feedback:
             residual = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
         plan = _ProjectionPlan(signature, names, [], [], runs=runs, residual=residual,
-                               where=parameter_slices(names, params))
+                               where=piece_slices(names, held))
         if residual is not None:
             plan.load(self._store.take(names))
             self._store.claim(names, plan)
@@ -153,7 +150,7 @@ class ProjectionState(HookState):
 class _ProjectionPlan(BucketPlan):
     runs: list = field(default_factory=list)  # (model offset, [(buffer offset, length), ...]) in model order
     residual: Optional[torch.Tensor] = None   # float32 over the bucket (error feedback)
-    where: dict = field(default_factory=dict)  # parameter name -> (offset, length) in the buffer
+    where: dict = field(default_factory=dict)  # parameter name -> its piece (hook_state.piece_slices)
 
     def export(self, names: list[str]) -> dict[str, dict[str, torch.Tensor]]:
         return {} if self.residual is None else export_slices(self.where, {"residual": self.residual}, names)

@@ -172,7 +172,7 @@ def _per_layer_worker(rank, world, overrides_at, steps, nesterov):
         overrides = {}
         if step >= 2:
             (plan,) = state._plans.values()
-            overrides = {name: d for (name, _, _), d in zip(plan.layers, overrides_at)}
+            overrides = {name: d for (name, _, _, _), d in zip(plan.layers, overrides_at)}
             if step == 2:
                 state.set_layer_params(overrides)
         seen.clear()
@@ -200,7 +200,7 @@ def _per_layer_worker(rank, world, overrides_at, steps, nesterov):
         flat_v = [torch.cat([ref_v[r][i] for i in order]) for r in range(world)]
         stage = warmup[step] if step < len(warmup) else None
         ks = []
-        for name, o, n in plan.layers:
+        for name, o, n, _ in plan.layers:
             d = overrides.get(name, state.density)
             d = d if stage is None else max(stage, d)
             ks.append(pycomm.ops.topk_count(n, d))
@@ -293,7 +293,7 @@ def _same_bytes_worker(rank, world, mode):
         if step == 2 and mode != "none":  # the bucket layout is stable from step 1
             (plan,) = state._plans.values()
             # "default": every layer at the default density (the 3-column path); "cleared": set then cleared.
-            state.set_layer_params({name: 0.02 if mode == "default" else 0.5 for name, _, _ in plan.layers})
+            state.set_layer_params({name: 0.02 if mode == "default" else 0.5 for name, _, _, _ in plan.layers})
             if mode == "cleared":
                 state.set_layer_params(None)
         opt.zero_grad()

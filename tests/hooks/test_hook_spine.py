@@ -15,7 +15,7 @@ def test_split_layers_and_signature():
     params = [torch.zeros(4, 8), torch.zeros(8), torch.zeros(0, 3), torch.zeros(2, 2), torch.zeros(16, 2)]
     names = ["a", "b", "c", "d", "e"]
     layers, dense = split_layers(params, names, min_numel=16)
-    assert layers == [("a", 0, 32), ("e", 44, 32)]  # dim > 1 and >= 16 elements: (name, offset, length)
+    assert layers == [("a", 0, 32, 0), ("e", 44, 32, 0)]  # dim > 1, >= 16 elements: (name, offset, length, 0)
     assert dense == [(32, 8), (40, 4)]               # the rest, the empty parameter left out
     buffer = torch.zeros(76)
     assert bucket_signature(buffer, params) == (76, torch.float32, tuple(id(p) for p in params))

@@ -117,8 +117,8 @@ def _solve_worker(rank, world):
     g = torch.Generator().manual_seed(rank)
     values = torch.randn(20000, generator=g)
     values[:4096] *= 100.0  # a loud layer and a quiet one
-    state._observe(values, [("loud.weight", 0, 4096), ("quiet.weight", 4096, 15904)])
-    state._observe(torch.randn(3000, generator=g), [("other.weight", 0, 3000)])
+    state._observe(values, [("loud.weight", 0, 4096, 0), ("quiet.weight", 4096, 15904, 0)])
+    state._observe(torch.randn(3000, generator=g), [("other.weight", 0, 3000, 0)])
     # A checkpoint inside the accumulation window keeps each layer's accumulated values by name.
     mid = state.state_dict()
     window = LGreCoState(**options).bind(_SOLVE_PARAMS)
@@ -137,7 +137,7 @@ def _solve_worker(rank, world):
     out["restored"] = clone.choice
     out["restored_solve"] = clone.last_solve
     out["pickled"] = pickle.loads(pickle.dumps(state)).choice
-    state._observe(torch.full((20000,), float("nan")), [("loud.weight", 0, 4096), ("quiet.weight", 4096, 15904)])
+    state._observe(torch.full((20000,), float("nan")), [("loud.weight", 0, 4096, 0), ("quiet.weight", 4096, 15904, 0)])
     before = state.choice
     state._solve(1)
     out["after_nan"] = state.choice == before

@@ -190,13 +190,13 @@ def _mixed_train_worker(rank, world, steps):
             payload = ops.mixed_payload_bytes(plan.table, state.bucket_size)
             rows = plan.table.tolist()
             # Every layer's buckets carry that layer's bits; the rest is padding (empty rows).
-            for name, offset, length in plan.layers:
+            for name, offset, length, _ in plan.layers:
                 bits = state.layer_params[name]
                 mine = [r for r in rows if offset <= r[0] < offset + length and r[1] > 0]
                 assert len(mine) == -(-length // state.bucket_size) and all(r[2] == bits for r in mine)
             padding = sum(ops.record_bytes(r[2], state.bucket_size) for r in rows if r[1] == 0)
             real = sum(-(-n // state.bucket_size) * ops.record_bytes(b, state.bucket_size)
-                       for (_, _, n), b in zip(plan.layers, plan.layer_bits))
+                       for (_, _, n, _), b in zip(plan.layers, plan.layer_bits))
             assert payload == real + padding and padding <= real // 10
         else:
             payload = plan.table.shape[0] * ops.record_bytes(plan.bits, state.bucket_size)
@@ -309,10 +309,10 @@ def test_layer_params_in_one_bucket_observer_and_state_dict():
             buffer = torch.cat([rec["local"][s].reshape(-1) for s in shapes])
             assert torch.equal(values, buffer + rec["residual_before"].get(index, torch.zeros_like(buffer))) \
                 if step > 1 else torch.equal(values, buffer)
-            assert sorted((name, shapes[names.index(name)], n) for name, _, n in layers) == [
+            assert sorted((name, shapes[names.index(name)], n) for name, _, n, _ in layers) == [
                 ("0.weight", (64, 64), 4096), ("1.weight", (32, 64), 2048)]
-            offsets = [sum(torch.Size(s).numel() for s in shapes[:names.index(name)]) for name, _, _ in layers]
-            assert offsets == [o for _, o, _ in layers]
+            offsets = [sum(torch.Size(s).numel() for s in shapes[:names.index(name)]) for name, _, _, _ in layers]
+            assert offsets == [o for _, o, _, _ in layers] and all(start == 0 for *_, start in layers)
             # One mixed table for the bucket: 8-bit and 2-bit layers inside it.
             bits, table = rec["plans"][index]
             assert bits == 0 and sorted({r[2] for r in table.tolist() if r[1] > 0}) == [2, 8]
