@@ -162,31 +162,31 @@ class ReplicaCompressionState:
             offsets, layers = 0, []
             for name, n in hook.layout:
                 if n:
-                    layers.append((name, offsets, n))
+                    layers.append((name, offsets, n, 0))  # each parameter's padded shard is one whole piece
                 offsets += n
             keyed = True
         else:
             # Some parameters had no gradient this step: FSDP packs only the others, and the hook is
             # not told which. Quantize the shard as one segment, without error feedback.
             self.unkeyed_calls += 1
-            layers, keyed = [(f"{hook.name}#unkeyed", 0, out.numel())], False
+            layers, keyed = [(f"{hook.name}#unkeyed", 0, out.numel(), 0)], False
         signature = (out.numel(), out.device, keyed)
         plan = hook.plan
         if plan is not None and plan.signature == signature:
             return plan
         if plan is not None:  # another layout: carry this module's residuals by parameter name
             self._loaded.update(plan.export(plan.names))
-        table = ops.bucket_table([(o, n) for _, o, n in layers], self.bucket_size,
+        table = ops.bucket_table([(o, n) for _, o, n, _ in layers], self.bucket_size,
                                  pad_to_multiple=self.replicate_size, device=out.device)
         worker = server = None
         if self.error_feedback and keyed:
             _, per_chunk = chunk_layout(out.numel(), self.bucket_size, self.replicate_size, table)
             worker = torch.zeros(out.numel(), dtype=torch.float32, device=out.device)
             server = torch.zeros(per_chunk * self.bucket_size, dtype=torch.float32, device=out.device)
-        names = [name for name, _, _ in layers]
+        names = [name for name, _, _, _ in layers]
         plan = _QuantPlan(signature, names, layers, [], table=table, worker_residual=worker, server_residual=server,
                           world=self.replicate_size, rank=dist.get_rank(self.replicate_group),
-                          bucket_size=self.bucket_size)
+                          bucket_size=self.bucket_size, where={name: (o, n, 0, n) for name, o, n, _ in layers})
         if worker is not None:
             taken = {name: self._loaded.pop(name) for name in names if name in self._loaded}
             plan.load({name: {k: v.to(out.device, torch.float32) for k, v in entry.items()}

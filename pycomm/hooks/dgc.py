@@ -15,9 +15,8 @@ from pycomm import ops
 from pycomm.hooks import agreement
 from pycomm.hooks import hierarchy as _hierarchy
 from pycomm.hooks.hook_state import (BucketPlan, HookState, Layer, advance_step, allreduce_dense, average_,
-                                     bucket_pieces, completed_future, compressible, log_skipped,
-                                     piece_slices, put_dense, same_layout_plan, split_pieces, take_dense,
-                                     validated_layer_params)
+                                     bucket_pieces, completed_future, compressible, log_skipped, piece_slices,
+                                     put_dense, same_layout_plan, split_pieces, take_dense, validated_layer_params)
 from pycomm.hooks.param_state import ParamStore, export_slices, load_slices, report_mismatch
 from pycomm.compressors import DGC
 from pycomm.hooks.index_errors import IndexErrors as _IndexErrors
@@ -101,10 +100,9 @@ class DGCState(HookState):
     ``observer``, when set, is called as ``observer(v, layers)`` once per bucket per step with
     compressed layers, after momentum correction and before top-k: ``v`` is the float32
     accumulated velocity of the whole bucket (reused: copy what you keep), ``layers`` the
-    compressed layers as ``(name, offset, length, offset in the parameter)`` (in node mode a layer
-    may be a piece of its parameter; in flat mode the last is 0). A rank that skips compression of a bucket for
-    NaN/Inf does not call it for that bucket. The observer is not pickled and not in
-    :meth:`state_dict`.
+    compressed layers as ``(name, offset, length, offset in the parameter)`` (nonzero only for a
+    piece of a parameter in node mode). A rank that skips compression of a bucket for NaN/Inf does
+    not call it for that bucket. The observer is not pickled and not in :meth:`state_dict`.
 
     u and v belong to parameters (the state needs their names: :meth:`bind`, which
     ``pycomm.register`` calls): when DDP rebuilds its buckets, or a resumed run starts from
