@@ -239,7 +239,10 @@ def test_shaped_run_reports_wire_bytes(tmp_path):
 
 @needs_root
 def test_namespace_removed_on_sigint_with_workers_inside(tmp_path):
-    script = ("import sys; from pycomm.bench.cli import main; "
+    # A shell starts background jobs with SIGINT ignored, and Python keeps an inherited SIG_IGN: restore the
+    # handler a terminal's Ctrl-C meets, else this test fails whenever the suite itself runs in the background.
+    script = ("import signal, sys; signal.signal(signal.SIGINT, signal.default_int_handler); "
+              "from pycomm.bench.cli import main; "
               "sys.exit(main(['bench', 'e2e', '--workers', '2', '--steps', '100000', '--methods', 'allreduce', "
               "'--bandwidth', '1gbit']))")
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
