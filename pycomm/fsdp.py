@@ -89,11 +89,12 @@ ValueError that lists what differs. The state differs from rank to rank: with
     set_state_dict(model, optimizer, model_state_dict=saved["model"], optim_state_dict=saved["optim"])
     state.load_state_dict(saved[key])
 
-Not yet done (issue 16): HSDP's replica all-reduce and ``pycomm bench e2e --parallel fsdp``.
+HSDP (FSDP inside a node, compressed all-reduce across replicas) is :mod:`pycomm.hsdp`.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -105,11 +106,15 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
 from pycomm import ops
 from pycomm.distributed import mix_seed
+from pycomm.hooks.param_state import (check_header, check_layout, check_module_calls, param_tensors_for_load,
+                                      report_mismatch)
 from pycomm.ops.quantization import dequantize_sum_records, quantize_records
 from pycomm.ops.validation import check_bits_bucket
 
 __all__ = ["QuantizedReduceScatter", "FSDPCompressionState", "compress", "reduce_scale", "contains_fsdp",
            "STATE_FORMAT"]
+
+logger = logging.getLogger(__name__)
 
 _FLAG_BYTES = 1
 
@@ -353,46 +358,45 @@ class FSDPCompressionState:
         return {"method": "quant", "format": STATE_FORMAT, "world_size": self.world_size, "config": dict(self.config),
                 "calls": {name: comm.calls for name, comm in self.comms.items()}, "params": dict(sorted(params.items()))}
 
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state: Mapping[str, Any], strict: bool = True) -> None:
         """Restore :meth:`state_dict` into a model sharded and compressed the same way.
 
+        Args:
+            state: this rank's :meth:`state_dict` (``pycomm.checkpoint.load_rank_state_dict`` picks it
+                from every rank's list).
+            strict: raise on a setting, module or parameter that does not fit; ``False`` keeps this
+                state's settings, loads the residuals that fit (the others start from zero) and logs
+                what it skipped.
+
         Raises:
-            ValueError: not this format, another world size or setting, other modules, or other
-                parameter names or shapes; the message lists what differs.
+            CheckpointMismatch (a ValueError): not this method or format, or another world size (the
+                residuals' layout depends on it, even with ``strict=False``); with ``strict``, another
+                setting, other modules, missing or unknown parameter names, or another shape. The message
+                lists what differs.
         """
-        expected_keys = {"method", "format", "world_size", "config", "calls", "params"}
-        if not isinstance(state, Mapping) or not expected_keys <= set(state):
-            keys = sorted(state) if isinstance(state, Mapping) else type(state).__name__
-            raise ValueError(f"not a pycomm FSDP state dict (expected keys {sorted(expected_keys)}), got {keys}")
-        if state["method"] != "quant" or state["format"] != STATE_FORMAT:
-            raise ValueError(f"the checkpoint has method {state['method']!r} format {state['format']!r}; this state "
-                             f"reads method 'quant' format {STATE_FORMAT}")
-        if state["world_size"] != self.world_size:
-            raise ValueError(f"the checkpoint was taken on {state['world_size']} ranks, this run shards over "
-                             f"{self.world_size}: the residuals' layout depends on the world size")
-        differ = [f"{k}: checkpoint {state['config'].get(k)!r}, this state {v!r}"
-                  for k, v in self.config.items() if state["config"].get(k) != v]
-        if differ:
-            raise ValueError(f"the checkpoint's settings differ: {'; '.join(differ)}")
-        if set(state["calls"]) != set(self.comms):
-            raise ValueError(f"the checkpoint has FSDP modules {sorted(state['calls'])}, the model has "
-                             f"{sorted(self.comms)}")
-        saved = state["params"]
-        expected = {n for comm in self.comms.values() for n, _ in (comm.params or []) if comm.error_feedback}
-        missing, unexpected = sorted(expected - set(saved)), sorted(set(saved) - expected)
-        if missing or unexpected:
-            raise ValueError(f"the checkpoint lacks residuals of the parameters {missing} and has residuals of "
-                             f"parameters the model does not have {unexpected}")
-        shapes = {n: (self.world_size, *shape) for comm in self.comms.values() if comm.error_feedback
+        skipped: list[str] = []
+        check_header(state, "quant", self.config, strict, skipped, state_format=STATE_FORMAT)
+        check_layout(state, {"world_size": self.world_size})
+        calls = check_module_calls(state.get("calls"), self.comms, strict, skipped)
+        error_feedback = bool(self.config.get("error_feedback"))
+        shapes = {n: (self.world_size, *shape) for comm in self.comms.values() if error_feedback
                   for n, shape in comm.params or []}
-        wrong = [f"{n}: checkpoint {tuple(saved[n]['residual'].shape)}, model {shape}"
-                 for n, shape in shapes.items() if tuple(saved[n]["residual"].shape) != shape]
-        if wrong:
-            raise ValueError(f"residuals of other shapes ([world size, *padded shard shape]): {'; '.join(wrong)}")
+        saved = state.get("params", {})
+        if isinstance(saved, Mapping):
+            missing, unexpected = sorted(set(shapes) - set(saved)), sorted(set(saved) - set(shapes))
+            if missing or unexpected:
+                report_mismatch(strict, f"the checkpoint lacks residuals of the parameters {missing} and has "
+                                        f"residuals of parameters the model does not have {unexpected}", skipped)
+                saved = {n: v for n, v in saved.items() if n in shapes}
+        kept = param_tensors_for_load(saved, shapes, {"residual": error_feedback}, strict, skipped)
         for name, comm in self.comms.items():
-            names = [n for n, _ in comm.params or []] if comm.error_feedback else []
-            comm.load_state_dict({"calls": state["calls"][name],
-                                  "residuals": {n: saved[n]["residual"] for n in names}})
+            if error_feedback and comm.params is not None:
+                comm.load_residuals({n: kept[n]["residual"] if n in kept else torch.zeros(shapes[n])
+                                     for n, _ in comm.params})
+            if name in calls:
+                comm.calls = calls[name]
+        for message in skipped:
+            logger.warning("pycomm FSDP load_state_dict(strict=False) skipped: %s", message)
 
 
 def contains_fsdp(model: Any) -> bool:

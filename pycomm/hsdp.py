@@ -61,16 +61,17 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from torch.distributed.fsdp import FSDPModule
 
 from pycomm import ops
-from pycomm.distributed import chunk_layout, mix_seed, quantized_all_reduce
-from pycomm.hooks.quantized_allreduce import _QuantPlan
+from pycomm.distributed import mix_seed, quantized_all_reduce
+from pycomm.hooks.param_state import check_header, check_layout, check_module_calls, param_tensors_for_load
+from pycomm.hooks.quantized_allreduce import QuantPlan, build_quant_plan
 from pycomm.ops.validation import check_bits_bucket
 
-__all__ = ["init_hsdp_mesh", "compress_replicas", "ReplicaCompressionState", "STATE_VERSION"]
+__all__ = ["init_hsdp_mesh", "compress_replicas", "ReplicaCompressionState", "STATE_FORMAT"]
 
 logger = logging.getLogger(__name__)
 
-#: ``state_dict()["version"]`` of this module's checkpoints.
-STATE_VERSION = 1
+#: ``state_dict()["format"]`` of this module's checkpoints.
+STATE_FORMAT = 1
 
 _CONFIG = ("bits", "bucket_size", "stochastic", "error_feedback", "seed")
 
@@ -102,7 +103,7 @@ class _ModuleHook:
     layout: list[tuple[str, int]]       # (parameter name, padded shard numel), in reduce_output order
     calls: int = 0
     pending: Optional[torch.Tensor] = None  # shards reduce-scattered while all-reduce was off
-    plan: Optional[_QuantPlan] = None
+    plan: Optional[QuantPlan] = None
 
     def __call__(self, reduce_output: torch.Tensor) -> None:
         self.state._reduce(self, reduce_output)
@@ -156,7 +157,7 @@ class ReplicaCompressionState:
                              stochastic=self.stochastic, seed=seed, worker_residual=plan.worker_residual,
                              server_residual=plan.server_residual, bucket_table=plan.table)
 
-    def _plan_for(self, hook: _ModuleHook, out: torch.Tensor) -> _QuantPlan:
+    def _plan_for(self, hook: _ModuleHook, out: torch.Tensor) -> QuantPlan:
         expected = sum(n for _, n in hook.layout)
         if out.numel() == expected:
             offsets, layers = 0, []
@@ -176,18 +177,13 @@ class ReplicaCompressionState:
             return plan
         if plan is not None:  # another layout: carry this module's residuals by parameter name
             self._loaded.update(plan.export(plan.names))
-        table = ops.bucket_table([(o, n) for _, o, n, _ in layers], self.bucket_size,
-                                 pad_to_multiple=self.replicate_size, device=out.device)
-        worker = server = None
-        if self.error_feedback and keyed:
-            _, per_chunk = chunk_layout(out.numel(), self.bucket_size, self.replicate_size, table)
-            worker = torch.zeros(out.numel(), dtype=torch.float32, device=out.device)
-            server = torch.zeros(per_chunk * self.bucket_size, dtype=torch.float32, device=out.device)
         names = [name for name, _, _, _ in layers]
-        plan = _QuantPlan(signature, names, layers, [], table=table, worker_residual=worker, server_residual=server,
-                          world=self.replicate_size, rank=dist.get_rank(self.replicate_group),
-                          bucket_size=self.bucket_size, where={name: (o, n, 0, n) for name, o, n, _ in layers})
-        if worker is not None:
+        plan = build_quant_plan(signature, names, layers, [], numel=out.numel(), device=out.device,
+                                bucket_size=self.bucket_size, world=self.replicate_size,
+                                rank=dist.get_rank(self.replicate_group), layer_bits=(self.bits,) * len(layers),
+                                error_feedback=self.error_feedback and keyed,
+                                where={name: (o, n, 0, n) for name, o, n, _ in layers})
+        if plan.worker_residual is not None:
             taken = {name: self._loaded.pop(name) for name in names if name in self._loaded}
             plan.load({name: {k: v.to(out.device, torch.float32) for k, v in entry.items()}
                        for name, entry in taken.items()})
@@ -199,7 +195,7 @@ class ReplicaCompressionState:
     def state_dict(self) -> dict[str, Any]:
         """This rank's state::
 
-            {"version": 1, "method": "hsdp-quant",
+            {"format": 1, "method": "hsdp-quant",
              "config": {"bits", "bucket_size", "stochastic", "error_feedback", "seed"},
              "replicate_size": R, "shard_size": S, "shard_rank": s,
              "calls": {module name: hook calls (they seed the rounding)},
@@ -215,48 +211,42 @@ class ReplicaCompressionState:
         for hook in self.hooks.values():
             if hook.plan is not None and hook.plan.worker_residual is not None:
                 params.update(hook.plan.export(hook.plan.names))
-        return {"version": STATE_VERSION, "method": "hsdp-quant",
+        return {"format": STATE_FORMAT, "method": "hsdp-quant",
                 "config": {key: getattr(self, key) for key in _CONFIG},
                 "replicate_size": self.replicate_size, "shard_size": self.shard_size, "shard_rank": self.shard_rank,
                 "calls": {name: hook.calls for name, hook in self.hooks.items()}, "params": params}
 
-    def load_state_dict(self, state_dict: Mapping[str, Any]) -> None:
+    def load_state_dict(self, state_dict: Mapping[str, Any], strict: bool = True) -> None:
         """Restore this rank's :meth:`state_dict` (before the next backward).
 
+        Args:
+            state_dict: this rank's :meth:`state_dict` (``pycomm.checkpoint.load_rank_state_dict`` picks it
+                from every rank's list).
+            strict: raise on a setting, module or parameter that does not fit; ``False`` keeps this
+                state's settings, loads what fits (the rest starts from zero) and logs what it skipped.
+
         Raises:
-            ValueError: another version, method, configuration or layout (replicate size, shard size,
-                shard rank), a module or a parameter this model does not have, or a residual whose
-                size is not the parameter's padded shard.
+            CheckpointMismatch (a ValueError): another method or format, or another layout (replicate
+                size, shard size, shard rank: even with ``strict=False``); with ``strict``, another
+                setting, a module or a parameter this model does not shard, or a residual whose shape is
+                not the parameter's padded shard, flattened.
         """
-        if state_dict.get("version") != STATE_VERSION or state_dict.get("method") != "hsdp-quant":
-            raise ValueError(f"not a pycomm.hsdp state (version {STATE_VERSION}, method 'hsdp-quant'): got version "
-                             f"{state_dict.get('version')!r}, method {state_dict.get('method')!r}")
-        config = {key: getattr(self, key) for key in _CONFIG}
-        layout = {"replicate_size": self.replicate_size, "shard_size": self.shard_size,
-                  "shard_rank": self.shard_rank}
-        saved_layout = {key: state_dict.get(key) for key in layout}
-        if dict(state_dict.get("config", {})) != config or saved_layout != layout:
-            raise ValueError(f"checkpoint was taken with {dict(state_dict.get('config', {}))} on {saved_layout}, "
-                             f"this state has {config} on {layout}")
-        calls = dict(state_dict.get("calls", {}))
-        if set(calls) != set(self.hooks):
-            raise ValueError(f"checkpoint has modules {sorted(calls)}, the model has {sorted(self.hooks)}")
-        sizes = {name: n for hook in self.hooks.values() for name, n in hook.layout}
-        params = dict(state_dict.get("params", {}))
-        for name, entry in params.items():
-            if name not in sizes:
-                raise ValueError(f"checkpoint has residuals of {name!r}, which no hooked module shards")
-            for key, value in entry.items():
-                if key not in ("worker", "server") or not isinstance(value, torch.Tensor) \
-                        or value.numel() != sizes[name]:
-                    raise ValueError(f"residual {name!r}[{key!r}] must be a tensor of {sizes[name]} elements "
-                                     f"(the padded shard), got {getattr(value, 'shape', type(value).__name__)}")
+        skipped: list[str] = []
+        check_header(state_dict, "hsdp-quant", {key: getattr(self, key) for key in _CONFIG}, strict, skipped,
+                     state_format=STATE_FORMAT)
+        check_layout(state_dict, {"replicate_size": self.replicate_size, "shard_size": self.shard_size,
+                                  "shard_rank": self.shard_rank})
+        calls = check_module_calls(state_dict.get("calls"), self.hooks, strict, skipped)
+        shapes = {name: (n,) for hook in self.hooks.values() for name, n in hook.layout}
+        fields = {"worker": self.error_feedback, "server": self.error_feedback}
+        params = param_tensors_for_load(state_dict.get("params", {}), shapes, fields, strict, skipped)
         for name, hook in self.hooks.items():
-            hook.calls = int(calls[name])
+            hook.calls = calls.get(name, hook.calls)
             hook.plan = None
             hook.pending = None
-        self._loaded = {name: {k: v.detach().to(torch.float32).reshape(-1).clone() for k, v in entry.items()}
-                        for name, entry in params.items()}
+        self._loaded = {name: {k: v.reshape(-1).clone() for k, v in entry.items()} for name, entry in params.items()}
+        for message in skipped:
+            logger.warning("pycomm HSDP load_state_dict(strict=False) skipped: %s", message)
 
 
 def _replicate_process_group(replicate_group: Union[dist.ProcessGroup, DeviceMesh]) -> dist.ProcessGroup:

@@ -89,12 +89,15 @@ _VOLUME: dict[str, Callable[..., int]] = {
 }
 
 
-def _group_ranks(fn: Callable[..., Any], args: tuple, kwargs: dict) -> tuple[int, ...]:
-    """The global ranks of the group a collective call runs on."""
-    try:
-        group = inspect.signature(fn).bind_partial(*args, **kwargs).arguments.get("group")
-    except (TypeError, ValueError):
-        group = kwargs.get("group")
+def _group_ranks(signature: Optional[inspect.Signature], args: tuple, kwargs: dict) -> tuple[int, ...]:
+    """The global ranks of the group a collective call runs on (``signature``: the collective's, read once
+    when it is wrapped; None where it has none, and then only a ``group=`` keyword is seen)."""
+    group = kwargs.get("group")
+    if signature is not None:
+        try:
+            group = signature.bind_partial(*args, **kwargs).arguments.get("group")
+        except TypeError:
+            pass
     return tuple(dist.get_process_group_ranks(group if group is not None else dist.group.WORLD))
 
 
@@ -132,12 +135,17 @@ class CollectiveByteCounter:
         self.bytes_by_group.clear()
 
     def _wrap(self, name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        try:
+            signature: Optional[inspect.Signature] = inspect.signature(fn)
+        except (TypeError, ValueError):
+            signature = None
+
         @functools.wraps(fn)
         def counted(*args: Any, **kwargs: Any) -> Any:
             sent = collective_bytes(name, *args, **kwargs)
             self.bytes_sent += sent
             self.bytes_by_collective[name] += sent
-            self.bytes_by_group[_group_ranks(fn, args, kwargs)] += sent
+            self.bytes_by_group[_group_ranks(signature, args, kwargs)] += sent
             self.calls[name] += 1
             return fn(*args, **kwargs)
 

@@ -96,9 +96,13 @@ def _resume(rank, world, path, restore):
     if restore != "none":
         state.load_state_dict(saved[key])
     loaded = state.state_dict()
+    checks = {}
+    if restore == "all":
+        checks = {"mismatches": _mismatches(state, loaded), **_lenient_and_helper_loads(state, loaded)}
+        state.load_state_dict(loaded)
     for step in range(SAVE_AT, STEPS):
         _step(model, optimizer, step, rank)
-    return {"full": _full(model), "loaded": loaded, "mismatches": _mismatches(state, loaded) if restore == "all" else {}}
+    return {"full": _full(model), "loaded": loaded, **checks}
 
 
 def _resume_each(rank, world, path, modes):
@@ -128,8 +132,26 @@ def _mismatches(state, good):
             state.load_state_dict(altered(change))
         except ValueError as e:
             messages[name] = str(e)
-    state.load_state_dict(good)
     return messages
+
+
+def _lenient_and_helper_loads(state, good):
+    """What ``load_state_dict(strict=False)`` keeps of a checkpoint with a renamed parameter and other
+    bits, and what the checkpoint helpers (every rank's state in one list) load back."""
+    import copy
+
+    from pycomm.checkpoint import gather_state_dicts, load_rank_state_dict
+
+    lenient = copy.deepcopy(good)
+    lenient["params"]["0.w"] = lenient["params"].pop("0.weight")
+    lenient["config"]["bits"] = 8
+    state.load_state_dict(lenient, strict=False)
+    after_lenient = state.state_dict()
+    state.load_state_dict(good)
+    everyone = gather_state_dicts(state)  # a collective, as a trainer saving from rank 0 calls it
+    state.load_state_dict(lenient, strict=False)
+    load_rank_state_dict(state, everyone)
+    return {"lenient": after_lenient, "helpers": state.state_dict(), "world_entries": len(everyone)}
 
 
 @pytest.fixture(scope="module")
@@ -161,7 +183,18 @@ def test_register_under_fsdp2_state_by_parameter_name_and_checkpoint_resume(save
         assert set(msgs) == {"renamed", "shape", "world", "bits", "modules"}
         assert "['0.weight']" in msgs["renamed"] and "['0.w']" in msgs["renamed"]
         assert "2.bias" in msgs["shape"] and "(2, 3)" in msgs["shape"] and "(2, 2)" in msgs["shape"]
-        assert "4 ranks" in msgs["world"] and "bits" in msgs["bits"] and "modules" in msgs["modules"]
+        assert "world_size: checkpoint 4, this run 2" in msgs["world"] and "bits=8" in msgs["bits"]
+        assert "modules ['', '0']" in msgs["modules"]
+        # strict=False keeps this state's settings and the residuals that fit; the renamed one starts at zero.
+        lenient = resumed[rank]["lenient"]
+        assert lenient["config"]["bits"] == BITS and lenient["calls"] == saved["calls"]
+        assert not lenient["params"]["0.weight"]["residual"].any()
+        for name in ("0.bias", "2.weight", "2.bias"):
+            assert torch.equal(lenient["params"][name]["residual"], saved["params"][name]["residual"]), name
+        # pycomm.checkpoint's helpers (every rank's state in one list) load this rank's entry back.
+        assert resumed[rank]["world_entries"] == world
+        for name, entry in saved["params"].items():
+            assert torch.equal(resumed[rank]["helpers"]["params"][name]["residual"], entry["residual"]), name
         # Only quant runs under FSDP2; the others say why.
         assert "accumulator" in first[rank]["errors"]["dgc"] and "quant" in first[rank]["errors"]["spsa-projection"]
 

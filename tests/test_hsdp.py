@@ -159,6 +159,17 @@ def _worker(rank, world):
     for hook in q4_state.hooks.values():  # move the loaded residuals into the working buffers and out again
         q4_state._plan_for(hook, torch.empty(sum(n for _, n in hook.layout)))
     results["replanned"] = q4_state.state_dict()
+    # pycomm.checkpoint's helpers: every rank's state in one list, each rank loads its own entry back;
+    # strict=False drops what does not fit (an unknown parameter, other bits) and keeps the rest.
+    from pycomm.checkpoint import gather_state_dicts, load_rank_state_dict
+
+    everyone = gather_state_dicts(q4_state)
+    lenient = {**q4["state"], "config": {**q4["state"]["config"], "bits": 3},
+               "params": {**q4["state"]["params"], "9.weight": {"worker": torch.ones(3)}}}
+    q4_state.load_state_dict(lenient, strict=False)
+    results["lenient"] = q4_state.state_dict()
+    load_rank_state_dict(q4_state, everyone)
+    results["helpers"] = q4_state.state_dict()
     results["nan"] = _run(rank, mesh2, bits=4, nan_rank=3)[0]
     results["acc_world"] = _run(rank, world_mesh, micro_batches=2)[0]
     results["acc_q8"] = _run(rank, mesh2, bits=8, micro_batches=2)[0]
@@ -236,7 +247,8 @@ def test_state_is_keyed_by_parameter_name_and_round_trips(runs):
             assert entry["worker"].shape == (sizes[name],) and entry["server"].shape == (sizes[name],)
             # error feedback kept something (a shard inside this rank's own chunk has only a server residual)
             assert entry["worker"].abs().sum() + entry["server"].abs().sum() > 0, name
-        for again in (r["reloaded"], r["replanned"]):
+        assert r["lenient"]["config"]["bits"] == 4 and "9.weight" not in r["lenient"]["params"]
+        for again in (r["reloaded"], r["replanned"], r["lenient"], r["helpers"]):
             assert again["calls"] == state["calls"] and again["config"] == state["config"]
             for name, entry in state["params"].items():
                 for key in ("worker", "server"):
@@ -287,5 +299,5 @@ def test_bad_input_raises_clear_value_errors(runs):
         assert "native HSDP" in e["native_2d"]
         assert "no FSDPModule" in e["not_sharded"]
         assert "bits must be an integer in [1, 8]" in e["bits"]
-        assert "checkpoint was taken with" in e["load_other_bits"]
-        assert "checkpoint was taken with" in e["load_other_layout"]
+        assert "bits=3" in e["load_other_bits"]
+        assert "shard_rank: checkpoint" in e["load_other_layout"]

@@ -23,7 +23,8 @@ How a run works
   The namespace is removed at the end, on errors and on Ctrl-C/SIGTERM too.
   Where shaping is not allowed the run is unshaped, the table says so, and the
   column ``est. link s/step`` gives the time the counted bytes would take on
-  such a shared link (``W * bytes/worker/step * 8 / rate``).
+  such a shared link (``W * bytes/worker/step * 8 / rate``). On emulated nodes it is
+  the time of the bytes that crossed one node's uplink (``inter-node bytes/node/step * 8 / rate``).
 * With ``nodes`` set (``--nodes N --nproc-per-node M``) and namespaces allowed, the
   harness emulates N nodes (:class:`pycomm.bench.node_network.EmulatedNodes`: a
   namespace per node with one veth uplink onto a bridge, addresses 198.18.0.i,
@@ -200,9 +201,8 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
                     print(f"[{index + 1}/{total}] {resolved[index][0]}: running ...", file=stream, flush=True)
 
             def on_result(index: int, result: dict[str, Any]) -> None:
-                counted = result["bytes_per_worker_per_step"]
-                result["estimated_link_s_per_step"] = (
-                    cfg.workers * counted * 8 / rate if rate is not None and counted is not None else None)
+                result["estimated_link_s_per_step"] = estimated_link_seconds(result, cfg.workers, rate,
+                                                                             nodes is not None)
                 slots[index] = result
                 if verbose:
                     print(progress_line(index + 1, total, result), file=stream, flush=True)
@@ -230,6 +230,20 @@ def run_e2e(methods: Union[str, Iterable[str], Mapping[str, MethodSpec]] = DEFAU
             if verbose:
                 print(f"wrote {path}", file=stream, flush=True)
     return report
+
+
+def estimated_link_seconds(result: dict[str, Any], workers: int, rate_bps: Optional[float],
+                           emulated_nodes: bool) -> Optional[float]:
+    """The link time of one step at ``rate_bps``: on emulated nodes, the bytes that crossed a node's own
+    uplink (``inter_node_bytes_per_node_per_step``; traffic inside a node never reaches it); otherwise
+    the counted bytes of all ``workers`` on one shared link. None without a rate or without the bytes."""
+    if rate_bps is None:
+        return None
+    if emulated_nodes:
+        inter = result.get("inter_node_bytes_per_node_per_step")
+        return None if inter is None else inter * 8 / rate_bps
+    counted = result.get("bytes_per_worker_per_step")
+    return None if counted is None else workers * counted * 8 / rate_bps
 
 
 def _emulate_nodes(cfg: BenchConfig, network: dict[str, Any]) -> Optional[EmulatedNodes]:

@@ -23,7 +23,8 @@ import torch
 
 __all__ = ["ParameterNames", "ParamStore", "PlanState", "named_parameters_of", "export_slices", "load_slices",
            "CheckpointMismatch",
-           "STATE_FORMAT", "check_header", "report_mismatch", "param_tensors_for_load"]
+           "STATE_FORMAT", "check_header", "check_layout", "check_module_calls", "report_mismatch",
+           "param_tensors_for_load"]
 
 logger = logging.getLogger(__name__)
 
@@ -197,52 +198,92 @@ def report_mismatch(strict: bool, message: str, skipped: list[str]) -> None:
     skipped.append(message)
 
 
-def check_header(state_dict: Any, method: str, config: Mapping[str, Any], strict: bool, skipped: list[str]) -> None:
+def check_header(state_dict: Any, method: str, config: Mapping[str, Any], strict: bool, skipped: list[str],
+                 state_format: int = STATE_FORMAT) -> None:
     """Check a state dict's method, format and configuration against this state's.
 
     The configuration is the state's own (set by its constructor): a checkpoint with another
     setting raises when loading strictly; with ``strict=False`` this state keeps its value and the
-    difference is reported as skipped.
+    difference is reported as skipped. ``state_format`` is the format the caller reads (the DDP hooks',
+    FSDP's and HSDP's states have their own).
 
     Raises:
-        CheckpointMismatch: not a pycomm state dict, another method, or (strict) another setting.
+        CheckpointMismatch: not a pycomm state dict, another method or format, or (strict) another setting.
     """
     if not isinstance(state_dict, Mapping) or "method" not in state_dict or "format" not in state_dict:
         keys = sorted(state_dict) if isinstance(state_dict, Mapping) else type(state_dict).__name__
-        raise CheckpointMismatch(f"not a pycomm hook state dict (expected 'method', 'format', 'config', 'step' and "
-                                 f"'params'), got {keys}")
+        raise CheckpointMismatch(f"not a pycomm state dict (expected 'method', 'format', 'config' and 'params'), "
+                                 f"got {keys}")
     if state_dict["method"] != method:
         raise CheckpointMismatch(f"the checkpoint is for method {state_dict['method']!r}, this state is {method!r}")
-    if state_dict["format"] != STATE_FORMAT:
-        raise CheckpointMismatch(f"the checkpoint has state format {state_dict['format']!r}; this pycomm reads "
-                                 f"format {STATE_FORMAT}")
+    if state_dict["format"] != state_format:
+        raise CheckpointMismatch(f"the checkpoint has state format {state_dict['format']!r}; this state reads "
+                                 f"format {state_format}")
     saved = state_dict.get("config", {})
+    if not isinstance(saved, Mapping):
+        raise CheckpointMismatch(f"the checkpoint's 'config' must be a dict, got {type(saved).__name__}")
     for key, value in config.items():
         if key in saved and _plain(saved[key]) != _plain(value):
             report_mismatch(strict, f"the checkpoint has {key}={saved[key]!r}, this state has {key}={value!r}",
                             skipped)
 
 
+def check_layout(saved: Mapping[str, Any], layout: Mapping[str, Any]) -> None:
+    """Check the values that decide where per-element state lives (world size, shard layout): state of
+    another layout cannot be loaded, even with ``strict=False``.
+
+    Raises:
+        CheckpointMismatch: a value differs; the message lists each.
+    """
+    differ = [f"{key}: checkpoint {saved.get(key)!r}, this run {value!r}" for key, value in layout.items()
+              if saved.get(key) != value]
+    if differ:
+        raise CheckpointMismatch(f"the checkpoint's state is laid out for another run ({'; '.join(differ)}); "
+                                 "per-element state resumes only on the same layout")
+
+
+def check_module_calls(saved: Any, modules: Iterable[str], strict: bool, skipped: list[str]) -> dict[str, int]:
+    """The saved call count of each of ``modules`` (the sharded states count calls per FSDP module:
+    they seed the rounding). Other module names are a mismatch; a module without a count keeps its own.
+
+    Raises:
+        CheckpointMismatch: ``saved`` is not a {module name: int} dict, or (strict) the module names differ.
+    """
+    if not isinstance(saved, Mapping) or not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0
+                                                 for v in saved.values()):
+        raise CheckpointMismatch(f"the checkpoint's 'calls' must be a {{module name: int >= 0}} dict, got {saved!r}")
+    modules = set(modules)
+    if set(saved) != modules:
+        report_mismatch(strict, f"the checkpoint has modules {sorted(saved)}, the model has {sorted(modules)}",
+                        skipped)
+    return {name: int(count) for name, count in saved.items() if name in modules}
+
+
 def _plain(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
-def param_tensors_for_load(saved: Any, names: Optional[ParameterNames], fields: Mapping[str, bool], strict: bool,
+def param_tensors_for_load(saved: Any, names: Union[ParameterNames, Mapping[str, tuple[int, ...]], None],
+                           fields: Mapping[str, bool], strict: bool,
                            skipped: list[str]) -> dict[str, dict[str, torch.Tensor]]:
-    """The per-parameter tensors of a checkpoint that fit the bound model, as float32 (plans flatten them).
+    """The per-parameter tensors of a checkpoint that fit, as float32 (plans flatten them).
 
+    ``names`` is the bound model's :class:`ParameterNames` (each tensor has its parameter's shape), or
+    the shape each name's tensors must have (a sharded state's), or None (not bound yet: not checked).
     ``fields`` maps each field name to whether the method expects it now (e.g. residuals only with
     error feedback). A name the model does not have, a tensor of another shape, or a field the
     method does not keep is a mismatch (raised when ``strict``, else skipped and reported).
     """
+    shapes = ({name: tuple(p.shape) for name, p in names.params.items()} if isinstance(names, ParameterNames)
+              else None if names is None else {name: tuple(shape) for name, shape in names.items()})
     if not isinstance(saved, Mapping):
         raise CheckpointMismatch(f"the checkpoint's 'params' must be a {{name: {{field: tensor}}}} dict, got "
                                  f"{type(saved).__name__}")
     out: dict[str, dict[str, torch.Tensor]] = {}
     for name, tensors in saved.items():
-        if names is not None and name not in names.params:
-            report_mismatch(strict, f"the checkpoint has state for parameter {name!r}, which the bound model does "
-                                    "not have", skipped)
+        if shapes is not None and name not in shapes:
+            report_mismatch(strict, f"the checkpoint has state for parameter {name!r}, which the model does not "
+                                    "have", skipped)
             continue
         if not isinstance(tensors, Mapping):
             raise CheckpointMismatch(f"the checkpoint's state of {name!r} must be a {{field: tensor}} dict")
@@ -255,9 +296,9 @@ def param_tensors_for_load(saved: Any, names: Optional[ParameterNames], fields: 
                 continue
             if not isinstance(t, torch.Tensor) or not t.is_floating_point():
                 raise CheckpointMismatch(f"the checkpoint's {field!r} of {name!r} is not a float tensor")
-            if names is not None and tuple(t.shape) != tuple(names.params[name].shape):
-                report_mismatch(strict, f"the checkpoint's {field!r} of {name!r} has shape {tuple(t.shape)}, the "
-                                        f"parameter has shape {tuple(names.params[name].shape)}", skipped)
+            if shapes is not None and tuple(t.shape) != shapes[name]:
+                report_mismatch(strict, f"the checkpoint's {field!r} of {name!r} has shape {tuple(t.shape)}, this "
+                                        f"state expects {shapes[name]}", skipped)
                 continue
             kept[field] = t.detach().to(torch.float32)
         if kept:

@@ -21,15 +21,16 @@ from pycomm.hooks.hook_state import (BucketPlan, Dense, HookState, Layer, advanc
 from pycomm.hooks.param_state import ParameterNames, ParamStore, export_slices, load_slices
 from pycomm.distributed import chunk_layout, mix_seed, quantized_all_reduce
 
-__all__ = ["QuantState", "quantized_allreduce_hook"]
+__all__ = ["QuantState", "quantized_allreduce_hook", "QuantPlan", "build_quant_plan"]
 
 logger = logging.getLogger(__name__)
 
 
 @dataclass
-class _QuantPlan(BucketPlan):
-    """How one DDP bucket is split between the quantized and the plain path, and the working
-    buffers of its parameters' residuals."""
+class QuantPlan(BucketPlan):
+    """How one flat gradient buffer (a DDP bucket, an FSDP shard) is split between the quantized and
+    the plain path, and the working buffers of its parameters' residuals. Build one with
+    :func:`build_quant_plan`."""
 
     table: Optional[torch.Tensor] = None            # bucket table over the compressed layers, or None
     worker_residual: Optional[torch.Tensor] = None  # float32, numel of the bucket buffer
@@ -153,7 +154,7 @@ class QuantState(HookState):
     residuals belong to parameters. A DDP bucket's plan holds them in flat working buffers while
     its layout lasts; when DDP rebuilds its buckets (after the first iteration, and at the first
     step after a resume) every parameter's residuals move to its new bucket, and the re-quantization
-    residual of the elements a rank reduces moves with them (see ``_QuantPlan.load``).
+    residual of the elements a rank reduces moves with them (see ``QuantPlan.load``).
 
     Per-layer bit widths (for L-GreCo): :meth:`set_layer_params` maps a compressed layer, by
     parameter name, to its bits; layers without an entry use ``bits``. A DDP bucket whose layers
@@ -203,7 +204,7 @@ class QuantState(HookState):
         self.observer: Optional[_Observer] = None
         self._layer_params: dict[str, int] = {}
         self._params_version = 0
-        self._plans: dict[int, _QuantPlan] = {}
+        self._plans: dict[int, QuantPlan] = {}
         self._store = ParamStore()
         self._loaded_padding: list[dict[str, Any]] = []
 
@@ -277,7 +278,7 @@ class QuantState(HookState):
         agreement.settings_changed(self)
 
     # -- planning ------------------------------------------------------------
-    def _plan(self, bucket: dist.GradBucket) -> _QuantPlan:
+    def _plan(self, bucket: dist.GradBucket) -> QuantPlan:
         index = bucket.index()
         plan = self._plans.get(index)
         signature = plan_signature(bucket)
@@ -300,7 +301,7 @@ class QuantState(HookState):
         self._plans[index] = plan
         return plan
 
-    def _restore_padding(self, plan: _QuantPlan) -> None:
+    def _restore_padding(self, plan: QuantPlan) -> None:
         """Give a plan the padding residual saved for the same layout (names, bits and world size);
         under another layout it is dropped: it holds no gradient, only the re-quantization error of
         padding."""
@@ -319,37 +320,62 @@ class QuantState(HookState):
                 return
 
     def _build_plan(self, bucket: dist.GradBucket, signature: tuple, names: list[str], layers: list[Layer],
-                    dense: list[Dense], layer_bits: tuple[int, ...]) -> _QuantPlan:
+                    dense: list[Dense], layer_bits: tuple[int, ...]) -> QuantPlan:
         buffer = bucket.buffer()
-        world = dist.get_world_size(self.process_group)
-        rank = dist.get_rank(self.process_group)
-        table, host_table, worker, server, bits = None, None, None, None, self.bits
-        if layers:
-            segments = [(o, n) for _, o, n, _ in layers]
-            if len(set(layer_bits)) == 1:
-                # One width for the whole bucket: the 2-column path, exactly as without overrides.
-                bits = layer_bits[0]
-                table = ops.bucket_table(segments, self.bucket_size, pad_to_multiple=world, device=buffer.device)
-            else:
-                bits = 0
-                host_table = ops.bucket_table(segments, self.bucket_size, pad_to_multiple=world, bits=layer_bits)
-                table = host_table.to(buffer.device)
-                if not buffer.is_cuda:
-                    host_table = table
-            if self.error_feedback:
-                _, per_chunk = chunk_layout(buffer.numel(), self.bucket_size, world, table)
-                worker = torch.zeros(buffer.numel(), dtype=torch.float32, device=buffer.device)
-                server = torch.zeros(per_chunk * self.bucket_size, dtype=torch.float32, device=buffer.device)
-        row_streams = None
-        if layers and self.stochastic:
-            rows = host_table if host_table is not None else ops.bucket_table(segments, self.bucket_size,
-                                                                              pad_to_multiple=world)
-            row_streams = _row_streams(rows, layers, self._require_names()).to(buffer.device)
-        return _QuantPlan(signature, names, layers, dense, table=table, worker_residual=worker, row_streams=row_streams,
-                          server_residual=server, layer_bits=layer_bits, bits=bits, host_table=host_table,
-                          params_version=self._params_version, world=world, rank=rank,
-                          bucket_size=self.bucket_size)
+        return build_quant_plan(signature, names, layers, dense, numel=buffer.numel(), device=buffer.device,
+                                bucket_size=self.bucket_size, world=dist.get_world_size(self.process_group),
+                                rank=dist.get_rank(self.process_group), layer_bits=layer_bits,
+                                error_feedback=self.error_feedback,
+                                stream_names=self._require_names() if self.stochastic else None,
+                                params_version=self._params_version)
 
+
+def build_quant_plan(signature: tuple, names: list[str], layers: list[Layer], dense: list[Dense], *, numel: int,
+                     device: torch.device, bucket_size: int, world: int, rank: int, layer_bits: tuple[int, ...],
+                     error_feedback: bool, stream_names: Optional[ParameterNames] = None,
+                     where: Optional[dict[str, tuple[int, int, int, int]]] = None,
+                     params_version: int = 0) -> QuantPlan:
+    """The plan of a flat buffer of ``numel`` elements on ``device`` that
+    :func:`pycomm.distributed.quantized_all_reduce` averages over ``world`` ranks (this one ``rank``).
+
+    Args:
+        signature: what identifies the buffer's layout (the plan is rebuilt when it changes).
+        names: the names of the buffer's parameters, in buffer order.
+        layers: the compressed pieces ``(name, offset in the buffer, length, offset in the parameter)``.
+        dense: the pieces sent uncompressed ``(offset, length)``.
+        layer_bits: bits of each compressed piece; one width gives the 2-column bucket table, several
+            the mixed one (with a CPU copy that sizes payloads without waiting for the device).
+        error_feedback: allocate the worker residual (``numel`` float32) and the server residual
+            (this rank's chunk of buckets).
+        stream_names: with stochastic rounding, the model's parameter names: each table row then draws
+            at a Philox index fixed by its parameter and its offset there (see ``_row_streams``).
+        where: each compressed parameter's piece ``(offset, length, offset in the parameter, numel)``,
+            for :meth:`QuantPlan.export` and :meth:`QuantPlan.load`.
+        params_version: the per-layer settings' version the plan was built for (L-GreCo).
+    """
+    table, host_table, worker, server, bits = None, None, None, None, (layer_bits[0] if layer_bits else 0)
+    if layers:
+        segments = [(o, n) for _, o, n, _ in layers]
+        if len(set(layer_bits)) == 1:
+            table = ops.bucket_table(segments, bucket_size, pad_to_multiple=world, device=device)
+        else:
+            bits = 0
+            host_table = ops.bucket_table(segments, bucket_size, pad_to_multiple=world, bits=layer_bits)
+            table = host_table.to(device)
+            if table.device.type != "cuda":
+                host_table = table
+        if error_feedback:
+            _, per_chunk = chunk_layout(numel, bucket_size, world, table)
+            worker = torch.zeros(numel, dtype=torch.float32, device=device)
+            server = torch.zeros(per_chunk * bucket_size, dtype=torch.float32, device=device)
+    row_streams = None
+    if layers and stream_names is not None:
+        rows = host_table if host_table is not None else ops.bucket_table(segments, bucket_size, pad_to_multiple=world)
+        row_streams = _row_streams(rows, layers, stream_names).to(device)
+    return QuantPlan(signature, names, layers, dense, table=table, worker_residual=worker, row_streams=row_streams,
+                     server_residual=server, layer_bits=layer_bits, bits=bits, host_table=host_table,
+                     params_version=params_version, world=world, rank=rank, bucket_size=bucket_size,
+                     where=dict(where or {}))
 
 
 def quantized_allreduce_hook(state: QuantState, bucket: dist.GradBucket) -> torch.futures.Future[torch.Tensor]:

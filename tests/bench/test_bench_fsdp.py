@@ -5,9 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
-import types
-
 import pytest
 import torch
 import torch.distributed as dist
@@ -84,24 +81,6 @@ def test_tiny_fsdp_run_counts_the_reduce_scatter_and_its_compression(tmp_path, c
     assert abs(rows["fsdp-quant4"]["final_loss"] - rows["fsdp"]["final_loss"]) < 0.05
 
 
-def _fake_compress_replicas(model, replicate_group, bits=4, error_feedback=True):
-    """Stands in for pycomm.hsdp.compress_replicas: an uncompressed replica average in FSDP2's all-reduce hook."""
-    from torch.distributed.fsdp import FSDPModule
-
-    replicas = dist.get_world_size(replicate_group)
-
-    def hook(shard: torch.Tensor) -> None:
-        dist.all_reduce(shard, group=replicate_group)
-        shard.div_(replicas)
-
-    calls = {"bits": bits, "error_feedback": error_feedback, "group": dist.get_process_group_ranks(replicate_group),
-             "mesh": next(model.parameters()).device_mesh.mesh.tolist()}  # what FSDP shards over
-    for module in model.modules():
-        if isinstance(module, FSDPModule):
-            module.set_all_reduce_hook(hook)
-    return calls
-
-
 class _TinyBlocks(torch.nn.Module):
     """One FSDP unit (a block in a ModuleList) and the root's head, like the benchmark models."""
 
@@ -115,13 +94,12 @@ class _TinyBlocks(torch.nn.Module):
 
 
 def _hsdp_rows(rank, world):
-    """Two steps of the ``hsdp`` row and of the ``hsdp-quant4`` wiring (with the stand-in), from the same seed."""
+    """Two steps of the ``hsdp`` row and of the ``hsdp-quant8`` row (real pycomm.hsdp), from the same seed."""
     from pycomm.bench.parallel import build_mesh
 
-    sys.modules["pycomm.hsdp"] = types.SimpleNamespace(compress_replicas=_fake_compress_replicas)
     cfg = BenchConfig(workers=world, parallel="hsdp", replicas=2, steps=2)
     finals, states = [], []
-    for name in ("hsdp", "hsdp-quant4"):
+    for name in ("hsdp", "hsdp-quant8"):
         torch.manual_seed(0)
         model = _TinyBlocks()
         states.append(METHODS[name].attach(model, build_mesh(cfg, world, torch.device("cpu")), cfg))
@@ -133,22 +111,30 @@ def _hsdp_rows(rank, world):
             optimizer.step()
             optimizer.zero_grad()
         finals.append([p.full_tensor() for p in model.parameters()])
-    return finals, states[1]
+    state = states[1]
+    wiring = {"bits": state.bits, "error_feedback": state.error_feedback,
+              "group": dist.get_process_group_ranks(state.replicate_group),
+              "mesh": next(model.parameters()).device_mesh.mesh.tolist(),  # what FSDP shards over
+              "calls": {name: hook.calls for name, hook in state.hooks.items()}}
+    return finals, wiring
 
 
-def test_hsdp_quant_rows_shard_inside_a_replica_and_hand_the_replicate_group_over():
-    """4 ranks as 2 x 2: the compressed rows shard on the mesh's shard dimension and pass the replicate group
-    (ranks {r, r + 2}) to pycomm.hsdp.compress_replicas; with an uncompressed stand-in they train exactly as
-    PyTorch's HSDP, and every rank ends with the same parameters."""
+def test_hsdp_quant_rows_shard_inside_a_replica_and_compress_across_replicas():
+    """4 ranks as 2 x 2: the compressed rows shard on the mesh's shard dimension and give the replicate group
+    (ranks {r, r + 2}) to pycomm.hsdp.compress_replicas, whose hooks run every backward; they train like
+    PyTorch's HSDP within 8-bit quantization, and every rank ends with the same parameters."""
     results = run_distributed(_hsdp_rows, 4)
-    for rank, (finals, calls) in enumerate(results):
-        assert calls == {"bits": 4, "error_feedback": True, "group": [rank % 2, rank % 2 + 2],
-                         "mesh": [rank // 2 * 2, rank // 2 * 2 + 1]}  # this replica's shard group only
+    for rank, (finals, wiring) in enumerate(results):
+        assert wiring == {"bits": 8, "error_feedback": True, "group": [rank % 2, rank % 2 + 2],
+                          "mesh": [rank // 2 * 2, rank // 2 * 2 + 1],  # this replica's shard group only
+                          "calls": {"": 2, "blocks.0": 2}}
         native, wired = finals
+        # Two SGD steps (lr 0.1) on gradients of about 0.1: 8-bit rounding moves a weight by well under
+        # 1e-3 (measured: 5e-5); without the replica average the weights end 1.0e-2 off (measured).
         for a, b in zip(native, wired):
-            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
-        for a, b in zip(native, results[0][0][0]):
-            assert torch.equal(a, b)  # the replicas agree
+            torch.testing.assert_close(a, b, rtol=0, atol=1e-3)
+        for a, b in zip(wired, results[0][0][1]):
+            assert torch.equal(a, b)  # the replicas agree bit for bit
 
 
 def test_parallel_options_choose_methods_and_refuse_mixtures(monkeypatch, capsys):

@@ -136,6 +136,18 @@ def test_table_has_the_inter_node_column_only_with_nodes():
     assert "inter-node" not in format_table([{**row, "inter_node_bytes_per_node_per_step": None}])
 
 
+def test_link_estimate_on_nodes_counts_only_what_crossed_the_uplink():
+    """On emulated nodes each node has an uplink of the rate, and traffic inside a node never reaches it:
+    the estimate is the inter-node bytes of one node, not the counted bytes of every worker."""
+    from pycomm.bench.e2e import estimated_link_seconds
+
+    row = {"bytes_per_worker_per_step": 1_000_000, "inter_node_bytes_per_node_per_step": 250_000}
+    assert estimated_link_seconds(row, 4, 1e9, emulated_nodes=True) == pytest.approx(0.002)
+    assert estimated_link_seconds(row, 4, 1e9, emulated_nodes=False) == pytest.approx(0.032)  # one shared link
+    assert estimated_link_seconds(row, 4, None, emulated_nodes=True) is None
+    assert estimated_link_seconds({**row, "inter_node_bytes_per_node_per_step": None}, 4, 1e9, True) is None
+
+
 def test_without_root_it_says_so_and_runs_on_one_machine(tmp_path, capsys, monkeypatch):
     import pycomm.bench.e2e as e2e
 

@@ -361,7 +361,7 @@ def test_layer_params_validation_and_state_dict():
     assert r["unpickled_observer"] is None
     m = r["mismatches"]
     assert set(m) == {"old format", "density", "per-layer density of another model", "shape"}, m
-    assert "not a pycomm hook state dict" in m["old format"] and "density=0.01" in m["density"]
+    assert "not a pycomm state dict" in m["old format"] and "density=0.01" in m["density"]
     # The other model has no layer 4: the first mismatch is a name it does not have.
     assert "parameter '4." in m["per-layer density of another model"] and "(32, 48)" in m["shape"]
     assert "does not have" in m["per-layer density of another model"]

@@ -244,7 +244,7 @@ def test_projection_state_rejects_checkpoints_that_do_not_fit():
     quant = QuantState(bits=4).bind(params).state_dict()
     with pytest.raises(CheckpointMismatch, match="method 'quant'"):
         ProjectionState(num_directions=4).bind(params).load_state_dict(quant)
-    with pytest.raises(CheckpointMismatch, match="not a pycomm hook state dict"):  # the old format
+    with pytest.raises(CheckpointMismatch, match="not a pycomm state dict"):  # the old format
         ProjectionState(num_directions=4).load_state_dict({"iter": 5, "seed": 3, "residuals": {0: torch.zeros(4)}})
     saved = ProjectionState(num_directions=4, error_feedback=True, seed=3).bind(params).state_dict()
     saved["step"] = 5
