@@ -116,6 +116,9 @@ class BenchConfig:
             every method of a run must be of this kind (:attr:`MethodSpec.parallel`).
         replicas: replicas of an ``"hsdp"`` run (at least 2, dividing ``workers`` into shard groups of at
             least 2); None: ``nodes`` when emulating nodes, else 2. Only for ``"hsdp"``.
+        steady_state: a short run that times a method's steady step (``pycomm bench tta``'s timing runs):
+            methods with a schedule (L-GreCo's solves) finish it before the timed steps' median instead
+            of scaling it to the run's length.
     """
 
     workers: int = 4
@@ -142,6 +145,7 @@ class BenchConfig:
     hierarchy: Optional[str] = None
     parallel: str = "ddp"
     replicas: Optional[int] = None
+    steady_state: bool = False
 
     def __post_init__(self) -> None:
         if self.workers < 1:

@@ -299,7 +299,14 @@ def _topk_ef_options(cfg: "BenchConfig") -> dict[str, Any]:
 def _lgreco_options(cfg: "BenchConfig") -> dict[str, Any]:
     """L-GreCo's schedule scaled to the run (its defaults, a first solve at step 1000 and one per 1000 steps,
     would never solve in a benchmark): the uniform default until ~20% of the steps, then a solve every ~25%,
-    each on the gradients of the last ``min(10, steps // 10)`` steps."""
+    each on the gradients of the last ``min(10, steps // 10)`` steps.
+
+    A steady-state timing run (``cfg.steady_state``) solves once, at the end of the last step that the
+    inner hook sends uncompressed (``QuantState``/``DGCState`` ``start_iter``, 2 here), and never again, so
+    the timed median is a step with per-layer settings and no solve in it. (Scaled to a 5-step run, the
+    schedule above would solve after every step from the third, and the median would time the solver.)"""
+    if cfg.steady_state:
+        return {"acc_steps": 1, "start_iter": 2, "period": cfg.steps + 1}
     acc_steps = max(1, min(10, cfg.steps // 10))
     return {"acc_steps": acc_steps, "start_iter": max(acc_steps + 2, cfg.steps // 5),
             "period": max(acc_steps, cfg.steps // 4)}

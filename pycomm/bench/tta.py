@@ -315,7 +315,7 @@ def _timing_runs(names: Sequence[str], cfg: BenchConfig, bandwidths: Sequence[st
     unshaped_reason = "--estimate" if estimate else shaping_unavailable_reason()
     for bandwidth in bandwidths:
         if unshaped_reason is None and names:
-            timing_cfg = replace(cfg, steps=timing_steps, bandwidth=bandwidth, shape=True)
+            timing_cfg = replace(cfg, steps=timing_steps, bandwidth=bandwidth, shape=True, steady_state=True)
             report = run_e2e(list(names), timing_cfg, out=stream, verbose=verbose,
                              title=f"pycomm bench tta (timing at {bandwidth})")
             if report["network"]["shaped"]:
