@@ -82,7 +82,7 @@ def test_quantized_resume(name, world, cap):
     """Quantization cannot resume bit for bit: at the first resumed step DDP has not rebuilt its buckets
     yet, so each rank owns (reduces, and does not quantize in the first phase) other elements than in
     the uninterrupted run, and its random draws fall elsewhere. The residuals still carry over, moved
-    to each element's new owner (``_QuantPlan.load``). Bound: the resumed run is as close to the
+    to each element's new owner (``QuantPlan.load``). Bound: the resumed run is as close to the
     uninterrupted one as the uninterrupted run is to itself with one step's quantization redrawn
     (another seed at step 10), within a factor 2; and much closer than a resume that drops the
     residuals (the defect of issue 13)."""
