@@ -94,7 +94,6 @@ HSDP (FSDP inside a node, compressed all-reduce across replicas) is :mod:`pycomm
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence, Union
@@ -106,15 +105,13 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import ReduceScatter
 
 from pycomm import ops
 from pycomm.distributed import mix_seed
-from pycomm.hooks.param_state import (check_header, check_layout, check_module_calls, param_tensors_for_load,
-                                      report_mismatch)
+from pycomm.hooks.param_state import (check_header, check_layout, check_module_calls, log_skipped,
+                                      param_tensors_for_load, report_mismatch)
 from pycomm.ops.quantization import dequantize_sum_records, quantize_records
 from pycomm.ops.validation import check_bits_bucket
 
 __all__ = ["QuantizedReduceScatter", "FSDPCompressionState", "compress", "reduce_scale", "contains_fsdp",
            "STATE_FORMAT"]
-
-logger = logging.getLogger(__name__)
 
 _FLAG_BYTES = 1
 
@@ -395,8 +392,7 @@ class FSDPCompressionState:
                                      for n, _ in comm.params})
             if name in calls:
                 comm.calls = calls[name]
-        for message in skipped:
-            logger.warning("pycomm FSDP load_state_dict(strict=False) skipped: %s", message)
+        log_skipped("FSDP", skipped)
 
 
 def contains_fsdp(model: Any) -> bool:

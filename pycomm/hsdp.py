@@ -50,7 +50,6 @@ i.e. a little more than one float32 copy of this rank's gradient shard, not of t
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union
@@ -62,13 +61,12 @@ from torch.distributed.fsdp import FSDPModule
 
 from pycomm import ops
 from pycomm.distributed import mix_seed, quantized_all_reduce
-from pycomm.hooks.param_state import check_header, check_layout, check_module_calls, param_tensors_for_load
+from pycomm.hooks.param_state import (ParamStore, check_header, check_layout, check_module_calls, log_skipped,
+                                      param_tensors_for_load)
 from pycomm.hooks.quantized_allreduce import QuantPlan, build_quant_plan
 from pycomm.ops.validation import check_bits_bucket
 
 __all__ = ["init_hsdp_mesh", "compress_replicas", "ReplicaCompressionState", "STATE_FORMAT"]
-
-logger = logging.getLogger(__name__)
 
 #: ``state_dict()["format"]`` of this module's checkpoints.
 STATE_FORMAT = 1
@@ -129,7 +127,7 @@ class ReplicaCompressionState:
     hooks: dict[str, _ModuleHook] = field(default_factory=dict)
     uncompressed_calls: int = 0         # shards all-reduced uncompressed (unsupported dtype)
     unkeyed_calls: int = 0              # shards whose layout was not the module's (see _reduce)
-    _loaded: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    _store: ParamStore = field(default_factory=ParamStore)  # where each parameter's residuals live
 
     # -- the hook --------------------------------------------------------------------------
     def _reduce(self, hook: _ModuleHook, out: torch.Tensor) -> None:
@@ -172,23 +170,20 @@ class ReplicaCompressionState:
             self.unkeyed_calls += 1
             layers, keyed = [(f"{hook.name}#unkeyed", 0, out.numel(), 0)], False
         signature = (out.numel(), out.device, keyed)
-        plan = hook.plan
-        if plan is not None and plan.signature == signature:
-            return plan
-        if plan is not None:  # another layout: carry this module's residuals by parameter name
-            self._loaded.update(plan.export(plan.names))
+        if hook.plan is not None and hook.plan.signature == signature:
+            return hook.plan
         names = [name for name, _, _, _ in layers]
         plan = build_quant_plan(signature, names, layers, [], numel=out.numel(), device=out.device,
                                 bucket_size=self.bucket_size, world=self.replicate_size,
                                 rank=dist.get_rank(self.replicate_group), layer_bits=(self.bits,) * len(layers),
                                 error_feedback=self.error_feedback and keyed,
                                 where={name: (o, n, 0, n) for name, o, n, _ in layers})
-        if plan.worker_residual is not None:
-            taken = {name: self._loaded.pop(name) for name in names if name in self._loaded}
+        if plan.worker_residual is not None:  # another layout or a checkpoint: residuals by parameter name
+            taken = self._store.take(names)
             plan.load({name: {k: v.to(out.device, torch.float32) for k, v in entry.items()}
                        for name, entry in taken.items()})
-        if keyed:
-            hook.plan = plan
+            self._store.claim(names, plan)
+        hook.plan = plan
         return plan
 
     # -- persistence ----------------------------------------------------------------------
@@ -207,10 +202,7 @@ class ReplicaCompressionState:
         elements this rank reduces), both over the parameter's dim-0-padded local shard, flattened.
         Only tensors, numbers, strings and dicts: it loads with ``torch.load(weights_only=True)``.
         """
-        params = {name: {k: v.clone() for k, v in entry.items()} for name, entry in self._loaded.items()}
-        for hook in self.hooks.values():
-            if hook.plan is not None and hook.plan.worker_residual is not None:
-                params.update(hook.plan.export(hook.plan.names))
+        params = {name: {k: v.clone() for k, v in entry.items()} for name, entry in self._store.everything().items()}
         return {"format": STATE_FORMAT, "method": "hsdp-quant",
                 "config": {key: getattr(self, key) for key in _CONFIG},
                 "replicate_size": self.replicate_size, "shard_size": self.shard_size, "shard_rank": self.shard_rank,
@@ -244,9 +236,9 @@ class ReplicaCompressionState:
             hook.calls = calls.get(name, hook.calls)
             hook.plan = None
             hook.pending = None
-        self._loaded = {name: {k: v.reshape(-1).clone() for k, v in entry.items()} for name, entry in params.items()}
-        for message in skipped:
-            logger.warning("pycomm HSDP load_state_dict(strict=False) skipped: %s", message)
+        self._store.clear()
+        self._store.loose = {name: {k: v.reshape(-1).clone() for k, v in entry.items()} for name, entry in params.items()}
+        log_skipped("HSDP", skipped)
 
 
 def _replicate_process_group(replicate_group: Union[dist.ProcessGroup, DeviceMesh]) -> dist.ProcessGroup:

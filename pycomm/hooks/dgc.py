@@ -15,9 +15,9 @@ from pycomm import ops
 from pycomm.hooks import agreement
 from pycomm.hooks import hierarchy as _hierarchy
 from pycomm.hooks.hook_state import (BucketPlan, HookState, Layer, advance_step, allreduce_dense, average_,
-                                     bucket_pieces, completed_future, compressible, log_skipped, piece_slices,
+                                     bucket_pieces, completed_future, compressible, piece_slices,
                                      put_dense, same_layout_plan, split_pieces, take_dense, validated_layer_params)
-from pycomm.hooks.param_state import ParamStore, export_slices, load_slices, report_mismatch
+from pycomm.hooks.param_state import ParamStore, export_slices, load_slices, log_skipped, report_mismatch
 from pycomm.compressors import DGC
 from pycomm.hooks.index_errors import IndexErrors as _IndexErrors
 from pycomm.distributed import all_gather_into_tensor, mix_seed
@@ -284,7 +284,7 @@ class DGCState(HookState):
             layer_params = {k: v for k, v in layer_params.items()
                             if k in self._names.params and compressible(self._names.params[k], self.min_numel)}
         self._load_params(state_dict, strict, skipped)
-        log_skipped(self, skipped)
+        log_skipped(self._METHOD, skipped)
         self.set_layer_params(layer_params)
 
     _NOT_PICKLED = HookState._NOT_PICKLED + ("_index_errors",)  # pending device checks of this process

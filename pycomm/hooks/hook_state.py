@@ -4,7 +4,6 @@ layers, the layer-key check, the dense side channel and completed futures. Each 
 only its method."""
 
 import itertools
-import logging
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Optional, TypeVar
@@ -15,8 +14,6 @@ import torch.distributed as dist
 from pycomm.distributed import completed_future  # the one completed future, shared with the collectives
 from pycomm.hooks.param_state import (STATE_FORMAT, CheckpointMismatch, ParameterNames, ParamsLike, ParamStore,
                                       check_header, param_tensors_for_load, report_mismatch)
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["HookState", "BucketPlan", "LayerKey", "Layer", "Dense", "advance_step", "split_layers",
            "validated_layer_key", "validated_layer_params", "Piece", "bucket_pieces", "plan_signature", "split_pieces",
@@ -192,12 +189,6 @@ class HookState:
         if isinstance(step, bool) or not isinstance(step, int) or step < 0:
             raise CheckpointMismatch(f"the checkpoint's step must be an int >= 0, got {step!r}")
         self.iter = step
-
-
-def log_skipped(state: HookState, skipped: list[str]) -> None:
-    """Log what a ``strict=False`` load skipped."""
-    for message in skipped:
-        logger.warning("pycomm %s load_state_dict(strict=False) skipped: %s", state._METHOD, message)
 
 
 def advance_step(state: Any, bucket: dist.GradBucket) -> int:

@@ -18,8 +18,8 @@ from pycomm.distributed import mix_seed
 from pycomm.hooks import agreement
 from pycomm.hooks import hierarchy as _hierarchy
 from pycomm.hooks.dgc import DGCState, dgc_hook
-from pycomm.hooks.hook_state import HookState, Layer, LayerKey, log_skipped
-from pycomm.hooks.param_state import param_tensors_for_load
+from pycomm.hooks.hook_state import HookState, Layer, LayerKey
+from pycomm.hooks.param_state import log_skipped, param_tensors_for_load
 from pycomm.hooks.quantized_allreduce import QuantState, quantized_allreduce_hook
 
 __all__ = ["LGreCoState", "lgreco_hook", "QUANT_CANDIDATES", "density_grid"]
@@ -365,7 +365,7 @@ class LGreCoState(HookState):
                                       skipped)
         self._accumulators = {name: fields["accumulated"].reshape(-1) for name, fields in kept.items()}
         self.__dict__.get("_observed", {}).clear()
-        log_skipped(self, skipped)
+        log_skipped(self._METHOD, skipped)
         agreement.settings_changed(self)
 
 

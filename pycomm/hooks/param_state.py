@@ -17,13 +17,13 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Iterable, Mapping
-from typing import Any, Optional, Protocol, Union
+from typing import Any, Protocol, Union
 
 import torch
 
 __all__ = ["ParameterNames", "ParamStore", "PlanState", "named_parameters_of", "export_slices", "load_slices",
            "CheckpointMismatch",
-           "STATE_FORMAT", "check_header", "check_layout", "check_module_calls", "report_mismatch",
+           "STATE_FORMAT", "check_header", "check_layout", "check_module_calls", "report_mismatch", "log_skipped",
            "param_tensors_for_load"]
 
 logger = logging.getLogger(__name__)
@@ -196,6 +196,12 @@ def report_mismatch(strict: bool, message: str, skipped: list[str]) -> None:
     if strict:
         raise CheckpointMismatch(message + " (load_state_dict(..., strict=False) skips what does not fit)")
     skipped.append(message)
+
+
+def log_skipped(label: str, skipped: list[str]) -> None:
+    """Log what a ``strict=False`` load of ``label``'s state (a method, "FSDP", "HSDP") skipped."""
+    for message in skipped:
+        logger.warning("pycomm %s load_state_dict(strict=False) skipped: %s", label, message)
 
 
 def check_header(state_dict: Any, method: str, config: Mapping[str, Any], strict: bool, skipped: list[str],

@@ -15,10 +15,10 @@ from pycomm.ops.validation import check_bits_bucket
 from pycomm.hooks import agreement
 from pycomm.hooks import hierarchy as _hierarchy
 from pycomm.hooks.hook_state import (BucketPlan, Dense, HookState, Layer, advance_step, allreduce_dense,
-                                     average_async, bucket_pieces, completed_future, log_skipped, piece_slices,
+                                     average_async, bucket_pieces, completed_future, piece_slices,
                                      plan_signature, split_pieces,
                                      take_dense, validated_layer_params)
-from pycomm.hooks.param_state import ParameterNames, ParamStore, export_slices, load_slices
+from pycomm.hooks.param_state import ParameterNames, ParamStore, export_slices, load_slices, log_skipped
 from pycomm.distributed import chunk_layout, mix_seed, quantized_all_reduce
 
 __all__ = ["QuantState", "quantized_allreduce_hook", "QuantPlan", "build_quant_plan"]
@@ -274,7 +274,7 @@ class QuantState(HookState):
         self._params_version += 1
         self._load_params(state_dict, strict, skipped)
         self._loaded_padding = [entry for entry in state_dict.get("padding", []) if self.error_feedback]
-        log_skipped(self, skipped)
+        log_skipped(self._METHOD, skipped)
         agreement.settings_changed(self)
 
     # -- planning ------------------------------------------------------------
@@ -291,10 +291,16 @@ class QuantState(HookState):
         if plan is not None and plan.signature == signature and plan.layer_bits == layer_bits:
             plan.params_version = self._params_version
             return plan
-        plan = self._build_plan(bucket, signature, names, layers, dense, layer_bits)
+        buffer = bucket.buffer()
         where = piece_slices(names, pieces)
         compressed = [name for name, _, _, _ in layers]
-        plan.where = {name: where[name] for name in compressed}
+        plan = build_quant_plan(signature, names, layers, dense, numel=buffer.numel(), device=buffer.device,
+                                bucket_size=self.bucket_size, world=dist.get_world_size(self.process_group),
+                                rank=dist.get_rank(self.process_group), layer_bits=layer_bits,
+                                error_feedback=self.error_feedback,
+                                stream_names=self._require_names() if self.stochastic else None,
+                                where={name: where[name] for name in compressed},
+                                params_version=self._params_version)
         plan.load(self._store.take(compressed))
         self._store.claim(compressed if plan.worker_residual is not None else [], plan)
         self._restore_padding(plan)
@@ -318,16 +324,6 @@ class QuantState(HookState):
                     plan.server_residual[padding] = values.to(plan.server_residual)
                 self._loaded_padding.remove(entry)
                 return
-
-    def _build_plan(self, bucket: dist.GradBucket, signature: tuple, names: list[str], layers: list[Layer],
-                    dense: list[Dense], layer_bits: tuple[int, ...]) -> QuantPlan:
-        buffer = bucket.buffer()
-        return build_quant_plan(signature, names, layers, dense, numel=buffer.numel(), device=buffer.device,
-                                bucket_size=self.bucket_size, world=dist.get_world_size(self.process_group),
-                                rank=dist.get_rank(self.process_group), layer_bits=layer_bits,
-                                error_feedback=self.error_feedback,
-                                stream_names=self._require_names() if self.stochastic else None,
-                                params_version=self._params_version)
 
 
 def build_quant_plan(signature: tuple, names: list[str], layers: list[Layer], dense: list[Dense], *, numel: int,
@@ -356,7 +352,7 @@ def build_quant_plan(signature: tuple, names: list[str], layers: list[Layer], de
     table, host_table, worker, server, bits = None, None, None, None, (layer_bits[0] if layer_bits else 0)
     if layers:
         segments = [(o, n) for _, o, n, _ in layers]
-        if len(set(layer_bits)) == 1:
+        if len(set(layer_bits)) == 1:  # one width for the whole buffer: the 2-column table, as without overrides
             table = ops.bucket_table(segments, bucket_size, pad_to_multiple=world, device=device)
         else:
             bits = 0

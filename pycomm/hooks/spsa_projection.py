@@ -14,8 +14,8 @@ from pycomm.ops.philox import philox_distribution_code
 from pycomm.hooks import agreement
 from pycomm.hooks import hierarchy as _hierarchy
 from pycomm.hooks.hook_state import (BucketPlan, HookState, advance_step, average_, bucket_pieces, completed_future,
-                                     log_skipped, piece_slices, same_layout_plan)
-from pycomm.hooks.param_state import ParamStore, export_slices, load_slices
+                                     piece_slices, same_layout_plan)
+from pycomm.hooks.param_state import ParamStore, export_slices, load_slices, log_skipped
 from pycomm.codec import NONFINITE_CODE, LogByteCodec
 from pycomm.distributed import all_gather_into_tensor, mix_seed
 
@@ -114,7 +114,7 @@ class ProjectionState(HookState):
         skipped: list[str] = []
         self._read_header(state_dict, strict, skipped)
         self._load_params(state_dict, strict, skipped)
-        log_skipped(self, skipped)
+        log_skipped(self._METHOD, skipped)
         agreement.settings_changed(self)
 
     def _plan(self, bucket: dist.GradBucket) -> "_ProjectionPlan":

@@ -248,7 +248,7 @@ def test_namespace_removed_on_sigint_with_workers_inside(tmp_path):
     proc = subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, cwd=tmp_path, start_new_session=True)
     mine = f"{netns.NAME_PREFIX}{proc.pid}-"
-    # Generous: on a loaded 2-core CI machine the workers have been seen to need over 120 s to start.
+    # Generous: the workers start slowly on a loaded 2-core machine.
     name, inside, deadline = None, {}, time.monotonic() + 300
     try:
         while time.monotonic() < deadline and len(inside) < 3:  # the launcher and both workers
